@@ -1,0 +1,245 @@
+"""dataset.py: indexing, naming, scan-aware splits, transform, cache, loaders, read-only dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from dataset import (
+    DataConfig,
+    DatasetError,
+    UnreadableImageError,
+    decode_images,
+    index_dataset,
+    load_split_datasets,
+    make_loader,
+    make_splits,
+    parse_image_name,
+    prepare_image,
+    read_image,
+    set_loader_epoch,
+)
+
+SLICES_PER_SCAN = 4
+
+
+def write_slice(path: Path, brightness: int, width: int = 256, height: int = 240) -> None:
+    """A bright ellipse on black, like a skull-stripped slice, as an 8-bit JPEG."""
+    yy, xx = np.mgrid[:height, :width]
+    inside = ((xx - width / 2) / (width * 0.4)) ** 2 + ((yy - height / 2) / (height * 0.45)) ** 2 <= 1
+    pixels = np.where(inside, brightness, 0).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+
+
+def make_tiny_dataset(root: Path, scans_per_class: dict[str, int]) -> Path:
+    """`<root>/{train,test}/{AD,NC}/<scan>_<slice>.jpeg`, scan IDs unique across the set."""
+    scan_number = 100000
+    for key, count in scans_per_class.items():
+        split, class_name = key.split("/")
+        for _ in range(count):
+            scan_number += 1
+            for slice_index in range(70, 70 + SLICES_PER_SCAN):
+                write_slice(root / split / class_name / f"{scan_number}_{slice_index}.jpeg", 100 + slice_index)
+    return root
+
+
+@pytest.fixture()
+def tiny_root(tmp_path: Path) -> Path:
+    return make_tiny_dataset(
+        tmp_path / "AD_NC", {"train/AD": 10, "train/NC": 10, "test/AD": 3, "test/NC": 3}
+    )
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """Path → (content hash, mtime) of every file under root."""
+    return {
+        str(path.relative_to(root)): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_parse_image_name() -> None:
+    assert parse_image_name("123456_78.jpeg") == ("123456", 78)
+    assert parse_image_name("S_12_3_100.JPG") == ("S_12_3", 100)
+    assert parse_image_name("9_1.png") == ("9", 1)
+    for stray in (".DS_Store", "Thumbs.db", "notes.txt", "123456.jpeg", "_5.jpeg", "abc_x.jpeg", "1_2.gif"):
+        assert parse_image_name(stray) is None
+
+
+def test_index_counts_labels_and_skips(tiny_root: Path) -> None:
+    (tiny_root / "train" / "AD" / ".DS_Store").write_bytes(b"\0")
+    (tiny_root / "test" / "NC" / "notes.txt").write_text("hello")
+    index = index_dataset(tiny_root)
+    assert len(index.records) == 26 * SLICES_PER_SCAN
+    assert sorted(p.name for p in index.skipped) == [".DS_Store", "notes.txt"]
+    for record in index.records:
+        assert record.label == dataset.CLASS_NAMES.index(record.path.parent.name)
+        assert record.split == record.path.parent.parent.name
+    assert all(len(records) == SLICES_PER_SCAN for records in index.scans().values())
+
+
+def test_label_mapping_does_not_depend_on_listing_order(tiny_root: Path, monkeypatch) -> None:
+    """AD=0 and NC=1 by name even if the file system lists NC first."""
+    real_iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: reversed(list(real_iterdir(self))))
+    index = index_dataset(tiny_root)
+    assert {r.label for r in index.records if r.path.parent.name == "AD"} == {0}
+    assert {r.label for r in index.records if r.path.parent.name == "NC"} == {1}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: None, None),
+        (lambda root: [p.unlink() for p in (root / "test" / "NC").iterdir()] and (root / "test" / "NC").rmdir(), "test/NC is missing"),
+        (lambda root: [p.unlink() for p in root.rglob("*.jpeg")], "no images"),
+    ],
+)
+def test_index_errors(tiny_root: Path, damage, message) -> None:
+    damage(tiny_root)
+    if message is None:
+        index_dataset(tiny_root)
+        return
+    with pytest.raises(DatasetError, match=message):
+        index_dataset(tiny_root)
+
+
+def test_missing_root_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="project_setup.py --demo"):
+        index_dataset(tmp_path / "nowhere")
+
+
+def test_splits_are_disjoint_stratified_deterministic(tiny_root: Path) -> None:
+    index = index_dataset(tiny_root)
+    splits = make_splits(index, val_fraction=0.2, seed=3)
+    assert splits == make_splits(index, val_fraction=0.2, seed=3)
+    assert splits != make_splits(index, val_fraction=0.2, seed=4)
+    sets = {name: set(ids) for name, ids in splits.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    assert sets["test"] == set(index.scans("test"))
+    assert sets["train"] | sets["val"] == set(index.scans("train"))
+    label_of = {r.scan_id: r.label for r in index.records}
+    assert sorted(label_of[s] for s in splits["val"]) == [0, 0, 1, 1]  # 20% of 10 per class
+
+
+def test_tiny_val_fraction_still_gives_both_classes(tiny_root: Path) -> None:
+    splits = make_splits(index_dataset(tiny_root), val_fraction=0.01, seed=0)
+    label_of = {r.scan_id: r.label for r in index_dataset(tiny_root).records}
+    assert sorted(label_of[s] for s in splits["val"]) == [0, 1]
+
+
+def test_scan_in_train_and_test_is_an_error(tiny_root: Path) -> None:
+    index = index_dataset(tiny_root)
+    leaked = index.records[0]
+    write_slice(tiny_root / "test" / "AD" / leaked.path.name, 120)
+    with pytest.raises(DatasetError, match="both train and test"):
+        make_splits(index_dataset(tiny_root))
+
+
+def test_scan_in_both_classes_is_an_error(tiny_root: Path) -> None:
+    first = index_dataset(tiny_root).records[0]
+    write_slice(tiny_root / "train" / "NC" / f"{first.scan_id}_99.jpeg", 120)
+    with pytest.raises(DatasetError, match="both AD and NC"):
+        make_splits(index_dataset(tiny_root))
+
+
+def test_prepare_image_fits_without_cutting(tiny_root: Path) -> None:
+    pixels = np.full((240, 256), 200, dtype=np.uint8)
+    out = prepare_image(pixels, 192)
+    assert out.shape == (192, 192) and out.dtype == np.uint8
+    # 256x240 → 192x180: the whole input is kept, padded by 6 black rows top and bottom
+    assert (out[:6] == 0).all() and (out[-6:] == 0).all()
+    assert (out[6:-6] == 200).all()
+    assert prepare_image(pixels, 64).shape == (64, 64)
+
+
+def test_read_image_rejects_truncated(tiny_root: Path) -> None:
+    path = next(tiny_root.rglob("*.jpeg"))
+    good = read_image(path)
+    assert good.dtype == np.uint8 and good.shape == (240, 256)
+    broken = path.parent / "999999_1.jpeg"
+    broken.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(UnreadableImageError):
+        read_image(broken)
+
+
+def test_decode_skips_unreadable_and_caches(tiny_root: Path, tmp_path: Path) -> None:
+    path = next(tiny_root.rglob("*.jpeg"))
+    path.write_bytes(path.read_bytes()[:300])
+    records = index_dataset(tiny_root).records
+    cache = tmp_path / "cache"
+    first = decode_images(records, 32, cache)
+    assert first.readable.sum() == len(records) - 1
+    assert len(first.unreadable) == 1 and str(path) in first.unreadable[0]
+    assert len(list(cache.glob("*.npz"))) == 1
+    second = decode_images(records, 32, cache)
+    np.testing.assert_array_equal(first.pixels, second.pixels)
+    assert second.unreadable == first.unreadable
+    decode_images(records, 64, cache)  # another transform gets its own cache file
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_loading_leaves_dataset_untouched(tiny_root: Path, tmp_path: Path) -> None:
+    before = tree_fingerprint(tiny_root)
+    config = DataConfig(data_dir=str(tiny_root), image_size=32, cache_dir=str(tmp_path / "cache"))
+    datasets, _ = load_split_datasets(config, verbose=False)
+    for batch in make_loader(datasets["train"], 8, shuffle=True):
+        pass
+    assert tree_fingerprint(tiny_root) == before
+
+
+def test_datasets_and_loader(tiny_root: Path) -> None:
+    config = DataConfig(data_dir=str(tiny_root), image_size=32, val_fraction=0.2, cache_dir=None)
+    datasets, splits = load_split_datasets(config, return_slice=True, verbose=False)
+    assert {name: len(d) for name, d in datasets.items()} == {
+        "train": 16 * SLICES_PER_SCAN, "val": 4 * SLICES_PER_SCAN, "test": 6 * SLICES_PER_SCAN
+    }
+    images, labels, slices = next(iter(make_loader(datasets["train"], 8, shuffle=True, drop_last=True)))
+    assert images.shape == (8, 1, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1 and images.max() > 0
+    assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
+    assert ((slices >= 70) & (slices < 70 + SLICES_PER_SCAN)).all()
+
+
+def test_loader_order_depends_only_on_seed_and_epoch(tiny_root: Path) -> None:
+    config = DataConfig(data_dir=str(tiny_root), image_size=16, cache_dir=None)
+    train = load_split_datasets(config, verbose=False)[0]["train"]
+
+    def epoch_labels(epoch: int) -> list[float]:
+        loader = make_loader(train, 4, shuffle=True, seed=1)
+        set_loader_epoch(loader, epoch)
+        return [float(images.sum()) for images, _ in loader]
+
+    assert epoch_labels(2) == epoch_labels(2)
+    assert epoch_labels(2) != epoch_labels(3)
+
+
+def test_ranks_get_disjoint_shards(tiny_root: Path) -> None:
+    config = DataConfig(data_dir=str(tiny_root), image_size=16, cache_dir=None)
+    train = load_split_datasets(config, verbose=False)[0]["train"]
+    shards = [
+        set(make_loader(train, 4, shuffle=True, rank=rank, world_size=2).sampler.sampler) for rank in range(2)
+    ]
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(len(train)))
+
+
+def test_import_has_no_side_effects(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import dataset, os; print(sorted(os.listdir('.')))"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(dataset.__file__).parent)},
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.strip() == "[]"
