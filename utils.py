@@ -6,8 +6,10 @@ otherwise repeat.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, NoReturn
 
 import numpy as np
+import torch
 
 
 class UsageError(Exception):
@@ -26,6 +29,13 @@ def fail(message: str) -> NoReturn:
     """Print a one-line error to stderr and exit with status 2 (usage or data error)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 (argparse's own print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
 
 
 @contextmanager
@@ -39,23 +49,25 @@ def usage_errors_exit() -> Iterator[None]:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def pick_device(requested: str = "auto") -> "torch.device":
+def pick_device(requested: str = "auto") -> torch.device:
     """`auto` → CUDA when available, else CPU; anything else is passed to torch.device."""
-    import torch
-
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {requested} asked for, but CUDA is not available; use --device cpu")
     return device
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -71,6 +83,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temp_path = Path(temp_name)
     try:
         yield temp_path
+        os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes files owner-only
         os.replace(temp_path, path)
     finally:
         temp_path.unlink(missing_ok=True)
@@ -85,10 +98,8 @@ def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def to_uint8(images: "np.ndarray | torch.Tensor") -> np.ndarray:
+def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (float) or already uint8, shape (N, H, W) or (N, 1, H, W) → uint8 (N, H, W)."""
-    import torch
-
     if isinstance(images, torch.Tensor):
         images = images.detach().float().cpu().numpy() if images.is_floating_point() else images.cpu().numpy()
     images = np.asarray(images)
@@ -99,7 +110,7 @@ def to_uint8(images: "np.ndarray | torch.Tensor") -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: "np.ndarray | torch.Tensor", ncols: int = 8, padding: int = 2) -> np.ndarray:
+def image_grid(images: np.ndarray | torch.Tensor, ncols: int = 8, padding: int = 2) -> np.ndarray:
     """Tile N grayscale images into one uint8 array with `padding` black pixels between tiles."""
     tiles = to_uint8(images)
     count, height, width = tiles.shape
@@ -124,11 +135,11 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
         Image.fromarray(array, mode="L").save(temp_path, format="PNG")
 
 
-def save_image_grid(images: "np.ndarray | torch.Tensor", path: str | os.PathLike, ncols: int = 8) -> None:
+def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, ncols: int = 8) -> None:
     save_png(image_grid(images, ncols=ncols), path)
 
 
-def save_figure(figure: "matplotlib.figure.Figure", path: str | os.PathLike) -> None:
+def save_figure(figure, path: str | os.PathLike) -> None:
     """Save a matplotlib figure as PNG atomically and close it (never shown in a window)."""
     import matplotlib.pyplot as plt
 
@@ -137,7 +148,7 @@ def save_figure(figure: "matplotlib.figure.Figure", path: str | os.PathLike) -> 
     plt.close(figure)
 
 
-def new_figure(*args, **kwargs) -> tuple["matplotlib.figure.Figure", object]:
+def new_figure(*args, **kwargs) -> tuple:
     """plt.subplots on the non-interactive Agg backend, so no script ever opens a window."""
     import matplotlib
 
@@ -145,3 +156,38 @@ def new_figure(*args, **kwargs) -> tuple["matplotlib.figure.Figure", object]:
     import matplotlib.pyplot as plt
 
     return plt.subplots(*args, **kwargs)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """torch.save a dict of state dicts/tensors/numbers atomically (never a pickled module)."""
+    with atomic_path(path) as temp_path:
+        torch.save(state, temp_path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True; a file that is not a checkpoint is a UsageError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} not found") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path} is not a readable brainLDM checkpoint ({first_line[:120]})") from None
+
+
+def plot_curves(
+    series: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike, title: str, ylabel: str = "loss"
+) -> None:
+    """One line per name → (x values, y values), log-scaled when the values span a decade or more."""
+    figure, axis = new_figure(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker="o", markersize=3, label=name)
+    values = [y for _, ys in series.values() for y in ys if y > 0]
+    if values and max(values) / min(values) >= 10:
+        axis.set_yscale("log")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save_figure(figure, path)

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny datasets in the ADNI layout, made in temp folders."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SLICES_PER_SCAN = 4
+
+
+def write_slice(path: Path, brightness: int, radius: float = 0.4, width: int = 256, height: int = 240) -> None:
+    """A bright ellipse on black, like a skull-stripped slice, as an 8-bit JPEG."""
+    yy, xx = np.mgrid[:height, :width]
+    inside = ((xx - width / 2) / (width * radius)) ** 2 + ((yy - height / 2) / (height * radius * 1.1)) ** 2 <= 1
+    pixels = np.where(inside, brightness, 0).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+
+
+def make_tiny_dataset(root: Path, scans_per_class: dict[str, int]) -> Path:
+    """`<root>/{train,test}/{AD,NC}/<scan>_<slice>.jpeg`, scan IDs unique; AD ellipses are smaller."""
+    scan_number = 100000
+    for key, count in scans_per_class.items():
+        split, class_name = key.split("/")
+        for _ in range(count):
+            scan_number += 1
+            for slice_index in range(70, 70 + SLICES_PER_SCAN):
+                radius = 0.3 if class_name == "AD" else 0.42
+                write_slice(root / split / class_name / f"{scan_number}_{slice_index}.jpeg", 100 + slice_index, radius)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A read-only-by-convention tiny set shared by the training and generation tests."""
+    return make_tiny_dataset(
+        tmp_path_factory.mktemp("data") / "AD_NC", {"train/AD": 6, "train/NC": 6, "test/AD": 2, "test/NC": 2}
+    )
+
+
+# A model small enough to train a few steps of both stages in seconds on 2 CPU cores.
+TINY = [
+    "--data.image_size", "32", "--data.cache_dir", "none",
+    "--vae.channels", "8,16,16", "--vae.num_res_blocks", "1",
+    "--unet.channels", "16,32", "--unet.attention_levels", "false,true", "--unet.num_res_blocks", "1",
+    "--unet.head_dim", "8", "--unet.context_dim", "16",
+    "--vae_train.epochs", "2", "--vae_train.batch_size", "8", "--vae_train.warmup_steps", "2",
+    "--unet_train.epochs", "2", "--unet_train.batch_size", "8", "--unet_train.warmup_steps", "2",
+    "--run.sample_every", "1", "--run.grid_samples", "2", "--run.sample_steps", "3", "--run.log_every", "2",
+]
+
+
+def run_train(data_dir: Path, run_dir: Path, *extra: str) -> None:
+    import train
+
+    train.main(["--preset", "demo", "--data-dir", str(data_dir), "--run", str(run_dir), *TINY, *extra])
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[str, int]]:
+    """Path → (content hash, mtime) of every file under root."""
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset: Path, tmp_path_factory) -> Path:
+    """Both stages of the TINY model trained for 2 epochs each; checks the dataset stays untouched."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    before = tree_fingerprint(tiny_dataset)
+    run_train(tiny_dataset, run_dir)
+    assert tree_fingerprint(tiny_dataset) == before, "training changed the dataset folder"
+    return run_dir

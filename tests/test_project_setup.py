@@ -1,0 +1,348 @@
+"""project_setup.py: the demo dataset, the report, damaged datasets and the zip, exit codes and messages."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import tree_fingerprint
+from PIL import Image
+
+import project_setup
+from dataset import CLASS_NAMES, SPLITS, parse_image_name
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SCANS = 8  # 4 per class: 3 train and 1 test each
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """A tiny demo, built once; tests that damage it work on a copy."""
+    root = tmp_path_factory.mktemp("demo") / "AD_NC"
+    project_setup.build_demo(root, TINY_SCANS, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture()
+def copy_of_demo(demo: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(demo, tmp_path / "copy" / "AD_NC"))
+
+
+@pytest.fixture()
+def run_setup(tmp_path: Path, monkeypatch, capsys):
+    """Run project_setup.main(args) in a temp working folder → (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        try:
+            project_setup.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+# ----------------------------------------------------------------------------- the demo dataset
+
+
+def demo_scans(root: Path) -> dict[str, tuple[str, list[int]]]:
+    """scan ID → ("<split>/<class>", its slice indices), from the file names alone."""
+    scans: dict[str, tuple[str, list[int]]] = {}
+    for path in sorted(root.rglob("*.jpeg")):
+        scan_id, slice_index = parse_image_name(path.name)
+        folder = f"{path.parent.parent.name}/{path.parent.name}"
+        assert scans.setdefault(scan_id, (folder, []))[0] == folder, f"scan {scan_id} is in two folders"
+        scans[scan_id][1].append(slice_index)
+    return scans
+
+
+def test_demo_layout_and_naming(demo: Path) -> None:
+    assert sorted(str(p.relative_to(demo)) for p in demo.rglob("*") if p.is_dir()) == sorted(
+        ["test", "train"] + [f"{split}/{name}" for split in SPLITS for name in CLASS_NAMES]
+    )
+    assert all(p.suffix == ".jpeg" for p in demo.rglob("*") if p.is_file())
+    scans = demo_scans(demo)
+    assert len(scans) == TINY_SCANS and all(len(scan_id) == 6 and scan_id.isdigit() for scan_id in scans)
+    assert Counter(folder for folder, _ in scans.values()) == {"train/AD": 3, "train/NC": 3, "test/AD": 1, "test/NC": 1}
+    for path in demo.rglob("*.jpeg"):
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "L", (256, 240))
+
+
+def test_demo_scans_have_20_contiguous_slices_in_a_shared_window(demo: Path) -> None:
+    first_slices: dict[str, list[int]] = {name: [] for name in CLASS_NAMES}
+    for folder, slices in demo_scans(demo).values():
+        first = min(slices)
+        assert sorted(slices) == list(range(first, first + 20))
+        assert project_setup.FIRST_SLICE[0] <= first <= project_setup.FIRST_SLICE[1]
+        first_slices[folder.split("/")[1]].append(first)
+    # AD and NC scans come in pairs with the same window: slice position carries no label.
+    assert sorted(first_slices["AD"]) == sorted(first_slices["NC"])
+
+
+def test_demo_is_byte_identical_for_a_seed_whatever_the_worker_count(demo: Path, tmp_path: Path, run_setup) -> None:
+    code, out, _ = run_setup("--demo", "--scans", TINY_SCANS, "--seed", 0, "--data-dir", tmp_path / "again")
+    assert code == 0 and "built the demo" in out
+    assert file_hashes(tmp_path / "again") == file_hashes(demo)
+    project_setup.build_demo(tmp_path / "other", TINY_SCANS, seed=1, workers=2)
+    assert set(file_hashes(tmp_path / "other").values()).isdisjoint(file_hashes(demo).values())
+
+
+def test_demo_refuses_a_folder_that_holds_something(tmp_path: Path, run_setup) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    code, _, err = run_setup("--demo", "--scans", 4, "--data-dir", target)
+    assert_one_line_error(code, err, "already exists and is not empty", "--data-dir")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")], "temp folder left behind"
+
+
+def test_demo_rerun_checks_the_existing_build(demo: Path, run_setup) -> None:
+    """The Quickstart can be run twice: the second --demo reports on the data it built before."""
+    before = file_hashes(demo)
+    code, out, _ = run_setup("--demo", "--data-dir", demo)
+    assert code == 0 and "not rebuilding" in out
+    assert file_hashes(demo) == before
+
+
+def test_interrupted_demo_build_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def broken_render(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(project_setup, "render_scan", broken_render)
+    with pytest.raises(KeyboardInterrupt):
+        project_setup.build_demo(tmp_path / "demo" / "AD_NC", 4, workers=1)
+    assert list((tmp_path / "demo").iterdir()) == []
+
+
+def test_demo_ad_differs_from_nc_in_anatomy_not_brightness(tmp_path: Path) -> None:
+    root = tmp_path / "AD_NC"
+    project_setup.build_demo(root, 40, seed=0, workers=2)
+    report = project_setup.check_dataset(root)
+    dark = project_setup.per_scan_means(report, "dark_share")
+    brightness = project_setup.per_scan_means(report, "brain_mean")
+    assert project_setup.cohens_d(dark["AD"], dark["NC"]) > 0.8, "AD scans should show more CSF (atrophy)"
+    assert abs(project_setup.cohens_d(brightness["AD"], brightness["NC"])) < 0.1
+    assert abs(brightness["AD"].mean() - brightness["NC"].mean()) < 1.0  # 8-bit grey levels
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_leaves_the_dataset_untouched(demo: Path, run_setup) -> None:
+    before = tree_fingerprint(demo)
+    code, _, _ = run_setup("--data-dir", demo)
+    assert code == 0
+    assert tree_fingerprint(demo) == before
+    assert sorted(p.name for p in demo.parent.iterdir()) == ["AD_NC"]
+
+
+def test_report_numbers_on_a_known_set(copy_of_demo: Path, run_setup) -> None:
+    # One extra scan of a single 100x80 RGB slice: sizes, modes and slices per scan all change.
+    Image.new("RGB", (100, 80), (90, 90, 90)).save(copy_of_demo / "train" / "NC" / "999999_50.png")
+    code, out, err = run_setup("--data-dir", copy_of_demo)
+    assert code == 0, err
+    assert "images: 161 in 9 scans, 161 readable, 0 unreadable; 0 other files skipped" in out
+    assert "slices per scan: min 1, median 20, max 20" in out
+    assert "image sizes (width x height): 256x240 160, 100x80 1" in out
+    assert "image modes: L 160, RGB 1" in out
+    rows = {tuple(line.split()[:5]) for line in out.splitlines() if line.startswith(("  train", "  test"))}
+    assert rows == {
+        ("train", "AD", "3", "60", "60"),
+        ("train", "NC", "4", "61", "61"),
+        ("test", "AD", "1", "20", "20"),
+        ("test", "NC", "1", "20", "20"),
+    }
+    assert "CSF-dark share of brain pixels, per scan: AD" in out and "Cohen's d" in out
+    assert "usable: 161 readable images in 9 scans" in out
+
+
+def test_figures_show_each_class(demo: Path, tmp_path: Path, run_setup) -> None:
+    code, out, _ = run_setup("--data-dir", demo, "--figures", tmp_path / "figures")
+    assert code == 0
+    for name in CLASS_NAMES:
+        with Image.open(tmp_path / "figures" / f"dataset_{name}.png") as image:
+            assert image.mode == "L" and image.width > 4 * 256  # 4 scans side by side
+        assert f"dataset_{name}.png" in out
+
+
+# ----------------------------------------------------------------------------- damaged datasets
+
+
+def test_stray_files_are_counted_and_skipped(copy_of_demo: Path, run_setup) -> None:
+    (copy_of_demo / "train" / "AD" / ".DS_Store").write_bytes(b"\0\0")
+    (copy_of_demo / "test" / "NC" / "notes.txt").write_text("scanned on a Tuesday")
+    code, out, _ = run_setup("--data-dir", copy_of_demo)
+    assert code == 0
+    assert "2 other files skipped" in out and "other files skipped: 2" in out
+    assert str(copy_of_demo / "test" / "NC" / "notes.txt") in out
+
+
+def test_truncated_image_is_reported_by_path(copy_of_demo: Path, run_setup) -> None:
+    victim = sorted((copy_of_demo / "train" / "AD").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    code, out, _ = run_setup("--data-dir", copy_of_demo)
+    assert code == 0
+    assert "159 readable, 1 unreadable" in out and "unreadable images: 1" in out
+    assert f"  {victim}" in out
+
+
+def test_only_unreadable_images_is_an_error(copy_of_demo: Path, run_setup) -> None:
+    for path in copy_of_demo.rglob("*.jpeg"):
+        path.write_bytes(b"not a jpeg")
+    code, out, err = run_setup("--data-dir", copy_of_demo)
+    assert_one_line_error(code, err, "none of the 160 images", "can be decoded")
+    assert "unreadable images: 160" in out
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: shutil.rmtree(root / "test" / "NC"), "test/NC is missing"),
+        (lambda root: [shutil.rmtree(child) for child in root.iterdir()], "train/AD is missing"),
+        (
+            lambda root: [path.unlink() for path in (root / "train" / "AD").iterdir()],
+            "train/AD holds no readable images",
+        ),
+        (lambda root: [path.rename(path.with_suffix(".txt")) for path in root.rglob("*.jpeg")], "no images named"),
+    ],
+    ids=["missing class folder", "empty dataset folder", "empty class folder", "no images at all"],
+)
+def test_unusable_layouts_exit_2(copy_of_demo: Path, run_setup, damage, message: str) -> None:
+    damage(copy_of_demo)
+    code, _, err = run_setup("--data-dir", copy_of_demo)
+    assert_one_line_error(code, err, message)
+
+
+def test_scan_in_train_and_test_is_an_error(copy_of_demo: Path, run_setup) -> None:
+    leaked = sorted((copy_of_demo / "train" / "NC").iterdir())[:3]
+    scan_id = parse_image_name(leaked[0].name)[0]
+    for path in leaked:
+        shutil.copy(path, copy_of_demo / "test" / "NC" / path.name)
+    code, out, err = run_setup("--data-dir", copy_of_demo)
+    assert_one_line_error(code, err, f"scan IDs {scan_id} appear in both train and test", "one split only")
+    assert "scan IDs in both train and test: 1" in out and f"  {scan_id}" in out
+
+
+def test_scan_under_both_classes_is_an_error(copy_of_demo: Path, run_setup) -> None:
+    moved = min((copy_of_demo / "train" / "AD").iterdir())
+    moved.rename(copy_of_demo / "train" / "NC" / moved.name)
+    code, _, err = run_setup("--data-dir", copy_of_demo)
+    assert_one_line_error(code, err, parse_image_name(moved.name)[0], "both AD and NC")
+
+
+def test_missing_dataset_says_what_to_do(run_setup, tmp_path: Path) -> None:
+    code, _, err = run_setup()
+    assert_one_line_error(code, err, "data/ADNI/AD_NC not found", "data/ADNI.zip", "--demo")
+    assert (tmp_path / "data").is_dir() and (tmp_path / "runs").is_dir()
+
+
+def test_seed_without_demo_is_a_usage_error(run_setup) -> None:
+    code, _, err = run_setup("--seed", 3)
+    assert_one_line_error(code, err, "--seed and --scans only apply with --demo")
+
+
+def test_bad_dataset_from_the_command_line_exits_2_without_traceback(copy_of_demo: Path, tmp_path: Path) -> None:
+    shutil.rmtree(copy_of_demo / "train" / "AD")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "project_setup.py"), "--data-dir", str(copy_of_demo)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: class folder") and result.stderr.count("\n") == 1, result.stderr
+
+
+# ----------------------------------------------------------------------------- data/ADNI.zip
+
+
+def zip_folder(folder: Path, zip_path: Path, extra: dict[str, bytes] | None = None) -> Path:
+    """Zip `folder` as `AD_NC/...` (like the ADNI course zip), plus `extra` members by raw name."""
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            archive.write(path, f"AD_NC/{path.relative_to(folder).as_posix()}")
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+    return zip_path
+
+
+def test_zip_is_unpacked_when_the_folder_is_missing(demo: Path, tmp_path: Path, run_setup) -> None:
+    zip_folder(demo, tmp_path / "data" / "ADNI.zip", extra={"AD_NC/README.txt": b"course copy", "__MACOSX/._x": b""})
+    code, out, err = run_setup()
+    assert code == 0, err
+    assert "unpacking data/ADNI.zip into data/ADNI/AD_NC" in out
+    unpacked = tmp_path / "data" / "ADNI" / "AD_NC"
+    assert {k: v for k, v in file_hashes(unpacked).items() if k != "README.txt"} == file_hashes(demo)
+    assert sorted(p.name for p in unpacked.parent.iterdir()) == ["AD_NC"], "temp folders left behind"
+    code, out, _ = run_setup()  # second run: the folder exists, nothing is unpacked again
+    assert code == 0 and "unpacking" not in out
+
+
+@pytest.mark.parametrize(
+    "evil_name",
+    [
+        "AD_NC/../../evil.txt",
+        "../evil.txt",
+        "/tmp/evil_absolute.txt",
+        "AD_NC\\..\\..\\evil.txt",
+        "C:evil.txt",
+        "\\evil.txt",
+    ],
+)
+def test_zip_with_escaping_names_is_refused_and_nothing_is_written(
+    demo: Path, tmp_path: Path, run_setup, evil_name: str
+) -> None:
+    zip_folder(demo, tmp_path / "data" / "ADNI.zip", extra={evil_name: b"gotcha"})
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code, _, err = run_setup()
+    assert_one_line_error(code, err, "could land outside", "nothing unpacked", repr(evil_name))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted(before + ["runs"])
+    assert not Path("/tmp/evil_absolute.txt").exists()
+
+
+def test_zip_with_a_symlink_is_refused(demo: Path, tmp_path: Path, run_setup) -> None:
+    zip_path = zip_folder(demo, tmp_path / "data" / "ADNI.zip")
+    link = zipfile.ZipInfo("AD_NC/train/AD/link.jpeg")
+    link.external_attr = 0o120777 << 16  # a symlink entry, pointing anywhere
+    with zipfile.ZipFile(zip_path, "a") as archive:
+        archive.writestr(link, "/etc/passwd")
+    code, _, err = run_setup()
+    assert_one_line_error(code, err, "a link")
+    assert not (tmp_path / "data" / "ADNI").exists()
+
+
+def test_zip_without_the_layout_is_refused_and_cleaned_up(tmp_path: Path, run_setup) -> None:
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("holiday/photo.jpeg", b"...")
+    code, _, err = run_setup("--zip", tmp_path / "other.zip", "--data-dir", tmp_path / "unpacked" / "AD_NC")
+    assert_one_line_error(code, err, "holds no train/ and test/ folders")
+    assert list((tmp_path / "unpacked").iterdir()) == []
