@@ -1,0 +1,727 @@
+"""The models of brainLDM: KL-VAE, label-conditioned latent UNet, noise scheduler (DDPM/DDIM), EMA.
+
+Everything works on tensors; nothing here knows about files or data. Images are (B, 1, H, W) in
+[-1, 1]; latents are (B, C_z, H/f, W/f). Formulas follow Ho et al. 2020 (DDPM), Song et al. 2021
+(DDIM), Nichol & Dhariwal 2021 (cosine schedule), Salimans & Ho 2022 (v-prediction), Ho & Salimans
+2022 (classifier-free guidance) and Hang et al. 2023 (min-SNR weighting); symbols follow the papers:
+alpha_bar = ᾱ_t, the product of (1 - beta_s) for s <= t.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class VAEConfig:
+    """KL autoencoder; the downsampling factor f is 2 ** (len(channels) - 1)."""
+
+    in_channels: int = 1
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (64, 128, 256, 256)
+    num_res_blocks: int = 1
+    middle_attention: bool = True
+    recon_loss: str = "l1"  # "l1" | "mse"
+    kl_weight: float = 1e-6  # on the per-image KL sum, beside the per-pixel mean reconstruction (as MONAI's LDM)
+    ssim_weight: float = 0.2
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class UNetConfig:
+    """Latent UNet; attention_levels[i] puts transformer blocks at resolution level i (0 = full latent size)."""
+
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (128, 256, 384)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    head_dim: int = 32
+    context_dim: int = 256
+    num_classes: int = 2  # the null label for guidance is index num_classes
+    slice_conditioning: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "cosine"
+    beta_start: float = 0.0015  # MONAI's brain LDM values: sqrt(ᾱ_T) ≈ 0.012
+    beta_end: float = 0.0195
+    prediction_type: str = "epsilon"  # "epsilon" | "v"
+    min_snr_gamma: float = 0.0  # 0 = plain (unweighted) loss
+    clip_sample: float = 0.0  # clamp x0-estimates to [-c, c]; 0 = off (latents are not bounded)
+
+
+def model_presets(name: str) -> tuple[VAEConfig, UNetConfig, SchedulerConfig]:
+    """Model sizes per preset: `demo` trains in minutes on 2 CPU cores at 64 px; `adni` is the 192 px GPU model."""
+    if name == "demo":  # 64 px, f=4 → 16x16 latents
+        return (
+            VAEConfig(channels=(16, 32, 64), num_res_blocks=1),
+            UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
+            SchedulerConfig(),
+        )
+    if name == "adni":  # 192 px, f=8 → 24x24 latents, attention at 12x12 and 6x6
+        return VAEConfig(), UNetConfig(), SchedulerConfig()
+    raise ValueError(f"unknown preset {name!r}: choose demo or adni")
+
+
+# --------------------------------------------------------------------------------------------- blocks
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """At most 32 groups (as SD) of at least 4 channels: with one channel per group the norm would
+    erase the per-channel time-embedding shift added before it."""
+    groups = math.gcd(32, max(1, channels // 4))
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Start a residual branch at zero, so every block begins as the identity."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual; the time embedding (if any) is added in between."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels) if time_dim else None
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_proj is not None:
+            h = h + self.time_proj(F.silu(time_embedding))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv: side s → ceil(s / 2), so odd sizes (25 → 13 → 7) work."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling to a given size (the skip connection's), then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        size = size or (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of query tokens (B, N, D) over context tokens (B, M, D_ctx) with fused SDPA."""
+
+    def __init__(self, dim: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = max(1, dim // head_dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over all pixels of a feature map (the VAE's middle block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.attention = Attention(channels, head_dim=channels)
+        zero_init(self.attention.to_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        return x + self.attention(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+class TransformerBlock(nn.Module):
+    """SD's spatial transformer: pixels attend to each other, then to the context tokens, then an MLP.
+
+    The cross-attention queries come from the image, so what the label does depends on the image."""
+
+    def __init__(self, channels: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm_self = nn.LayerNorm(channels)
+        self.self_attention = Attention(channels, head_dim)
+        self.norm_cross = nn.LayerNorm(channels)
+        self.cross_attention = Attention(channels, head_dim, context_dim)
+        self.norm_mlp = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        self.proj_out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, h*w, C)
+        tokens = tokens + self.self_attention(self.norm_self(tokens))
+        tokens = tokens + self.cross_attention(self.norm_cross(tokens), context)
+        tokens = tokens + self.mlp(self.norm_mlp(tokens))
+        return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer position encoding of (B,) positions (timesteps) → (B, dim)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- VAE
+
+
+class Encoder(nn.Module):
+    """(B, C_in, H, W) → (B, 2 C_z, H/f, W/f): the posterior's mean and log-variance, stacked."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths = config.channels
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(previous, width))
+                previous = width
+            if level < len(widths) - 1:
+                blocks.append(Downsample(width))
+        self.down = nn.Sequential(*blocks)
+        self.middle = nn.Sequential(
+            ResBlock(previous, previous),
+            SpatialSelfAttention(previous) if config.middle_attention else nn.Identity(),
+            ResBlock(previous, previous),
+        )
+        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), nn.Conv2d(previous, 2 * config.latent_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.middle(self.down(self.conv_in(x))))
+
+
+class Decoder(nn.Module):
+    """(B, C_z, h, w) → (B, C_in, f h, f w); a linear output (no Tanh), clamped only when shown."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths = config.channels[::-1]
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.middle = nn.Sequential(
+            ResBlock(widths[0], widths[0]),
+            SpatialSelfAttention(widths[0]) if config.middle_attention else nn.Identity(),
+            ResBlock(widths[0], widths[0]),
+        )
+        blocks: list[nn.Module] = []
+        previous = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResBlock(previous, width))
+                previous = width
+            if level < len(widths) - 1:
+                blocks.append(Upsample(width))
+        self.up = nn.Sequential(*blocks)
+        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), nn.Conv2d(previous, config.in_channels, 3, padding=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(self.middle(self.conv_in(z))))
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder with a spatial latent (Rombach et al. 2022).
+
+    `scale_factor` (1 / std of the training latents) is a buffer, so it travels in the state dict;
+    the UNet works on `latent * scale_factor`, which has about unit variance."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) → posterior mean and log-variance, each (B, C_z, H/f, W/f)."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    @staticmethod
+    def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + sigma * noise: the reparameterisation trick."""
+        noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encode(x)
+        z = self.sample_latent(mean, logvar) if sample_posterior else mean
+        return self.decode(z), mean, logvar
+
+    @torch.no_grad()
+    def set_scale_factor(self, latents: torch.Tensor) -> None:
+        """Store 1 / std of (unscaled) training latents."""
+        self.scale_factor.fill_(1.0 / latents.float().std().clamp_min(1e-8).item())
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements: (B,)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+             config: VAEConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM).
+
+    Returns the total and its parts, detached; a patch discriminator would add one more part here."""
+    recon = recon.float()
+    if config.recon_loss == "l1":
+        reconstruction = F.l1_loss(recon, x)
+    elif config.recon_loss == "mse":
+        reconstruction = F.mse_loss(recon, x)
+    else:
+        raise ValueError(f"unknown recon_loss {config.recon_loss!r}: choose l1 or mse")
+    kl = kl_divergence(mean.float(), logvar.float()).mean()
+    parts = {"reconstruction": reconstruction, "kl": kl}
+    total = reconstruction + config.kl_weight * kl
+    if config.ssim_weight > 0:
+        structural = 1.0 - ssim(recon, x).mean()
+        parts["ssim"] = structural
+        total = total + config.ssim_weight * structural
+    return total, {name: value.detach() for name, value in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------- SSIM
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    window = torch.exp(-coords.pow(2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image mean SSIM and contrast-structure term for images in [0, 1] (Wang et al. 2004)."""
+    c1, c2 = 0.01**2, 0.03**2
+    window = _gaussian_window(window_size, 1.5, x.device, x.dtype)
+    channels = x.shape[1]
+    kernel_h = window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    kernel_v = window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' borders
+        return F.conv2d(F.conv2d(t, kernel_h, groups=channels), kernel_v, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    contrast_structure = (2 * cov + c2) / (var_x + var_y + c2)
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    return (luminance * contrast_structure).flatten(1).mean(1), contrast_structure.flatten(1).mean(1)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """SSIM per image, (B,), of images in [-1, 1] (data range 1 after mapping to [0, 1])."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    window_size = min(window_size, x.shape[-2], x.shape[-1])
+    return _ssim_terms(x, y, window_size)[0]
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """Multi-scale SSIM per image, (B,), of images in [-1, 1] (Wang et al. 2003).
+
+    Uses as many of the 5 standard scales as the image allows (each scale at least window_size
+    pixels; 192 px: 5, 64 px: 3, 32 px: 2) with their weights renormalised to sum to 1."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    side = min(x.shape[-2], x.shape[-1])
+    window_size = min(window_size, side)
+    scales = 1
+    while scales < len(MS_SSIM_WEIGHTS) and side // 2**scales >= window_size:
+        scales += 1
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
+    weights = weights / weights.sum()
+    factors = []
+    for scale in range(scales):
+        full, contrast_structure = _ssim_terms(x, y, window_size)
+        factors.append((full if scale == scales - 1 else contrast_structure).clamp_min(0))
+        if scale < scales - 1:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return torch.prod(torch.stack(factors, dim=1) ** weights, dim=1)
+
+
+# --------------------------------------------------------------------------------------------- UNet
+
+
+class UNet(nn.Module):
+    """Latent noise predictor conditioned on the timestep (added in every ResBlock) and on context
+    tokens (cross-attention): a learned label embedding, index `null_label` meaning "no label", and
+    optionally a slice-position token (slice_position < 0 meaning "no position").
+
+    forward(x (B, C_z, h, w), timesteps (B,), labels (B,), slice_position (B,) in [0, 1] or None)
+    → prediction (B, C_z, h, w) [and bottleneck features (B, C * h' * w') with return_features]."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if len(config.attention_levels) != len(config.channels):
+            raise ValueError("unet.attention_levels needs one entry per unet.channels level")
+        self.config = config
+        self.null_label = config.num_classes
+        widths = config.channels
+        time_dim = 4 * widths[0]
+        self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
+        if config.slice_conditioning:
+            self.slice_mlp = nn.Sequential(nn.Linear(config.context_dim, config.context_dim), nn.SiLU(),
+                                           nn.Linear(config.context_dim, config.context_dim))
+            self.null_slice = nn.Parameter(torch.zeros(config.context_dim))
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+
+        def level_block(in_width: int, out_width: int, attention: bool) -> nn.ModuleList:
+            block = nn.ModuleList([ResBlock(in_width, out_width, time_dim, config.dropout)])
+            if attention:
+                block.append(TransformerBlock(out_width, config.head_dim, config.context_dim))
+            return block
+
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        skip_widths = [widths[0]]
+        previous = widths[0]
+        for level, (width, attention) in enumerate(zip(widths, config.attention_levels)):
+            for _ in range(config.num_res_blocks):
+                self.down_blocks.append(level_block(previous, width, attention))
+                previous = width
+                skip_widths.append(width)
+            if level < len(widths) - 1:
+                self.downsamples.append(Downsample(width))
+                skip_widths.append(width)
+        self.middle = nn.ModuleList([ResBlock(previous, previous, time_dim, config.dropout),
+                                     TransformerBlock(previous, config.head_dim, config.context_dim),
+                                     ResBlock(previous, previous, time_dim, config.dropout)])
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level, (width, attention) in reversed(list(enumerate(zip(widths, config.attention_levels)))):
+            for _ in range(config.num_res_blocks + 1):
+                self.up_blocks.append(level_block(previous + skip_widths.pop(), width, attention))
+                previous = width
+            if level > 0:
+                self.upsamples.append(Upsample(width))
+        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, config.latent_channels, 3, padding=1)))
+
+    def context(self, labels: torch.Tensor, slice_position: torch.Tensor | None) -> torch.Tensor:
+        """Context tokens (B, 1 or 2, context_dim)."""
+        tokens = [self.label_embedding(labels)]
+        if self.config.slice_conditioning:
+            if slice_position is None:
+                raise ValueError("this UNet was built with slice_conditioning: pass slice_position")
+            encoded = self.slice_mlp(sinusoidal_embedding(slice_position.clamp_min(0) * 1000, self.config.context_dim))
+            missing = (slice_position < 0)[:, None]
+            tokens.append(torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded))
+        return torch.stack(tokens, dim=1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                slice_position: torch.Tensor | None = None, return_features: bool = False):
+        time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0]))
+        context = self.context(labels, slice_position)
+
+        def run(block: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+            h = block[0](h, time_embedding)
+            return block[1](h, context) if len(block) > 1 else h
+
+        h = self.conv_in(x)
+        skips = [h]
+        blocks = iter(self.down_blocks)
+        for level in range(len(self.config.channels)):
+            for _ in range(self.config.num_res_blocks):
+                h = run(next(blocks), h)
+                skips.append(h)
+            if level < len(self.config.channels) - 1:
+                h = self.downsamples[level](h)
+                skips.append(h)
+        h = self.middle[0](h, time_embedding)
+        h = self.middle[1](h, context)
+        h = self.middle[2](h, time_embedding)
+        features = h
+        blocks = iter(self.up_blocks)
+        for level in range(len(self.config.channels)):
+            for _ in range(self.config.num_res_blocks + 1):
+                h = run(next(blocks), torch.cat([h, skips.pop()], dim=1))
+            if level < len(self.config.channels) - 1:
+                h = self.upsamples[level](h, size=skips[-1].shape[-2:])
+        prediction = self.out(h)
+        return (prediction, features.flatten(1)) if return_features else prediction
+
+
+# --------------------------------------------------------------------------------------------- scheduler
+
+
+def make_betas(config: SchedulerConfig) -> torch.Tensor:
+    """beta_1..beta_T in float64."""
+    steps = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        return torch.linspace(config.beta_start, config.beta_end, steps, dtype=torch.float64)
+    if config.beta_schedule == "scaled_linear":
+        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, steps, dtype=torch.float64) ** 2
+    if config.beta_schedule == "cosine":  # Nichol & Dhariwal 2021, eq. 17, s = 0.008
+        t = torch.arange(steps + 1, dtype=torch.float64) / steps
+        alpha_bar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta_schedule {config.beta_schedule!r}: choose linear, scaled_linear or cosine")
+
+
+class NoiseScheduler:
+    """Forward process q(x_t | x_0), training targets and the DDPM / DDIM reverse steps.
+
+    Timestep indices run 0..T-1 (index t is the paper's t+1)."""
+
+    def __init__(self, config: SchedulerConfig):
+        if config.prediction_type not in ("epsilon", "v"):
+            raise ValueError(f"unknown prediction_type {config.prediction_type!r}: choose epsilon or v")
+        self.config = config
+        self.num_train_timesteps = config.num_train_timesteps
+        self.betas = make_betas(config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._alpha_bar_tables: dict[torch.device, torch.Tensor] = {}
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t (B,) in float64 on t's device; t = -1 gives ᾱ = 1 (the clean image).
+
+        Coefficients are formed in float64 and cast once: in float32, 1 - ᾱ_t loses digits at small t.
+        The table lives on t's device, so training gathers it without a host sync."""
+        table = self._alpha_bar_tables.get(t.device)
+        if table is None:
+            table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)
+            self._alpha_bar_tables[t.device] = table
+        return table[t.long() + 1]
+
+    @staticmethod
+    def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 coefficients → float32 (B, 1, ..., 1) broadcasting against `like`."""
+        return values.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+    # -- forward process and targets
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (Ho et al. eq. 4)."""
+        a = self.alpha_bar(t)
+        return self._per_sample(a.sqrt(), x0) * x0 + self._per_sample((1 - a).sqrt(), x0) * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)."""
+        a = self.alpha_bar(t)
+        return self._per_sample(a.sqrt(), x0) * noise - self._per_sample((1 - a).sqrt(), x0) * x0
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise if self.config.prediction_type == "epsilon" else self.velocity(x0, noise, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weights (Hang et al. 2023) of the per-sample MSE, in the target's own units; ones when off."""
+        if self.config.min_snr_gamma <= 0:
+            return torch.ones(len(t), device=t.device)
+        a = self.alpha_bar(t)
+        snr = a / (1 - a)
+        clipped = snr.clamp(max=self.config.min_snr_gamma)
+        weights = clipped / snr if self.config.prediction_type == "epsilon" else clipped / (snr + 1)
+        return weights.float()
+
+    # -- conversions between what the network predicts and x_0 / ε
+
+    def predict_x0(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t)
+        if self.config.prediction_type == "epsilon":  # x_0 = (x_t - sqrt(1 - ᾱ) ε) / sqrt(ᾱ)
+            x0 = self._per_sample(1 / a.sqrt(), x_t) * x_t - self._per_sample(((1 - a) / a).sqrt(), x_t) * prediction
+        else:  # x_0 = sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v
+            x0 = self._per_sample(a.sqrt(), x_t) * x_t - self._per_sample((1 - a).sqrt(), x_t) * prediction
+        return x0.clamp(-self.config.clip_sample, self.config.clip_sample) if self.config.clip_sample > 0 else x0
+
+    def predict_noise(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε implied by x_t and an x_0 estimate (inverts add_noise)."""
+        a = self.alpha_bar(t)
+        return self._per_sample(1 / (1 - a).sqrt(), x_t) * x_t - self._per_sample((a / (1 - a)).sqrt(), x_t) * x0
+
+    # -- reverse steps
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                    t_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t_prev} | x_t, x_0) (Ho et al. eqs. 6-7); t_prev defaults to t - 1.
+
+        With t_prev < t - 1 the step uses beta = 1 - ᾱ_t / ᾱ_{t_prev}, i.e. the respaced chain of
+        Nichol & Dhariwal 2021, so DDPM can also sample with fewer steps."""
+        t_prev = t - 1 if t_prev is None else t_prev
+        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        alpha = a_t / a_prev
+        beta = 1 - alpha
+        mean = (self._per_sample(a_prev.sqrt() * beta / (1 - a_t), x0) * x0
+                + self._per_sample(alpha.sqrt() * (1 - a_prev) / (1 - a_t), x_t) * x_t)
+        variance = self._per_sample(beta * (1 - a_prev) / (1 - a_t), x_t)
+        return mean, variance
+
+    def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+        """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x0-estimate); the last step adds no noise."""
+        mean, variance = self.q_posterior(x0, x_t, t, t_prev)
+        return mean + variance.sqrt() * noise
+
+    def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Song et al. 2021 eq. 12: x_{t_prev} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
+        σ = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev); eta = 0 is deterministic."""
+        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        eps = self.predict_noise(x_t, x0, t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = (self._per_sample(a_prev.sqrt(), x0) * x0
+                  + self._per_sample((1 - a_prev - sigma**2).clamp_min(0).sqrt(), x0) * eps)
+        if eta > 0 and noise is not None:
+            x_prev = x_prev + self._per_sample(sigma, x0) * noise
+        return x_prev
+
+    def timesteps(self, num_steps: int) -> list[int]:
+        """Trailing spacing (Lin et al. 2024, table 2): T-1, ..., always starting at the noisiest step,
+        so a short schedule still starts from x_T ≈ N(0, I); num_steps = T gives every step."""
+        if not 1 <= num_steps <= self.num_train_timesteps:
+            raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {num_steps}")
+        stride = self.num_train_timesteps / num_steps
+        return [round(self.num_train_timesteps - i * stride) - 1 for i in range(num_steps)]
+
+    # -- sampling
+
+    def guided_prediction(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                          guidance_scale: float, slice_position: torch.Tensor | None = None) -> torch.Tensor:
+        """Classifier-free guidance: null + w (cond - null) from one batched forward; w = 1 is the
+        conditional model alone, w = 0 the unconditional one."""
+        if guidance_scale == 1.0:
+            return model(x, t, labels, slice_position).float()
+        null_labels = torch.full_like(labels, model.null_label)
+        null_slices = None if slice_position is None else torch.full_like(slice_position, -1.0)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]),
+                     None if slice_position is None else torch.cat([slice_position, null_slices])).float()
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
+    def sample_steps(self, model: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, *, sampler: str = "ddim",
+                     num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
+                     slice_position: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None,
+                     x_T: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Reverse diffusion from x_T ~ N(0, I): yields (t, x_{t_prev}, x̂_0) after every step.
+
+        `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic)."""
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r}: choose ddim or ddpm")
+        device = torch.device(device) if device is not None else labels.device
+        x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device, torch.float32)
+        steps = self.timesteps(num_steps)
+        for index, step in enumerate(steps):
+            previous = steps[index + 1] if index + 1 < len(steps) else -1
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, previous)
+            prediction = self.guided_prediction(model, x, t, labels, guidance_scale, slice_position)
+            x0 = self.predict_x0(x, prediction, t)
+            noise = torch.randn(shape, device=device, generator=generator) if previous >= 0 else torch.zeros_like(x)
+            if sampler == "ddpm":
+                x = self.ddpm_step(x, x0, t, t_prev, noise)
+            else:
+                x = self.ddim_step(x, x0, t, t_prev, eta, noise)
+            yield step, x, x0
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The final x_0 of `sample_steps` (same arguments)."""
+        x = None
+        for _, x, _ in self.sample_steps(model, shape, labels, **kwargs):
+            pass
+        return x
+
+
+# --------------------------------------------------------------------------------------------- EMA
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class EMA:
+    """Exponential moving average of a model's weights, the copy used for sampling.
+
+    decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early averages are not
+    dominated by the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow ← decay · shadow + (1 - decay) · weights; buffers are copied."""
+        self.num_updates += 1
+        decay = self.current_decay()
+        source = unwrap_model(model)
+        shadow = [p for p in self.model.parameters()]
+        current = [p.detach() for p in source.parameters()]
+        torch._foreach_lerp_(shadow, current, 1.0 - decay)
+        for mine, theirs in zip(self.model.buffers(), source.buffers()):
+            mine.copy_(theirs)
+
+    def copy_to(self, model: nn.Module) -> None:
+        unwrap_model(model).load_state_dict(self.model.state_dict())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+        self.decay = float(state["decay"])
