@@ -358,7 +358,7 @@ def load_split_datasets(
 
 
 def make_loader(
-    dataset: SliceDataset,
+    dataset: Dataset,
     batch_size: int,
     shuffle: bool,
     drop_last: bool = False,
@@ -367,7 +367,7 @@ def make_loader(
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Batches straight from the in-memory tensors: one fancy-index per batch, no worker processes.
+    """Batches from an in-memory dataset indexed by a list of positions (one fancy-index per batch).
 
     Workers would only copy already-decoded pixels between processes, so 0 is the fast choice here.
     The order is a function of (seed, epoch) alone, so a resumed run sees the same batches as an

@@ -13,9 +13,10 @@ import pickle
 import random
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
