@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # --------------------------------------------------------------------------------------------- configs
 
@@ -45,7 +44,7 @@ class UNetConfig:
     """Latent UNet; attention_levels[i] puts transformer blocks at resolution level i (0 = full latent size)."""
 
     latent_channels: int = 4
-    channels: tuple[int, ...] = (128, 256, 384)
+    channels: tuple[int, ...] = (128, 256, 256)
     num_res_blocks: int = 2
     attention_levels: tuple[bool, ...] = (False, True, True)
     head_dim: int = 32
@@ -61,7 +60,7 @@ class SchedulerConfig:
     beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "cosine"
     beta_start: float = 0.0015  # MONAI's brain LDM values: sqrt(ᾱ_T) ≈ 0.012
     beta_end: float = 0.0195
-    prediction_type: str = "epsilon"  # "epsilon" | "v"
+    prediction_type: str = "v"  # "v" | "epsilon"; measured: see the README's "Model" section
     min_snr_gamma: float = 0.0  # 0 = plain (unweighted) loss
     clip_sample: float = 0.0  # clamp x0-estimates to [-c, c]; 0 = off (latents are not bounded)
 

@@ -26,6 +26,7 @@ from dataset import (
     set_loader_epoch,
 )
 
+
 @pytest.fixture()
 def tiny_root(tmp_path: Path) -> Path:
     return make_tiny_dataset(

@@ -228,11 +228,14 @@ def test_prediction_conversions_round_trip(prediction_type):
 
 
 def test_min_snr_weights():
-    scheduler = NoiseScheduler(SchedulerConfig(min_snr_gamma=5.0))
+    """Hang et al. 2023: min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v targets."""
     t = torch.tensor([0, 999])
-    weights = scheduler.loss_weights(t)
-    assert weights[0].item() == pytest.approx(5.0 / (scheduler.alphas_cumprod[0] / (1 - scheduler.alphas_cumprod[0])).item(), rel=1e-4)
-    assert weights[1].item() == pytest.approx(1.0)
+    for prediction_type in ("epsilon", "v"):
+        scheduler = NoiseScheduler(SchedulerConfig(min_snr_gamma=5.0, prediction_type=prediction_type))
+        a = scheduler.alphas_cumprod[t]
+        snr = a / (1 - a)
+        expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+        assert torch.allclose(scheduler.loss_weights(t), expected.float(), rtol=1e-5)
     assert torch.equal(NoiseScheduler(SchedulerConfig()).loss_weights(t), torch.ones(2))
 
 
