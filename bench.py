@@ -1,0 +1,468 @@
+"""Measure brainLDM's training and sampling speed and memory, beside Hugging Face diffusers' UNet.
+
+    python bench.py                                    # demo preset on the best device → results/bench_<device>.md
+    python bench.py --preset adni --device cuda        # the 192 px model on a GPU (bf16 autocast, channels_last)
+    python bench.py --preset adni --compile --overwrite
+
+Figures, each the median (and min–max) of timed repeats after untimed warm-up steps:
+VAE training images/s; UNet training images/s with cached latents and with latents encoded on the
+fly by the frozen VAE encoder; guided DDIM sampling images/s; peak memory of each. The UNet figures
+are measured again for diffusers' `UNet2DConditionModel` configured to our widths, depths, attention
+levels and parameter count, sampled with its `DDIMScheduler`, in the same process on the same
+machine, and the table gives ours / diffusers. diffusers is optional (`pip install -r
+requirements-bench.txt`); without it only our column is measured. Random tensors stand in for the
+data, so the figures are the models' speed, not the data pipeline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from modules import EMA, AutoencoderKL, NoiseScheduler, SchedulerConfig, UNet, UNetConfig, VAEConfig, vae_loss
+from train import (
+    PRESETS,
+    Config,
+    Runtime,
+    diffusion_loss,
+    drop_conditions,
+    latent_shape,
+    make_config,
+    make_optimizer,
+    prepare_for_training,
+    sample_latents,
+    train_one_epoch,
+)
+from utils import ArgumentParser, UsageError, pick_device, usage_errors_exit, write_text_atomic
+
+if TYPE_CHECKING:  # diffusers is optional: imported for real only inside import_diffusers
+    from diffusers import DDIMScheduler
+
+# ============================================================================ settings
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="demo", help="model sizes and image size (default: demo)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, help="training batch size of both stages (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (or 2-step sampling runs) first (default: 2)")
+    parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps in one timed training repeat (default: 10)")
+    parser.add_argument("--sample-count", type=int, default=64, help="images sampled in one batch (default: 64)")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default: 50)")
+    parser.add_argument("--out", help="Markdown table to write (default: results/bench_<cpu|cuda>.md)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models being timed (ours and diffusers')")
+    parser.add_argument("--tiny", action="store_true", help="a very small VAE and UNet at 32 px, for tests")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("repeats", "train_steps", "sample_count", "sample_steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    return args
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    """The preset's model and batch sizes (or the tiny test model), with the run options bench.py sets."""
+    config = make_config(args.preset)
+    if args.tiny:  # the sizes of tests/conftest.py's TINY: a few milliseconds per step on one CPU core
+        config.data.image_size = 32
+        config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
+        config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
+        config.vae_train.batch_size = config.unet_train.batch_size = 4
+    if args.batch_size is not None:
+        config.vae_train.batch_size = config.unet_train.batch_size = args.batch_size
+    config.run.compile = args.compile
+    if not 1 <= args.sample_steps <= config.scheduler.num_train_timesteps:
+        raise UsageError(f"--sample-steps must be at most {config.scheduler.num_train_timesteps}, got {args.sample_steps}")
+    return config
+
+
+# ============================================================================ timing and memory
+
+
+@dataclass
+class Measurement:
+    """Images/s of each timed repeat, and the peak memory (MiB) while they ran."""
+
+    rates: list[float]
+    peak_mib: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
+
+
+def synchronize(device: torch.device) -> None:
+    """CUDA runs asynchronously: a timer read before the queue drains would time the launches only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux resets the process's RSS high-water mark (which getrusage reports) on this write, so each
+    # figure is the peak during its own measurement; elsewhere it stays the peak since the process started.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the most memory tensors held; CPU: the process's largest resident set (all of Python and torch)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+
+
+def measure(timed: Callable[[], int], warm_up: Callable[[], object], runtime: Runtime, repeats: int, warmups: int) -> Measurement:
+    """Run `warm_up` `warmups` times untimed (compilation, allocator, cuDNN choices), then `timed`
+    (which returns the images it processed) `repeats` times, each timed alone."""
+    for _ in range(warmups):
+        warm_up()
+    synchronize(runtime.device)
+    reset_peak_memory(runtime.device)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        images = timed()
+        synchronize(runtime.device)
+        rates.append(images / (time.perf_counter() - started))
+    return Measurement(rates, peak_memory_mib(runtime.device))
+
+
+# ============================================================================ what is timed
+
+
+def time_vae_training(vae: AutoencoderKL, config: Config, runtime: Runtime, args: argparse.Namespace) -> Measurement:
+    """train.py's stage-1 step (forward, loss, backward, grad clip, AdamW) on random images."""
+    stage = config.vae_train
+    trained = prepare_for_training(vae, config, runtime)
+    optimizer, lr_schedule = make_optimizer(vae, stage, args.train_steps)
+    side = config.data.image_size
+    images = torch.rand(stage.batch_size, config.vae.in_channels, side, side, device=runtime.device) * 2 - 1
+
+    def compute_loss(batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        recon, mean, logvar = trained(batch)
+        return vae_loss(batch, recon, mean, logvar, config.vae)[0], len(batch)
+
+    def train(steps: int) -> int:
+        train_one_epoch("vae", trained, [images] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime,
+                        log_every=steps)
+        return steps * stage.batch_size
+
+    return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
+
+
+def time_unet_training(unet: nn.Module, trained: nn.Module, vae: AutoencoderKL, scheduler: NoiseScheduler, config: Config,
+                       runtime: Runtime, args: argparse.Namespace, on_the_fly: bool) -> Measurement:
+    """train.py's stage-2 step (label dropout, loss, backward, grad clip, AdamW, EMA update) for any
+    denoiser with our UNet's call signature, on cached posteriors or on images the frozen encoder encodes.
+
+    `trained` is `unet` as prepare_for_training returned it (channels_last, compiled)."""
+    stage = config.unet_train
+    optimizer, lr_schedule = make_optimizer(unet, stage, args.train_steps)
+    ema = EMA(unet, decay=stage.ema_decay)
+    labels = torch.arange(stage.batch_size, device=runtime.device) % config.unet.num_classes
+    side = config.data.image_size
+    if on_the_fly:
+        batch = torch.rand(stage.batch_size, config.vae.in_channels, side, side, device=runtime.device) * 2 - 1
+    else:  # what train.py caches: the encoder's posterior, from which each step draws a fresh latent
+        mean = torch.randn(stage.batch_size, *latent_shape(config), device=runtime.device)
+        batch = (mean, torch.full_like(mean, -6.0))
+    scale = float(vae.scale_factor)
+
+    def compute_loss(batch) -> tuple[torch.Tensor, int]:
+        if on_the_fly:
+            with torch.no_grad():
+                batch = vae.encode(batch)
+        latents = AutoencoderKL.sample_latent(*batch) * scale
+        dropped, _ = drop_conditions(labels, None, unet.null_label, stage.label_dropout)
+        return diffusion_loss(trained, scheduler, latents, dropped, None), len(latents)
+
+    def train(steps: int) -> int:
+        train_one_epoch("unet", trained, [batch] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime,
+                        log_every=steps, after_step=lambda: ema.update(unet))
+        return steps * stage.batch_size
+
+    return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
+
+
+def time_unet(unet: nn.Module, sample: Callable[..., torch.Tensor], sampling_scheduler: NoiseScheduler | DDIMScheduler,
+              vae: AutoencoderKL, scheduler: NoiseScheduler, config: Config, runtime: Runtime,
+              args: argparse.Namespace) -> dict[str, Measurement]:
+    """Every UNet figure for one denoiser: training on cached and on freshly encoded latents, then
+    sampling with `sample`, a function with train.sample_latents' signature, and its scheduler."""
+    trained = prepare_for_training(unet, config, runtime)  # one compiled module for all three, so it compiles once
+    figures = {}
+    for key, on_the_fly in (("unet_cached", False), ("unet_on_the_fly", True)):
+        print(f"  {key.replace('_', ' ')} training ...", flush=True)
+        figures[key] = time_unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly)
+    print("  sampling ...", flush=True)
+    labels = torch.arange(args.sample_count, device=runtime.device) % config.unet.num_classes
+
+    def run(steps: int) -> int:
+        sample(trained, sampling_scheduler, config, labels, runtime, steps=steps, guidance_scale=config.run.guidance_scale,
+               generator=torch.Generator(runtime.device).manual_seed(0))
+        return args.sample_count
+
+    # A 2-step run exercises every shape and kernel of a full one, at a fraction of the cost on a CPU.
+    figures["sampling"] = measure(lambda: run(args.sample_steps), lambda: run(min(2, args.sample_steps)), runtime,
+                                  args.repeats, args.warmup)
+    return figures
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ============================================================================ the diffusers peer
+
+
+def import_diffusers() -> types.ModuleType:
+    """diffusers with the submodule bench.py needs; ImportError when it is not installed."""
+    import diffusers
+    import diffusers.models.attention
+
+    return diffusers
+
+
+class DiffusersUNet(nn.Module):
+    """diffusers' UNet2DConditionModel behind our UNet's call signature: the label becomes one context
+    token from an embedding with an extra null label, exactly as our UNet conditions itself. It has no
+    slice-position token: `slice_position` is accepted only so that the shared training code can call it."""
+
+    def __init__(self, unet: nn.Module, config: UNetConfig):
+        super().__init__()
+        self.unet = unet
+        self.null_label = config.num_classes
+        self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
+                slice_position: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, timesteps, encoder_hidden_states=self.label_embedding(labels)[:, None]).sample
+
+
+def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_side: int) -> DiffusersUNet:
+    """UNet2DConditionModel with our widths, depth, attention levels, heads and parameter count."""
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=latent_side,
+        in_channels=config.latent_channels,
+        out_channels=config.latent_channels,
+        block_out_channels=config.channels,
+        layers_per_block=config.num_res_blocks,
+        down_block_types=tuple("CrossAttnDownBlock2D" if attention else "DownBlock2D" for attention in config.attention_levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if attention else "UpBlock2D" for attention in reversed(config.attention_levels)),
+        mid_block_type="UNetMidBlock2DCrossAttn",  # ours always has a transformer block in the middle
+        cross_attention_dim=config.context_dim,
+        # diffusers' attention_head_dim is, despite its name, the number of heads (its num_attention_heads is refused).
+        attention_head_dim=tuple(width // config.head_dim for width in config.channels),
+        use_linear_projection=True,  # our transformer blocks project in and out with Linear, not 1x1 convs
+        # one group count for all levels, at least 4 channels per group like ours (which picks it per width)
+        norm_num_groups=math.gcd(32, *(width // 4 for width in config.channels)),
+        norm_eps=1e-6,
+        dropout=config.dropout,
+    )
+    # Its transformer blocks' feed-forward is GEGLU (dim → 8 dim → dim), ours GELU (dim → 4 dim → dim);
+    # diffusers' own GELU FeedForward in its place makes the parameter counts equal.
+    for block in unet.modules():
+        if isinstance(block, diffusers.models.attention.BasicTransformerBlock):
+            block.ff = diffusers.models.attention.FeedForward(block.dim, activation_fn="gelu")
+    return DiffusersUNet(unet, config)
+
+
+def build_peer_scheduler(diffusers: types.ModuleType, config: SchedulerConfig) -> DDIMScheduler:
+    """DDIMScheduler on our noise schedule, with our trailing timestep spacing and final ᾱ = 1."""
+    beta_schedule = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}[config.beta_schedule]
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        beta_schedule=beta_schedule,
+        prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[config.prediction_type],
+        clip_sample=config.clip_sample > 0,
+        clip_sample_range=config.clip_sample or 1.0,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
+
+
+@torch.no_grad()
+def sample_with_peer(peer: nn.Module, ddim: DDIMScheduler, config: Config, labels: torch.Tensor, runtime: Runtime, *, steps: int,
+                     guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """diffusers' DDIM loop as its pipelines write it, with classifier-free guidance from one batched
+    forward; the signature of train.sample_latents, with diffusers' DDIMScheduler in place of ours."""
+    peer.eval()
+    ddim.set_timesteps(steps, device=runtime.device)
+    x = torch.randn((len(labels), *latent_shape(config)), device=runtime.device, generator=generator) * ddim.init_noise_sigma
+    null_labels = torch.full_like(labels, peer.null_label)
+    with runtime.autocast():
+        for t in ddim.timesteps:
+            conditional, unconditional = peer(torch.cat([x, x]), t, torch.cat([labels, null_labels])).float().chunk(2)
+            x = ddim.step(unconditional + guidance_scale * (conditional - unconditional), t, x).prev_sample
+    return x
+
+
+# ============================================================================ the report
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def number(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def spread(measurement: Measurement) -> str:
+    return f"{number(measurement.median)} ({number(min(measurement.rates))}–{number(max(measurement.rates))})"
+
+
+PEER_SKIPPED = "diffusers not installed: peer column skipped"
+
+
+def report(config: Config, args: argparse.Namespace, argv: list[str], runtime: Runtime, ours: dict[str, Measurement],
+           peer: dict[str, Measurement] | None, parameters: dict[str, int], diffusers_version: str | None) -> str:
+    """The Markdown page: one header line, the table (ours, diffusers, ours / diffusers), how it was measured."""
+    side = config.data.image_size
+    figures = {
+        "vae": f"VAE training, {side} px",
+        "unet_cached": "UNet training, cached latents",
+        "unet_on_the_fly": "UNet training, latents encoded on the fly",
+        "sampling": f"DDIM sampling, {args.sample_count} images × {args.sample_steps} steps, guidance {config.run.guidance_scale:g}",
+    }
+    rows: list[tuple[str, str, str, str]] = []  # measurement, ours, diffusers, ratio
+    for key, name in figures.items():
+        theirs = peer.get(key) if peer else None
+        ratio = f"{ours[key].median / theirs.median:.2f}x" if theirs else "—"
+        rows.append((f"{name} (images/s)", spread(ours[key]), spread(theirs) if theirs else "—", ratio))
+    for key, name in figures.items():
+        theirs = peer.get(key) if peer else None
+        rows.append((f"peak memory, {name} (MiB)", f"{ours[key].peak_mib:.0f}", f"{theirs.peak_mib:.0f}" if theirs else "—", "—"))
+    rows.append(("UNet parameters", f"{parameters['ours']:,}", f"{parameters['diffusers']:,}" if peer else "—", "—"))
+    rows.append(("VAE parameters", f"{parameters['vae']:,}", "—", "—"))
+    columns = ("measurement", "ours", f"diffusers {diffusers_version}", "ours / diffusers") if peer else ("measurement", "ours")
+    cuda = runtime.device.type == "cuda"
+    header = " | ".join([
+        f"device {device_name(runtime.device)}",
+        f"torch {torch.__version__}",
+        f"preset {args.preset}{' (tiny)' if args.tiny else ''}",
+        f"batch size VAE {config.vae_train.batch_size}, UNet {config.unet_train.batch_size}",
+        f"threads {torch.get_num_threads()}",
+        f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
+        f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
+        f"compile {'on' if args.compile else 'off'}",
+        f"`{shlex.join(['python', 'bench.py', *argv])}`",
+    ])
+    memory = ("the largest CUDA allocation" if cuda
+              else "the largest resident set of the whole process (Python, torch and every model built so far)")
+    notes = (f"Throughput: median (min–max) of {args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
+             f"repeat is {args.train_steps} steps of train.py's loop (autocast, loss, backward, grad clip, AdamW; EMA update for "
+             f"the UNet); a sampling repeat is one batch of {args.sample_count} images, cond and uncond in one forward. Random "
+             f"tensors stand in for the data. Peak memory: {memory} during the measurement. The peer is diffusers' "
+             "UNet2DConditionModel matched to our UNet's widths, blocks, attention levels, heads and parameter count, trained "
+             "with the same loop (on-the-fly latents from our frozen VAE encoder in both columns) and sampled with its "
+             "DDIMScheduler (trailing spacing).")
+    lines = [
+        header,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(columns) - 1)) + " |",
+        *("| " + " | ".join(row[: len(columns)]) + " |" for row in rows),
+        "",
+        notes,
+    ]
+    if not peer:
+        lines += ["", PEER_SKIPPED + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ main
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    with usage_errors_exit():
+        config = bench_config(args)
+        device = pick_device(args.device)
+        out = Path(args.out or f"results/bench_{device.type}.md")
+        if out.exists() and not args.overwrite:
+            raise UsageError(f"{out} exists: add --overwrite to replace it, or choose another --out")
+    runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
+    try:
+        diffusers = import_diffusers()
+    except ImportError:
+        diffusers = None
+        print(PEER_SKIPPED)
+
+    torch.manual_seed(0)
+    scheduler = NoiseScheduler(config.scheduler)
+    side = latent_shape(config)[-1]
+    # Each denoiser, with the sampler and scheduler it is sampled with, built on the CPU: it goes to the device for its turn.
+    unets: dict[str, tuple[nn.Module, Callable[..., torch.Tensor], NoiseScheduler | DDIMScheduler]] = {
+        "ours": (UNet(config.unet), sample_latents, scheduler),
+    }
+    if diffusers is not None:
+        unets["diffusers"] = (build_peer(diffusers, config.unet, side), sample_with_peer,
+                              build_peer_scheduler(diffusers, config.scheduler))
+    parameters = {name: count_parameters(unet) for name, (unet, _, _) in unets.items()}
+    vae = AutoencoderKL(config.vae).to(device)
+    parameters["vae"] = count_parameters(vae)
+    print("UNet parameters: " + " | ".join(f"{name} {parameters[name]:,}" for name in unets))
+    print(f"benchmarking preset {args.preset} on {device_name(device)} ({device}) ...", flush=True)
+
+    print("VAE training ...", flush=True)
+    figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, runtime, args)}}
+    vae.eval().requires_grad_(False)  # from here on the frozen encoder of the on-the-fly UNet figures
+    for name in list(unets):
+        print(f"{name}:", flush=True)
+        unet, sample, sampling_scheduler = unets.pop(name)
+        figures.setdefault(name, {}).update(time_unet(unet.to(device), sample, sampling_scheduler, vae, scheduler, config,
+                                                      runtime, args))
+        del unet  # so the next model's peak memory holds none of this one's weights or optimizer state
+        gc.collect()
+
+    page = report(config, args, argv, runtime, figures["ours"], figures.get("diffusers"), parameters,
+                  diffusers.__version__ if diffusers is not None else None)
+    print(page)
+    write_text_atomic(out, page)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
