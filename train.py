@@ -138,8 +138,8 @@ def make_config(preset: str) -> Config:
             vae=vae,
             unet=unet,
             scheduler=scheduler,
-            vae_train=StageConfig(epochs=5, batch_size=16, lr=1e-3, warmup_steps=100),
-            unet_train=UNetTrainConfig(epochs=12, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+            vae_train=StageConfig(epochs=4, batch_size=16, lr=1e-3, warmup_steps=100),
+            unet_train=UNetTrainConfig(epochs=12, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
             run=RunConfig(sample_every=6, grid_samples=16, sample_steps=50),
         )
     return Config(
