@@ -102,8 +102,8 @@ def run_evaluate(run_dir: Path, *extra: str) -> None:
 
 
 GROUP_KEYS = {
-    "generated_images", "conditioning_accuracy", "real_test_accuracy", "frechet_distance", "frechet_floor", "kid", "kid_std",
-    "kid_floor", "kid_floor_std", "ms_ssim_generated", "ms_ssim_real", "nearest_train_generated", "nearest_train_real",
+    "generated_images", "conditioning_accuracy", "real_test_accuracy", "reconstructed_test_accuracy", "frechet_distance",
+    "frechet_floor", "kid", "kid_std", "kid_floor", "kid_floor_std", "ms_ssim_generated", "ms_ssim_real", "nearest_train_generated", "nearest_train_real",
     "near_copy_share_generated", "near_copy_share_real",
 }
 
