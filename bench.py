@@ -115,6 +115,9 @@ class Measurement:
     def median(self) -> float:
         return statistics.median(self.rates)
 
+    def pooled(self, other: Measurement) -> Measurement:
+        return Measurement(self.rates + other.rates, max(self.peak_mib, other.peak_mib))
+
 
 def synchronize(device: torch.device) -> None:
     """CUDA runs asynchronously: a timer read before the queue drains would time the launches only."""
@@ -390,7 +393,8 @@ def report(config: Config, args: argparse.Namespace, argv: list[str], runtime: R
     ])
     memory = ("the largest CUDA allocation" if cuda
               else "the largest resident set of the whole process (Python, torch and every model built so far)")
-    notes = (f"Throughput: median (min–max) of {args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
+    passes = "2 passes in the order ours, diffusers, diffusers, ours, each of " if peer is not None else ""
+    notes = (f"Throughput: median (min–max) of {passes}{args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
              f"repeat is {args.train_steps} steps of train.py's loop (autocast, loss, backward, grad clip, AdamW; EMA update for "
              f"the UNet); a sampling repeat is one batch of {args.sample_count} images, cond and uncond in one forward. Random "
              f"tensors stand in for the data. Peak memory: {memory} during the measurement. The peer is diffusers' "
@@ -449,13 +453,20 @@ def main(argv: list[str] | None = None) -> None:
     print("VAE training ...", flush=True)
     figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, runtime, args)}}
     vae.eval().requires_grad_(False)  # from here on the frozen encoder of the on-the-fly UNet figures
-    for name in list(unets):
+    # ABBA order (ours, diffusers, diffusers, ours), repeats pooled: a drift in the machine's speed
+    # (clock boost, heat, allocator state) falls on both alike; measured one after the other, the
+    # same two models came out 0.84x apart on this CPU, interleaved 1.0x.
+    order = list(unets) + list(reversed(unets)) if len(unets) > 1 else list(unets)
+    for name in order:
         print(f"{name}:", flush=True)
-        unet, sample, sampling_scheduler = unets.pop(name)
-        figures.setdefault(name, {}).update(time_unet(unet.to(device), sample, sampling_scheduler, vae, scheduler, config,
-                                                      runtime, args))
-        del unet  # so the next model's peak memory holds none of this one's weights or optimizer state
+        unet, sample, sampling_scheduler = unets[name]
+        measured = time_unet(unet.to(device), sample, sampling_scheduler, vae, scheduler, config, runtime, args)
+        unet.to("cpu")  # so the other model's peak memory holds none of this one's weights
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        earlier = figures.setdefault(name, {})
+        earlier.update({key: earlier[key].pooled(m) if key in earlier else m for key, m in measured.items()})
 
     page = report(config, args, argv, runtime, figures["ours"], figures.get("diffusers"), parameters,
                   diffusers.__version__ if diffusers is not None else None)
