@@ -280,7 +280,7 @@ def umap_report(run: LoadedRun, generated: dict[int, torch.Tensor], args, runtim
         axis.set_xticks([])
         axis.set_yticks([])
         axis.legend(fontsize=8, loc="best")
-    figure.suptitle(f"UNet bottleneck features at t={UMAP_TIMESTEP} (UMAP fit on all points; grey = all)", fontsize=11)
+    figure.suptitle(f"UNet bottleneck features at t={UMAP_TIMESTEP} (UMAP fit on all points; grey = all)", fontsize=11, y=1.04)
     save_figure(figure, out / "umap.png")
     report = {"timestep": UMAP_TIMESTEP, "groups": scores}
     write_json_atomic(out / "umap_scores.json", report)
