@@ -13,6 +13,7 @@ reconstruction and AD/NC sample grids. Only rank 0 writes; every file is written
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import dataclasses
 import json
@@ -478,6 +479,19 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
     return state
 
 
+def restore_stage(path: Path, stage: str, resume: bool, config: Config, runtime: Runtime, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, lr_schedule: torch.optim.lr_scheduler.LambdaLR) -> tuple[int, int, list[dict], dict]:
+    """With --resume and a checkpoint at `path`: load model, optimizer and LR schedule, and return
+    (epochs done, steps done, history, the checkpoint); otherwise a fresh start (0, 0, [], {})."""
+    if not (resume and path.is_file()):
+        return 0, 0, [], {}
+    state = load_stage_checkpoint(path, stage, config, runtime.device)
+    load_weights(model, state["model"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    return state["epoch"], state["step"], state["history"], state
+
+
 def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
     """load_state_dict, with a one-line error instead of a wall of shape mismatches."""
     try:
@@ -533,13 +547,7 @@ def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], 
                                rank=runtime.rank, world_size=runtime.world_size, pin_memory=runtime.device.type == "cuda")
     val_loader = make_loader(datasets["val"], stage.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size)
     optimizer, lr_schedule = make_optimizer(vae, stage, len(train_loader))
-    start_epoch, step, history = 0, 0, []
-    if resume and path.is_file():
-        state = load_stage_checkpoint(path, "vae", config, runtime.device)
-        load_weights(vae, state["model"], path)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+    start_epoch, step, history, _ = restore_stage(path, "vae", resume, config, runtime, vae, optimizer, lr_schedule)
     trained = prepare_for_training(vae, config, runtime)
     preview = datasets["val"][torch.linspace(0, len(datasets["val"]) - 1, 8).long().tolist()][0]
 
@@ -740,14 +748,9 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
     train_loader = make_loader(train_latents, stage.batch_size, shuffle=True, drop_last=True, seed=config.run.seed,
                                rank=runtime.rank, world_size=runtime.world_size)
     optimizer, lr_schedule = make_optimizer(unet, stage, len(train_loader))
-    start_epoch, step, history = 0, 0, []
-    if resume and path.is_file():
-        state = load_stage_checkpoint(path, "unet", config, runtime.device)
-        load_weights(unet, state["model"], path)
+    start_epoch, step, history, state = restore_stage(path, "unet", resume, config, runtime, unet, optimizer, lr_schedule)
+    if state:
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
     trained = prepare_for_training(unet, config, runtime)
 
@@ -793,7 +796,7 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str]) -> tuple[Co
         stored = read_config(run_dir)
         if args.preset and args.preset != stored.preset:
             raise UsageError(f"{run_dir} is a {stored.preset!r} run, not {args.preset!r}: drop --preset or choose another --run")
-        config = read_config(run_dir)
+        config = copy.deepcopy(stored)
         apply_overrides(config, overrides)
         changed = config_differences(stored, config)
         if changed:
