@@ -13,8 +13,8 @@ reconstruction and AD/NC sample grids. Only rank 0 writes; every file is written
 from __future__ import annotations
 
 import argparse
-import copy
 import contextlib
+import copy
 import dataclasses
 import json
 import math
