@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from dataset import CLASS_NAMES, SliceDataset, load_split_datasets, load_splits, to_model_range
 from modules import ms_ssim
-from predict import LoadedRun, batch_generator, latest_run, load_run
+from predict import LoadedRun, batch_generator, encode_images, latest_run, load_run
 from project_setup import BRAIN_LEVEL, DARK_FRACTION, cohens_d
 from train import Runtime, decode_latents, sample_latents
 from utils import (
@@ -378,9 +378,8 @@ def reconstruct(run: LoadedRun, pixels: torch.Tensor, runtime: Runtime) -> torch
     faithful image the generator's decoder can produce, so the ceiling for generated images."""
     images = []
     for chunk in pixels.split(CHUNK):
-        with runtime.autocast():
-            mean, _ = run.vae.encode(to_model_range(chunk.unsqueeze(1)).to(runtime.device))
-        images.append(torch.from_numpy(to_uint8(decode_latents(run.vae, mean.float() * run.vae.scale_factor, runtime))))
+        latents = encode_images(run, to_model_range(chunk.unsqueeze(1)), runtime)
+        images.append(torch.from_numpy(to_uint8(decode_latents(run.vae, latents, runtime))))
     return torch.cat(images)
 
 
