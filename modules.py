@@ -176,7 +176,9 @@ class SpatialSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """SD's spatial transformer: pixels attend to each other, then to the context tokens, then an MLP.
 
-    The cross-attention queries come from the image, so what the label does depends on the image."""
+    With the label as the only context token, the cross-attention weights are all 1: it adds one
+    learned vector per label to every pixel, and the layers after it make that image-dependent.
+    With the slice token beside it, each pixel's query weighs the two tokens."""
 
     def __init__(self, channels: int, head_dim: int, context_dim: int):
         super().__init__()

@@ -422,8 +422,9 @@ def train_one_epoch(
     runtime: Runtime,
     log_every: int,
     after_step: Callable[[], None] = lambda: None,
-) -> float:
-    """One pass over `batches`; returns the mean training loss across ranks.
+) -> tuple[float, float]:
+    """One pass over `batches`; returns the mean training loss across ranks and the images per
+    second of all ranks together (a first compiled epoch includes its compilation).
 
     The running loss stays on the device and is read only every `log_every` steps, so the loop
     never waits for the GPU except when it logs; a non-finite loss is caught at that read.
@@ -448,10 +449,11 @@ def train_one_epoch(
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"{name}: loss became {mean_loss} at step {step_in_epoch} of the epoch")
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
-    mean_loss = float(runtime.mean_across_ranks(loss_sum / max(1, num_batches)))
+    mean_loss = float(runtime.mean_across_ranks(loss_sum / max(1, num_batches)))  # waits for the device
+    images_per_second = images_seen / (time.perf_counter() - started)
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"{name}: loss became {mean_loss}")
-    return mean_loss
+    return mean_loss, images_per_second
 
 
 # ============================================================================ checkpoints and history
@@ -566,14 +568,16 @@ def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], 
         seed_epoch(config.run.seed, epoch, runtime.rank)
         set_loader_epoch(train_loader, epoch)
         name = f"vae {epoch + 1}/{stage.epochs}"
-        train_loss = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss, optimizer,
-                                     lr_schedule, stage, runtime, config.run.log_every)
+        train_loss, images_per_second = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss,
+                                                        optimizer, lr_schedule, stage, runtime, config.run.log_every)
         step += len(train_loader)
         val_loss, val_ms_ssim = evaluate_vae(vae, val_loader, config, runtime)
         history.append({"stage": "vae", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                        "val_loss": val_loss, "val_ms_ssim": val_ms_ssim, "lr": lr_schedule.get_last_lr()[0]})
+                        "val_loss": val_loss, "val_ms_ssim": val_ms_ssim, "lr": lr_schedule.get_last_lr()[0],
+                        "images_per_second": images_per_second})
         if runtime.is_main:
-            print(f"{name}: train {train_loss:.4f}  val {val_loss:.4f}  val MS-SSIM {val_ms_ssim:.4f}")
+            print(f"{name}: train {train_loss:.4f}  val {val_loss:.4f}  val MS-SSIM {val_ms_ssim:.4f}  "
+                  f"{images_per_second:.0f} images/s")
             if epoch + 1 == stage.epochs:
                 set_latent_scale(vae, datasets["train"], stage.batch_size, runtime)
             save_checkpoint(checkpoint_state("vae", config, vae, optimizer, lr_schedule, epoch + 1, step, history), path)
@@ -771,14 +775,15 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
         seed_epoch(config.run.seed, epoch, runtime.rank)
         set_loader_epoch(train_loader, epoch)
         name = f"unet {epoch + 1}/{stage.epochs}"
-        train_loss = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss, optimizer,
-                                     lr_schedule, stage, runtime, config.run.log_every, after_step=lambda: ema.update(unet))
+        train_loss, images_per_second = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss,
+                                                        optimizer, lr_schedule, stage, runtime, config.run.log_every,
+                                                        after_step=lambda: ema.update(unet))
         step += len(train_loader)
         val_loss = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
         history.append({"stage": "unet", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                        "val_loss": val_loss, "lr": lr_schedule.get_last_lr()[0]})
+                        "val_loss": val_loss, "lr": lr_schedule.get_last_lr()[0], "images_per_second": images_per_second})
         if runtime.is_main:
-            print(f"{name}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}")
+            print(f"{name}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}  {images_per_second:.0f} images/s")
             save_checkpoint(checkpoint_state("unet", config, unet, optimizer, lr_schedule, epoch + 1, step, history,
                                              ema=ema.state_dict(), slice_range=list(slice_range), latent_scale=scale), path)
             write_history(run_dir, vae_history, history)

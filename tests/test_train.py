@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_end_to_end_writes_every_promised_file(trained_run: Path) -> None:
     assert not list(trained_run.rglob("*.tmp")), "a temporary file was left behind"
     history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
     assert [(h["stage"], h["epoch"]) for h in history] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2)]
+    assert all(h["images_per_second"] > 0 and math.isfinite(h["train_loss"]) for h in history)
     config = train.read_config(trained_run)
     assert config.data.image_size == 32 and config.vae.channels == (8, 16, 16)
     unet = load_checkpoint(trained_run / "unet.pt")
