@@ -322,7 +322,8 @@ class Runtime:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        if self.device.type == "cuda":  # every batch has the same shape, so cuDNN's search for the fastest kernels pays off
+        # Every training batch has the same shape, so cuDNN's one-off search for the fastest kernels pays off.
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     @property
@@ -388,8 +389,8 @@ def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
         [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=stage.lr,
         betas=(0.9, 0.999),
-        # One kernel for all parameters: measured 4x (demo) to 6x (adni) faster than the default on the CPU.
-        fused=decay[0].device.type in ("cpu", "cuda"),
+        # One kernel for all parameters: 4x (demo UNet) and 6.5x (adni UNet) faster than the default on a CPU.
+        fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
     total_steps = max(1, stage.epochs * steps_per_epoch)
     warmup = min(stage.warmup_steps, total_steps // 2)
