@@ -172,14 +172,19 @@ def generate_label(run: LoadedRun, label: int, args, runtime: Runtime, slice_pos
     return torch.cat(latents)
 
 
-def save_denoising_sequence(run: LoadedRun, labels: list[int], args, runtime: Runtime, path: Path, columns: int = 8) -> None:
+def save_denoising_sequence(run: LoadedRun, labels: list[int], args, runtime: Runtime, path: Path,
+                            slice_position: float | None, columns: int = 8) -> None:
     """Rows: a few samples per label; columns: decoded x0-estimates from pure noise to the final image."""
     per_label = 2
     label_tensor = torch.tensor([label for label in labels for _ in range(per_label)], device=runtime.device)
+    positions = None
+    if run.config.unet.slice_conditioning:  # mid-range slice unless --slice chose one, as the sample grids do
+        positions = torch.full((len(label_tensor),), 0.5 if slice_position is None else slice_position, device=runtime.device)
     generator = batch_generator(args.seed, len(CLASS_NAMES), 0, runtime.device)
     steps = list(run.scheduler.sample_steps(run.unet, (len(label_tensor), *latent_shape(run.config)), label_tensor,
                                             sampler=args.sampler, num_steps=args.steps, eta=args.eta,
-                                            guidance_scale=args.guidance, generator=generator, device=runtime.device))
+                                            guidance_scale=args.guidance, slice_position=positions,
+                                            generator=generator, device=runtime.device))
     shown = np.unique(np.linspace(0, len(steps) - 1, columns).round().astype(int))
     frames = [decode_latents(run.vae, steps[i][2].float(), runtime) for i in shown]  # x0-estimates
     frames[-1] = decode_latents(run.vae, steps[-1][1].float(), runtime)  # the final sample itself
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
             save_image_grid(real_test_slices(run.config, label, min(args.num_samples, 64), args.seed),
                             out / f"real_{CLASS_NAMES[label]}.png", ncols=8)
     if args.sequence:
-        save_denoising_sequence(run, labels, args, runtime, out / "denoising_sequence.png")
+        save_denoising_sequence(run, labels, args, runtime, out / "denoising_sequence.png", slice_position)
     if args.umap:
         report = umap_report(run, generated, args, runtime, out)
         for name, score in report["groups"].items():
