@@ -34,21 +34,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from modules import EMA, AutoencoderKL, NoiseScheduler, SchedulerConfig, UNet, UNetConfig, VAEConfig, vae_loss
-from train import (
-    PRESETS,
-    Config,
-    Runtime,
-    diffusion_loss,
-    drop_conditions,
-    latent_shape,
-    make_config,
-    make_optimizer,
-    prepare_for_training,
-    sample_latents,
-    train_one_epoch,
-)
-from utils import ArgumentParser, UsageError, pick_device, usage_errors_exit, write_text_atomic
+from config import PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
+from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, vae_loss
+from pipeline import Pipeline, build_unet
+from train import make_optimizer, prepare_for_training, train_one_epoch
+from utils import ArgumentParser, Runtime, UsageError, pick_device, usage_errors_exit, write_text_atomic
 
 if TYPE_CHECKING:  # diffusers is optional: imported for real only inside import_diffusers
     from diffusers import DDIMScheduler
@@ -58,7 +48,8 @@ if TYPE_CHECKING:  # diffusers is optional: imported for real only inside import
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=PRESETS, default="demo", help="model sizes and image size (default: demo)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="demo",
+                        help="model sizes and image size (default: demo; tiny is for tests)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, help="training batch size of both stages (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (default: 5)")
@@ -69,7 +60,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", help="Markdown table to write (default: results/bench_<cpu|cuda>.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models being timed (ours and diffusers')")
-    parser.add_argument("--tiny", action="store_true", help="a very small VAE and UNet at 32 px, for tests")
     return parser
 
 
@@ -86,13 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace) -> Config:
-    """The preset's model and batch sizes (or the tiny test model), with the run options bench.py sets."""
+    """The preset's model and batch sizes, with the run options bench.py sets."""
     config = make_config(args.preset)
-    if args.tiny:  # the sizes of tests/conftest.py's TINY: a few milliseconds per step on one CPU core
-        config.data.image_size = 32
-        config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
-        config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
-        config.vae_train.batch_size = config.unet_train.batch_size = 4
     if args.batch_size is not None:
         config.vae_train.batch_size = config.unet_train.batch_size = args.batch_size
     config.run.compile = args.compile
@@ -193,7 +178,7 @@ def time_unet_training(unet: nn.Module, trained: nn.Module, vae: AutoencoderKL, 
     stage = config.unet_train
     optimizer, lr_schedule = make_optimizer(unet, stage, args.train_steps)
     ema = EMA(unet, decay=stage.ema_decay)
-    labels = torch.arange(stage.batch_size, device=runtime.device) % config.unet.num_classes
+    conditions = Conditions(torch.arange(stage.batch_size, device=runtime.device) % config.unet.num_classes)
     side = config.data.image_size
     if on_the_fly:
         batch = torch.rand(stage.batch_size, config.vae.in_channels, side, side, device=runtime.device) * 2 - 1
@@ -207,8 +192,7 @@ def time_unet_training(unet: nn.Module, trained: nn.Module, vae: AutoencoderKL, 
             with torch.no_grad():
                 batch = vae.encode(batch)
         latents = AutoencoderKL.sample_latent(*batch) * scale
-        dropped, _ = drop_conditions(labels, None, unet.null_label, stage.label_dropout)
-        return diffusion_loss(trained, scheduler, latents, dropped, None), len(latents)
+        return scheduler.training_loss(trained, latents, conditions, condition_dropout=stage.label_dropout), len(latents)
 
     def train(steps: int) -> int:
         train_one_epoch("unet", trained, [batch] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime,
@@ -222,7 +206,7 @@ def time_unet(unet: nn.Module, sample: Callable[..., torch.Tensor], sampling_sch
               vae: AutoencoderKL, scheduler: NoiseScheduler, config: Config, runtime: Runtime,
               args: argparse.Namespace) -> dict[str, Measurement]:
     """Every UNet figure for one denoiser: training on cached and on freshly encoded latents, then
-    sampling with `sample`, a function with train.sample_latents' signature, and its scheduler."""
+    sampling with `sample`, a function with sample_with_ours' signature, and its scheduler."""
     trained = prepare_for_training(unet, config, runtime)  # one compiled module for all three, so it compiles once
     figures = {}
     for key, on_the_fly in (("unet_cached", False), ("unet_on_the_fly", True)):
@@ -259,8 +243,8 @@ def import_diffusers() -> types.ModuleType:
 
 class DiffusersUNet(nn.Module):
     """diffusers' UNet2DConditionModel behind our UNet's call signature: the label becomes one context
-    token from an embedding with an extra null label, exactly as our UNet conditions itself. It has no
-    slice-position token: `slice_position` is accepted only so that the shared training code can call it."""
+    token from an embedding with an extra "no label" row, exactly as our UNet conditions itself. It has
+    no slice-position token."""
 
     def __init__(self, unet: nn.Module, config: UNetConfig):
         super().__init__()
@@ -268,17 +252,17 @@ class DiffusersUNet(nn.Module):
         self.null_label = config.num_classes
         self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
-                slice_position: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        labels = torch.where(conditions.labels == Conditions.ABSENT, self.null_label, conditions.labels)
         return self.unet(x, timesteps, encoder_hidden_states=self.label_embedding(labels)[:, None]).sample
 
 
-def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_side: int) -> DiffusersUNet:
+def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_channels: int, latent_side: int) -> DiffusersUNet:
     """UNet2DConditionModel with our widths, depth, attention levels, heads and parameter count."""
     unet = diffusers.UNet2DConditionModel(
         sample_size=latent_side,
-        in_channels=config.latent_channels,
-        out_channels=config.latent_channels,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=config.channels,
         layers_per_block=config.num_res_blocks,
         down_block_types=tuple("CrossAttnDownBlock2D" if attention else "DownBlock2D" for attention in config.attention_levels),
@@ -318,17 +302,26 @@ def build_peer_scheduler(diffusers: types.ModuleType, config: SchedulerConfig) -
 
 
 @torch.no_grad()
+def sample_with_ours(unet: nn.Module, scheduler: NoiseScheduler, config: Config, labels: torch.Tensor, runtime: Runtime, *,
+                     steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Our guided DDIM loop, as predict.py runs it (Pipeline.sample), on latents only."""
+    pipe = Pipeline(config, None, unet, scheduler, runtime)
+    return pipe.sample(pipe.conditions(labels), steps=steps, guidance_scale=guidance_scale, generator=generator)
+
+
+@torch.no_grad()
 def sample_with_peer(peer: nn.Module, ddim: DDIMScheduler, config: Config, labels: torch.Tensor, runtime: Runtime, *, steps: int,
                      guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
     """diffusers' DDIM loop as its pipelines write it, with classifier-free guidance from one batched
-    forward; the signature of train.sample_latents, with diffusers' DDIMScheduler in place of ours."""
+    forward; the signature of sample_with_ours, with diffusers' DDIMScheduler in place of ours."""
     peer.eval()
     ddim.set_timesteps(steps, device=runtime.device)
     x = torch.randn((len(labels), *latent_shape(config)), device=runtime.device, generator=generator) * ddim.init_noise_sigma
-    null_labels = torch.full_like(labels, peer.null_label)
+    conditions = Conditions(labels)
+    both = Conditions.cat(conditions, conditions.unconditional())
     with runtime.autocast():
         for t in ddim.timesteps:
-            conditional, unconditional = peer(torch.cat([x, x]), t, torch.cat([labels, null_labels])).float().chunk(2)
+            conditional, unconditional = peer(torch.cat([x, x]), t, both).float().chunk(2)
             x = ddim.step(unconditional + guidance_scale * (conditional - unconditional), t, x).prev_sample
     return x
 
@@ -383,7 +376,7 @@ def report(config: Config, args: argparse.Namespace, argv: list[str], runtime: R
     header = " | ".join([
         f"device {device_name(runtime.device)}",
         f"torch {torch.__version__}",
-        f"preset {args.preset}{' (tiny)' if args.tiny else ''}",
+        f"preset {args.preset}",
         f"batch size VAE {config.vae_train.batch_size}, UNet {config.unet_train.batch_size}",
         f"threads {torch.get_num_threads()}",
         f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
@@ -439,10 +432,10 @@ def main(argv: list[str] | None = None) -> None:
     side = latent_shape(config)[-1]
     # Each denoiser, with the sampler and scheduler it is sampled with, built on the CPU: it goes to the device for its turn.
     unets: dict[str, tuple[nn.Module, Callable[..., torch.Tensor], NoiseScheduler | DDIMScheduler]] = {
-        "ours": (UNet(config.unet), sample_latents, scheduler),
+        "ours": (build_unet(config), sample_with_ours, scheduler),
     }
     if diffusers is not None:
-        unets["diffusers"] = (build_peer(diffusers, config.unet, side), sample_with_peer,
+        unets["diffusers"] = (build_peer(diffusers, config.unet, config.vae.latent_channels, side), sample_with_peer,
                               build_peer_scheduler(diffusers, config.scheduler))
     parameters = {name: count_parameters(unet) for name, (unet, _, _) in unets.items()}
     vae = AutoencoderKL(config.vae).to(device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,11 +24,11 @@ from PIL import Image, ImageFile
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from config import CLASS_NAMES, DEFAULT_DATA_DIR, DataConfig
 from utils import UsageError, atomic_path, write_json_atomic
 
-CLASS_NAMES = ("AD", "NC")  # label = CLASS_NAMES.index(name): AD=0, NC=1, never listing order
 SPLITS = ("train", "test")
-DEFAULT_ROOT = Path("data/ADNI/AD_NC")
+DEFAULT_ROOT = Path(DEFAULT_DATA_DIR)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 TRANSFORM_VERSION = 1  # bump when prepare_image changes, so stale disk caches are not reused
 
@@ -41,17 +42,6 @@ class DatasetError(UsageError):
 
 class UnreadableImageError(Exception):
     """An image file that exists but cannot be decoded (truncated, corrupt, not an image)."""
-
-
-@dataclass
-class DataConfig:
-    """Where the images are, how they are split and at what size the model sees them."""
-
-    data_dir: str = str(DEFAULT_ROOT)
-    image_size: int = 192  # multiple of 32: an 8x VAE plus two UNet downsamples
-    val_fraction: float = 0.1  # of the training scans, per class
-    split_seed: int = 0
-    cache_dir: str | None = "data/cache"  # None: decode into memory only
 
 
 @dataclass(frozen=True)
@@ -175,6 +165,31 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- splits
+
+
+# The anatomy measure: how much of the brain is as dark as CSF. AD widens ventricles and sulci, so
+# AD slices have more of it; project_setup.py reports it for a dataset, evaluate.py for generated images.
+BRAIN_LEVEL = 10  # 8-bit: above JPEG ringing on the black background
+DARK_FRACTION = 0.6  # of a slice's median brain intensity: CSF is below it, grey matter well above
+
+
+def brain_pixels(pixels: np.ndarray) -> np.ndarray:
+    """The values of a uint8 slice's brain pixels (above BRAIN_LEVEL), flattened."""
+    return pixels[pixels > BRAIN_LEVEL]
+
+
+def csf_dark_share(brain: np.ndarray) -> float:
+    """Share of brain pixel values below DARK_FRACTION x their median: relative to the slice's own
+    median, so brightness and contrast do not count. NaN for a slice without brain."""
+    if brain.size == 0:
+        return math.nan
+    return float(np.mean(brain < DARK_FRACTION * np.median(brain)))
+
+
+def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
+    """Difference of means in units of the pooled standard deviation."""
+    pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
+    return float((a.mean() - b.mean()) / math.sqrt(pooled)) if pooled > 0 else math.nan
 
 
 def make_splits(index: DatasetIndex, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:

@@ -49,13 +49,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dataset import CLASS_NAMES, SliceDataset, load_split_datasets, load_splits, to_model_range
-from modules import ms_ssim
-from predict import LoadedRun, batch_generator, encode_images, latest_run, load_run
-from project_setup import BRAIN_LEVEL, DARK_FRACTION, cohens_d
-from train import Runtime, decode_latents, sample_latents
+from config import CLASS_NAMES
+from dataset import (
+    SliceDataset,
+    brain_pixels,
+    cohens_d,
+    csf_dark_share,
+    load_split_datasets,
+    load_splits,
+    to_model_range,
+)
+from modules import SAMPLERS, ms_ssim
+from pipeline import Pipeline, latest_run, load_run
 from utils import (
     ArgumentParser,
+    Runtime,
     UsageError,
     load_checkpoint,
     pick_device,
@@ -145,18 +153,6 @@ def pairwise_ms_ssim(images: torch.Tensor, pairs: int = DIVERSITY_PAIRS, seed: i
         second = (first + torch.randint(1, count, (pairs,), generator=generator)) % count  # never the same image
     scores = [ms_ssim(images[i], images[j]) for i, j in zip(first.split(CHUNK), second.split(CHUNK))]
     return float(torch.cat(scores).mean())
-
-
-def csf_dark_share(images: np.ndarray) -> np.ndarray:
-    """Per uint8 image (N, H, W): the share of brain pixels (> BRAIN_LEVEL) darker than DARK_FRACTION
-    times the image's median brain intensity, as project_setup.py measures CSF; NaN without brain."""
-    shares = np.full(len(images), np.nan)
-    for position, image in enumerate(images):
-        brain = image[image > BRAIN_LEVEL]
-        if brain.size:
-            # Relative to the image's own median, so brightness and contrast do not count.
-            shares[position] = np.mean(brain < DARK_FRACTION * np.median(brain))
-    return shares
 
 
 # ============================================================================ slice-position controls
@@ -358,28 +354,19 @@ def measured(model: SliceClassifier, pixels: torch.Tensor, labels: np.ndarray, d
     return ImageSet(pixels, labels, *classify(model, pixels, device))
 
 
-def generate_images(run: LoadedRun, label: int, args, runtime: Runtime) -> torch.Tensor:
+def generate_images(pipe: Pipeline, label: int, args) -> torch.Tensor:
     """`args.num_samples` generated images of one label as uint8 (N, S, S), in predict.py's seeded batches."""
-    images = []
-    batches = range(0, args.num_samples, args.batch_size)
-    for batch_index, start in enumerate(tqdm(batches, desc=f"generating {CLASS_NAMES[label]}")):
-        count = min(args.batch_size, args.num_samples - start)
-        labels = torch.full((count,), label, dtype=torch.long, device=runtime.device)
-        latents = sample_latents(run.unet, run.scheduler, run.config, labels, runtime, steps=args.steps,
-                                 guidance_scale=args.guidance, sampler="ddim",
-                                 generator=batch_generator(args.seed, label, batch_index, runtime.device))
-        images.append(torch.from_numpy(to_uint8(decode_latents(run.vae, latents, runtime))))
-    return torch.cat(images)
+    latents = pipe.generate(label, args.num_samples, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+                            guidance_scale=args.guidance, sampler=args.sampler, progress="generating")
+    return torch.cat([torch.from_numpy(to_uint8(pipe.decode(chunk))) for chunk in latents.split(args.batch_size)])
 
 
-@torch.no_grad()
-def reconstruct(run: LoadedRun, pixels: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+def reconstruct(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, S, S) → their VAE reconstructions from the posterior mean, uint8: the most
     faithful image the generator's decoder can produce, so the ceiling for generated images."""
     images = []
     for chunk in pixels.split(CHUNK):
-        latents = encode_images(run, to_model_range(chunk.unsqueeze(1)), runtime)
-        images.append(torch.from_numpy(to_uint8(decode_latents(run.vae, latents, runtime))))
+        images.append(torch.from_numpy(to_uint8(pipe.decode(pipe.encode(to_model_range(chunk.unsqueeze(1)))))))
     return torch.cat(images)
 
 
@@ -423,7 +410,7 @@ def anatomy(generated: ImageSet, real_test: ImageSet) -> dict:
     """CSF-dark share of AD vs NC images, generated beside real; Cohen's d is AD minus NC."""
     report = {}
     for name, images in (("generated", generated), ("real_test", real_test)):
-        shares = csf_dark_share(images.pixels.numpy())
+        shares = np.array([csf_dark_share(brain_pixels(image)) for image in images.pixels.numpy()])
         by_label = [shares[(images.labels == label) & np.isfinite(shares)] for label in range(len(CLASS_NAMES))]
         report[name] = {}
         for label, values in enumerate(by_label):
@@ -475,7 +462,7 @@ def markdown_report(metrics: dict) -> str:
     lines = [
         f"# Sample quality: {metrics['run']} (UNet epoch {metrics['run_epoch']})",
         "",
-        (f"{settings['num_samples']} generated images per label, DDIM {settings['steps']} steps, guidance {settings['guidance']}, "
+        (f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, guidance {settings['guidance']}, "
          f"seed {settings['seed']}; {metrics['real_test_images']} real test images."),
         "",
         "| metric | " + " | ".join(groups) + " |",
@@ -527,7 +514,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=500, help="generated images per label (default 500)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -553,26 +541,25 @@ def main(argv: list[str] | None = None) -> None:
     with usage_errors_exit():
         check_arguments(args)
         device = pick_device(args.device)
-        runtime = Runtime(device, bf16=device.type == "cuda")
-        run = load_run(args.run or latest_run(), device)
-        args.guidance = run.config.run.guidance_scale if args.guidance is None else args.guidance
-        outputs = {"json": run.run_dir / "metrics.json", "md": run.run_dir / "metrics.md"}
+        pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
+        args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
+        outputs = {"json": pipe.run_dir / "metrics.json", "md": pipe.run_dir / "metrics.md"}
         existing = [path for path in outputs.values() if path.exists()]
         if existing and not args.overwrite:
             raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
-        if not (run.run_dir / "splits.json").is_file():
-            raise UsageError(f"{run.run_dir} has no splits.json: it is not a finished brainLDM run")
-        datasets, splits = load_split_datasets(run.config.data, load_splits(run.run_dir / "splits.json"),
+        if not (pipe.run_dir / "splits.json").is_file():
+            raise UsageError(f"{pipe.run_dir} has no splits.json: it is not a finished brainLDM run")
+        datasets, splits = load_split_datasets(pipe.config.data, load_splits(pipe.run_dir / "splits.json"),
                                                return_slice=True, verbose=False)
         train, test = datasets["train"], datasets["test"]
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
-        print(f"run {run.run_dir} (epoch {run.epoch}) | DDIM {args.steps} steps | guidance {args.guidance} | device {device}")
+        print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
 
-        classifier, classifier_info = load_or_train_classifier(run.run_dir, datasets, splits, run.config.data.image_size,
+        classifier, classifier_info = load_or_train_classifier(pipe.run_dir, datasets, splits, pipe.config.data.image_size,
                                                                device, args.retrain_classifier)
         real_test = measured(classifier, test.pixels, test.labels.numpy(), device)
-        reconstructed_test = measured(classifier, reconstruct(run, test.pixels, runtime), test.labels.numpy(), device)
+        reconstructed_test = measured(classifier, reconstruct(pipe, test.pixels), test.labels.numpy(), device)
         controls = classifier_controls(real_test.predictions, train, test) | classifier_info
         # The floor compares as many real training images as there are generated ones, as Fréchet
         # distance and KID depend on the sample size.
@@ -580,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         train_sample = measured(classifier, train.pixels[floor_positions], train.labels.numpy()[floor_positions], device)
 
         started = time.perf_counter()
-        generated_pixels = torch.cat([generate_images(run, label, args, runtime) for label in range(len(CLASS_NAMES))])
+        generated_pixels = torch.cat([generate_images(pipe, label, args) for label in range(len(CLASS_NAMES))])
         seconds = time.perf_counter() - started
         asked_labels = np.repeat(np.arange(len(CLASS_NAMES)), args.num_samples)
         generated = measured(classifier, generated_pixels, asked_labels, device)
@@ -596,11 +583,11 @@ def main(argv: list[str] | None = None) -> None:
                                          reconstructed_test.of_label(label), train_sample.of_label(label),
                                          real_sample.of_label(label), near_copy_threshold, args.seed, device)
         metrics = without_nan({
-            "run": str(run.run_dir),
-            "run_epoch": run.epoch,
-            "image_size": run.config.data.image_size,
+            "run": str(pipe.run_dir),
+            "run_epoch": pipe.epoch,
+            "image_size": pipe.config.data.image_size,
             "settings": {"num_samples": args.num_samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-                         "sampler": "ddim", "batch_size": args.batch_size},
+                         "sampler": args.sampler, "batch_size": args.batch_size},
             "generation_seconds": round(seconds, 3),
             "real_test_images": len(test),
             "near_copy_threshold": near_copy_threshold,

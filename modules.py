@@ -11,72 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --------------------------------------------------------------------------------------------- configs
-
-
-@dataclass
-class VAEConfig:
-    """KL autoencoder; the downsampling factor f is 2 ** (len(channels) - 1)."""
-
-    in_channels: int = 1
-    latent_channels: int = 4
-    channels: tuple[int, ...] = (64, 128, 256, 256)
-    num_res_blocks: int = 1
-    middle_attention: bool = True
-    recon_loss: str = "l1"  # "l1" | "mse"
-    kl_weight: float = 1e-6  # on the per-image KL sum, beside the per-pixel mean reconstruction (as MONAI's LDM)
-    ssim_weight: float = 0.2
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channels) - 1)
-
-
-@dataclass
-class UNetConfig:
-    """Latent UNet; attention_levels[i] puts transformer blocks at resolution level i (0 = full latent size)."""
-
-    latent_channels: int = 4
-    channels: tuple[int, ...] = (128, 256, 256)
-    num_res_blocks: int = 2
-    attention_levels: tuple[bool, ...] = (False, True, True)
-    head_dim: int = 32
-    context_dim: int = 256
-    num_classes: int = 2  # the null label for guidance is index num_classes
-    slice_conditioning: bool = False
-    dropout: float = 0.0
-
-
-@dataclass
-class SchedulerConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "cosine"
-    beta_start: float = 0.0015  # MONAI's brain LDM values: sqrt(ᾱ_T) ≈ 0.012
-    beta_end: float = 0.0195
-    prediction_type: str = "v"  # "v" | "epsilon"; measured: see the README's "Model" section
-    min_snr_gamma: float = 0.0  # 0 = plain (unweighted) loss
-    clip_sample: float = 0.0  # clamp x0-estimates to [-c, c]; 0 = off (latents are not bounded)
-
-
-def model_presets(name: str) -> tuple[VAEConfig, UNetConfig, SchedulerConfig]:
-    """Model sizes per preset: `demo` trains in minutes on 2 CPU cores at 64 px; `adni` is the 192 px GPU model."""
-    if name == "demo":  # 64 px, f=4 → 16x16 latents
-        return (
-            VAEConfig(channels=(16, 32, 64), num_res_blocks=1),
-            UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
-            SchedulerConfig(),
-        )
-    if name == "adni":  # 192 px, f=8 → 24x24 latents, attention at 12x12 and 6x6
-        return VAEConfig(), UNetConfig(), SchedulerConfig()
-    raise ValueError(f"unknown preset {name!r}: choose demo or adni")
-
+from config import SchedulerConfig, UNetConfig, VAEConfig
 
 # --------------------------------------------------------------------------------------------- blocks
 
@@ -394,20 +337,64 @@ def ms_ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11) -> torch.Te
 # --------------------------------------------------------------------------------------------- UNet
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """What each item of a batch is conditioned on: its diagnosis label and, for UNets built with
+    slice conditioning, its slice position. One object from the training batch through the loss,
+    guidance dropout and sampling, so a new condition is a new field here and in UNet.context.
+
+    labels (B,) long: 0 AD, 1 NC; slice_position (B,) float in [0, 1] or None. ABSENT in a field is
+    the null condition of classifier-free guidance ("no label", "no position")."""
+
+    labels: torch.Tensor
+    slice_position: torch.Tensor | None = None
+
+    ABSENT: ClassVar[int] = -1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> Conditions:
+        return Conditions(*(None if value is None else value[index] for value in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.labels, self.slice_position
+
+    def to(self, device: torch.device | str) -> Conditions:
+        return Conditions(*(None if value is None else value.to(device) for value in self._fields()))
+
+    def where(self, absent: torch.Tensor) -> Conditions:
+        """Every field set to ABSENT where the (B,) mask `absent` is true."""
+        return Conditions(*(None if value is None else torch.where(absent, torch.full_like(value, self.ABSENT), value)
+                            for value in self._fields()))
+
+    def unconditional(self) -> Conditions:
+        return self.where(torch.ones(len(self), dtype=torch.bool, device=self.labels.device))
+
+    def dropped(self, p: float, generator: torch.Generator | None = None) -> Conditions:
+        """Classifier-free guidance's training-time dropout: each item loses all its conditions with
+        probability p, so one network also learns the unconditional model (Ho & Salimans 2022)."""
+        return self.where(torch.rand(len(self), device=self.labels.device, generator=generator) < p)
+
+    @staticmethod
+    def cat(first: Conditions, second: Conditions) -> Conditions:
+        return Conditions(*(None if a is None else torch.cat([a, b]) for a, b in zip(first._fields(), second._fields())))
+
+
 class UNet(nn.Module):
     """Latent noise predictor conditioned on the timestep (added in every ResBlock) and on context
-    tokens (cross-attention): a learned label embedding, index `null_label` meaning "no label", and
-    optionally a slice-position token (slice_position < 0 meaning "no position").
+    tokens (cross-attention): a learned label embedding with one extra "no label" entry, and
+    optionally a slice-position token with a learned "no position" token.
 
-    forward(x (B, C_z, h, w), timesteps (B,), labels (B,), slice_position (B,) in [0, 1] or None)
-    → prediction (B, C_z, h, w) [and bottleneck features (B, C * h' * w') with return_features]."""
+    forward(x (B, C_z, h, w), timesteps (B,), conditions) → prediction (B, C_z, h, w)
+    [and bottleneck features (B, C * h' * w') with return_features]."""
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, latent_channels: int):
         super().__init__()
         if len(config.attention_levels) != len(config.channels):
             raise ValueError("unet.attention_levels needs one entry per unet.channels level")
         self.config = config
-        self.null_label = config.num_classes
+        self.null_label = config.num_classes  # the label embedding's "no label" row
         widths = config.channels
         time_dim = 4 * widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -416,7 +403,7 @@ class UNet(nn.Module):
             self.slice_mlp = nn.Sequential(nn.Linear(config.context_dim, config.context_dim), nn.SiLU(),
                                            nn.Linear(config.context_dim, config.context_dim))
             self.null_slice = nn.Parameter(torch.zeros(config.context_dim))
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(latent_channels, widths[0], 3, padding=1)
 
         def level_block(in_width: int, out_width: int, attention: bool) -> nn.ModuleList:
             block = nn.ModuleList([ResBlock(in_width, out_width, time_dim, config.dropout)])
@@ -447,23 +434,24 @@ class UNet(nn.Module):
                 previous = width
             if level > 0:
                 self.upsamples.append(Upsample(width))
-        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, config.latent_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, latent_channels, 3, padding=1)))
 
-    def context(self, labels: torch.Tensor, slice_position: torch.Tensor | None) -> torch.Tensor:
+    def context(self, conditions: Conditions) -> torch.Tensor:
         """Context tokens (B, 1 or 2, context_dim)."""
-        tokens = [self.label_embedding(labels)]
+        labels = conditions.labels
+        tokens = [self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))]
         if self.config.slice_conditioning:
-            if slice_position is None:
-                raise ValueError("this UNet was built with slice_conditioning: pass slice_position")
-            encoded = self.slice_mlp(sinusoidal_embedding(slice_position.clamp_min(0) * 1000, self.config.context_dim))
-            missing = (slice_position < 0)[:, None]
+            position = conditions.slice_position
+            if position is None:
+                raise ValueError("this UNet was built with slice_conditioning: pass a slice_position")
+            encoded = self.slice_mlp(sinusoidal_embedding(position.clamp_min(0) * 1000, self.config.context_dim))
+            missing = (position == Conditions.ABSENT)[:, None]
             tokens.append(torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded))
         return torch.stack(tokens, dim=1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor,
-                slice_position: torch.Tensor | None = None, return_features: bool = False):
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, return_features: bool = False):
         time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0]))
-        context = self.context(labels, slice_position)
+        context = self.context(conditions)
 
         def run(block: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
             h = block[0](h, time_embedding)
@@ -599,10 +587,11 @@ class NoiseScheduler:
         return mean, variance
 
     def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                  noise: torch.Tensor) -> torch.Tensor:
-        """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x0-estimate); the last step adds no noise."""
+                  noise: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
+        """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x0-estimate); the last step adds no
+        noise. Its variance is fixed by the schedule, so `eta` is accepted only to share the signature."""
         mean, variance = self.q_posterior(x0, x_t, t, t_prev)
-        return mean + variance.sqrt() * noise
+        return mean if noise is None else mean + variance.sqrt() * noise
 
     def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                   eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -625,55 +614,73 @@ class NoiseScheduler:
         stride = self.num_train_timesteps / num_steps
         return [round(self.num_train_timesteps - i * stride) - 1 for i in range(num_steps)]
 
+    # -- training
+
+    def training_loss(self, model: nn.Module, x0: torch.Tensor, conditions: Conditions, *,
+                      condition_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ho et al.'s simple loss at one random timestep per sample, with the min-SNR weighting and
+        classifier-free guidance's condition dropout; x0 (B, C_z, h, w) are scaled latents."""
+        if condition_dropout > 0:
+            conditions = conditions.dropped(condition_dropout, generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        t = torch.randint(0, self.num_train_timesteps, (len(x0),), device=x0.device, generator=generator)
+        prediction = model(self.add_noise(x0, noise, t), t, conditions)
+        target = self.training_target(x0, noise, t)
+        per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * self.loss_weights(t)).mean()
+
     # -- sampling
 
-    def guided_prediction(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                          guidance_scale: float, slice_position: torch.Tensor | None = None) -> torch.Tensor:
+    def guided_prediction(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: Conditions,
+                          guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance: null + w (cond - null) from one batched forward; w = 1 is the
         conditional model alone, w = 0 the unconditional one."""
         if guidance_scale == 1.0:
-            return model(x, t, labels, slice_position).float()
-        null_labels = torch.full_like(labels, model.null_label)
-        null_slices = None if slice_position is None else torch.full_like(slice_position, -1.0)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]),
-                     None if slice_position is None else torch.cat([slice_position, null_slices])).float()
+            return model(x, t, conditions).float()
+        both = model(torch.cat([x, x]), torch.cat([t, t]), Conditions.cat(conditions, conditions.unconditional())).float()
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
-    def sample_steps(self, model: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, *, sampler: str = "ddim",
+    def sample_steps(self, model: nn.Module, shape: tuple[int, ...], conditions: Conditions, *, sampler: str = "ddim",
                      num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
-                     slice_position: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None,
+                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                      x_T: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Reverse diffusion from x_T ~ N(0, I): yields (t, x_{t_prev}, x̂_0) after every step.
-
-        `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic)."""
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"unknown sampler {sampler!r}: choose ddim or ddpm")
-        device = torch.device(device) if device is not None else labels.device
+        """Reverse diffusion from x_T ~ N(0, I) with one of SAMPLERS: yields (t, x_{t_prev}, x̂_0)
+        after every step. `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        step_function = SAMPLERS[sampler]
+        device = torch.device(device) if device is not None else conditions.labels.device
         x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device, torch.float32)
         steps = self.timesteps(num_steps)
         for index, step in enumerate(steps):
             previous = steps[index + 1] if index + 1 < len(steps) else -1
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             t_prev = torch.full_like(t, previous)
-            prediction = self.guided_prediction(model, x, t, labels, guidance_scale, slice_position)
-            x0 = self.predict_x0(x, prediction, t)
+            # 1. the guided network output, read as an estimate of the clean latent x̂_0
+            x0 = self.predict_x0(x, self.guided_prediction(model, x, t, conditions, guidance_scale), t)
+            # 2. fresh noise for the step (none for the last one, which lands on x_0)
             noise = torch.randn(shape, device=device, generator=generator) if previous >= 0 else torch.zeros_like(x)
-            if sampler == "ddpm":
-                x = self.ddpm_step(x, x0, t, t_prev, noise)
-            else:
-                x = self.ddim_step(x, x0, t, t_prev, eta, noise)
+            # 3. the sampler's update x_t → x_{t_prev}
+            x = step_function(self, x, x0, t, t_prev, eta=eta, noise=noise)
             yield step, x, x0
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    def sample(self, model: nn.Module, shape: tuple[int, ...], conditions: Conditions, **kwargs) -> torch.Tensor:
         """The final x_0 of `sample_steps` (same arguments)."""
         x = None
-        for _, x, _ in self.sample_steps(model, shape, labels, **kwargs):
+        for _, x, _ in self.sample_steps(model, shape, conditions, **kwargs):
             pass
         return x
+
+
+# Sampler name → one reverse step (scheduler, x_t, x̂_0, t, t_prev, *, eta, noise) → x_{t_prev}.
+# A new sampler is one entry here; the scripts' --sampler choices are this table's keys.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": NoiseScheduler.ddim_step,
+    "ddpm": NoiseScheduler.ddpm_step,
+}
 
 
 # --------------------------------------------------------------------------------------------- EMA

@@ -11,29 +11,18 @@ The same settings and seed give the same images; samples.json records them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from dataset import CLASS_NAMES, index_dataset, prepare_image, read_image, to_model_range
-from modules import EMA, AutoencoderKL, NoiseScheduler, UNet
-from train import (
-    Config,
-    Runtime,
-    decode_latents,
-    latent_shape,
-    load_stage_checkpoint,
-    load_trained_vae,
-    load_weights,
-    normalise_slices,
-    read_config,
-    sample_latents,
-)
+from config import CLASS_NAMES, latent_shape
+from dataset import index_dataset, prepare_image, read_image, to_model_range
+from modules import SAMPLERS
+from pipeline import Pipeline, batch_generator, latest_run, load_run, normalise_slices
 from utils import (
     ArgumentParser,
+    Runtime,
     UsageError,
     new_figure,
     pick_device,
@@ -46,46 +35,6 @@ from utils import (
 )
 
 UMAP_TIMESTEP = 250  # features of moderately noised latents: the image still dominates the input
-
-
-@dataclass
-class LoadedRun:
-    """Everything needed to sample from a run: its config and frozen models (UNet with EMA weights)."""
-
-    run_dir: Path
-    config: Config
-    vae: AutoencoderKL
-    unet: UNet
-    scheduler: NoiseScheduler
-    slice_range: tuple[int, int]
-    epoch: int
-
-
-def latest_run(runs_root: Path = Path("runs")) -> Path:
-    """The run folder whose unet.pt was written last."""
-    candidates = sorted(runs_root.glob("*/unet.pt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise UsageError(f"no trained run in {runs_root}/: train one with `python train.py --preset demo` or pass --run")
-    return candidates[-1].parent
-
-
-def load_run(run_dir: Path, device: torch.device) -> LoadedRun:
-    """Load a finished run's config, VAE and EMA UNet; one-line errors for anything missing or foreign."""
-    if not run_dir.is_dir():
-        raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
-    config = read_config(run_dir)
-    vae = load_trained_vae(config, run_dir, device)
-    path = run_dir / "unet.pt"
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
-    state = load_stage_checkpoint(path, "unet", config, device)
-    unet = UNet(config.unet).to(device)
-    load_weights(unet, state["model"], path)
-    ema = EMA(unet)
-    ema.load_state_dict(state["ema"])
-    ema.copy_to(unet)
-    unet.eval().requires_grad_(False)
-    return LoadedRun(run_dir, config, vae, unet, NoiseScheduler(config.scheduler), tuple(state["slice_range"]), state["epoch"])
 
 
 def parse_label(text: str) -> list[int]:
@@ -105,7 +54,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--label", action="append", required=True, help="0/AD, 1/NC or both; repeatable")
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=16, help="images per label (default 16)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     parser.add_argument("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
@@ -152,57 +101,34 @@ def planned_outputs(args, labels: list[int], out: Path) -> list[Path]:
     return [out / name for name in names]
 
 
-def batch_generator(seed: int, label: int, batch_index: int, device: torch.device) -> torch.Generator:
-    """Each batch has its own seed, so any image is regenerated from (seed, label, batch size) alone."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + label * 10_007 + batch_index)
-
-
-def generate_label(run: LoadedRun, label: int, args, runtime: Runtime, slice_position: float | None) -> torch.Tensor:
-    """`args.num_samples` latents of one label, in batches (B, C_z, h, w)."""
-    latents = []
-    batches = range(0, args.num_samples, args.batch_size)
-    for batch_index, start in enumerate(tqdm(batches, desc=f"sampling {CLASS_NAMES[label]}", leave=False)):
-        count = min(args.batch_size, args.num_samples - start)
-        labels = torch.full((count,), label, dtype=torch.long, device=runtime.device)
-        positions = None if slice_position is None else torch.full((count,), slice_position, device=runtime.device)
-        latents.append(sample_latents(run.unet, run.scheduler, run.config, labels, runtime, steps=args.steps,
-                                      guidance_scale=args.guidance, sampler=args.sampler, eta=args.eta,
-                                      slice_position=positions,
-                                      generator=batch_generator(args.seed, label, batch_index, runtime.device)))
-    return torch.cat(latents)
-
-
-def save_denoising_sequence(run: LoadedRun, labels: list[int], args, runtime: Runtime, path: Path,
-                            slice_position: float | None, columns: int = 8) -> None:
+def save_denoising_sequence(pipe: Pipeline, labels: list[int], args, path: Path, slice_position: float | None,
+                            columns: int = 8) -> None:
     """Rows: a few samples per label; columns: decoded x0-estimates from pure noise to the final image."""
     per_label = 2
-    label_tensor = torch.tensor([label for label in labels for _ in range(per_label)], device=runtime.device)
-    positions = None
-    if run.config.unet.slice_conditioning:  # mid-range slice unless --slice chose one, as the sample grids do
-        positions = torch.full((len(label_tensor),), 0.5 if slice_position is None else slice_position, device=runtime.device)
-    generator = batch_generator(args.seed, len(CLASS_NAMES), 0, runtime.device)
-    steps = list(run.scheduler.sample_steps(run.unet, (len(label_tensor), *latent_shape(run.config)), label_tensor,
-                                            sampler=args.sampler, num_steps=args.steps, eta=args.eta,
-                                            guidance_scale=args.guidance, slice_position=positions,
-                                            generator=generator, device=runtime.device))
+    conditions = pipe.conditions(torch.tensor([label for label in labels for _ in range(per_label)]), slice_position)
+    generator = batch_generator(args.seed, len(CLASS_NAMES), 0, pipe.runtime.device)
+    steps = list(pipe.scheduler.sample_steps(pipe.unet, (len(conditions), *latent_shape(pipe.config)), conditions,
+                                             sampler=args.sampler, num_steps=args.steps, eta=args.eta,
+                                             guidance_scale=args.guidance, generator=generator, device=pipe.runtime.device))
     shown = np.unique(np.linspace(0, len(steps) - 1, columns).round().astype(int))
-    frames = [decode_latents(run.vae, steps[i][2].float(), runtime) for i in shown]  # x0-estimates
-    frames[-1] = decode_latents(run.vae, steps[-1][1].float(), runtime)  # the final sample itself
-    figure, axes = new_figure(len(label_tensor), len(shown), figsize=(1.6 * len(shown), 1.7 * len(label_tensor)), squeeze=False)
+    frames = [pipe.decode(steps[i][2].float()) for i in shown]  # x0-estimates
+    frames[-1] = pipe.decode(steps[-1][1].float())  # the final sample itself
+    rows = len(conditions)
+    figure, axes = new_figure(rows, len(shown), figsize=(1.6 * len(shown), 1.7 * rows), squeeze=False)
     for column, (index, frame) in enumerate(zip(shown, frames)):
-        for row in range(len(label_tensor)):
+        for row in range(rows):
             axes[row][column].imshow(to_uint8(frame[row : row + 1])[0], cmap="gray", vmin=0, vmax=255)
             axes[row][column].set_xticks([])
             axes[row][column].set_yticks([])
             if row == 0:
                 axes[row][column].set_title(f"t={steps[index][0]}" if column < len(shown) - 1 else "final", fontsize=9)
             if column == 0:
-                axes[row][column].set_ylabel(CLASS_NAMES[int(label_tensor[row])], fontsize=9)
+                axes[row][column].set_ylabel(CLASS_NAMES[int(conditions.labels[row])], fontsize=9)
     figure.suptitle(f"Denoising sequence ({args.sampler}, {args.steps} steps): decoded x0-estimates", fontsize=10)
     save_figure(figure, path)
 
 
-def real_test_slices(config: Config, label: int, count: int, seed: int) -> torch.Tensor:
+def real_test_slices(config, label: int, count: int, seed: int) -> torch.Tensor:
     """`count` random test slices of one label, prepared as in training: (N, 1, S, S) in [-1, 1]."""
     records = [r for r in index_dataset(config.data.data_dir).records if r.split == "test" and r.label == label]
     chosen = np.random.default_rng(seed).choice(len(records), size=min(count, len(records)), replace=False)
@@ -211,34 +137,23 @@ def real_test_slices(config: Config, label: int, count: int, seed: int) -> torch
 
 
 @torch.no_grad()
-def bottleneck_features(run: LoadedRun, latents: torch.Tensor, labels: torch.Tensor, runtime: Runtime, seed: int) -> torch.Tensor:
+def bottleneck_features(pipe: Pipeline, latents: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """UNet middle-block features (N, D) of latents noised to UMAP_TIMESTEP with fixed noise."""
-    generator = torch.Generator(runtime.device).manual_seed(seed)
+    device = pipe.runtime.device
+    generator = torch.Generator(device).manual_seed(seed)
     features = []
     for chunk in torch.arange(len(latents)).split(128):
-        z = latents[chunk].to(runtime.device)
-        noise = torch.randn(z.shape, generator=generator, device=runtime.device)
-        t = torch.full((len(z),), UMAP_TIMESTEP, device=runtime.device, dtype=torch.long)
-        slices = torch.full((len(z),), 0.5, device=runtime.device) if run.config.unet.slice_conditioning else None
-        with runtime.autocast():
-            _, feature = run.unet(run.scheduler.add_noise(z, noise, t), t, labels[chunk].to(runtime.device), slices,
-                                  return_features=True)
+        z = latents[chunk].to(device)
+        noise = torch.randn(z.shape, generator=generator, device=device)
+        t = torch.full((len(z),), UMAP_TIMESTEP, device=device, dtype=torch.long)
+        with pipe.runtime.autocast():
+            _, feature = pipe.unet(pipe.scheduler.add_noise(z, noise, t), t, pipe.conditions(labels[chunk]),
+                                   return_features=True)
         features.append(feature.float().cpu())
     return torch.cat(features)
 
 
-@torch.no_grad()
-def encode_images(run: LoadedRun, images: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """Images → scaled posterior-mean latents, as the UNet saw them in training."""
-    latents = []
-    for chunk in images.split(64):
-        with runtime.autocast():
-            mean, _ = run.vae.encode(chunk.to(runtime.device))
-        latents.append(mean.float() * run.vae.scale_factor)
-    return torch.cat(latents)
-
-
-def umap_report(run: LoadedRun, generated: dict[int, torch.Tensor], args, runtime: Runtime, out: Path) -> dict:
+def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: Path) -> dict:
     """UMAP of bottleneck features for real test latents (true labels), generated latents (asked-for
     labels) and, as a control, the same real latents with the labels swapped.
 
@@ -249,10 +164,10 @@ def umap_report(run: LoadedRun, generated: dict[int, torch.Tensor], args, runtim
 
     real_images, real_labels = [], []
     for label in range(len(CLASS_NAMES)):
-        images = real_test_slices(run.config, label, args.umap_count, args.seed)
+        images = real_test_slices(pipe.config, label, args.umap_count, args.seed)
         real_images.append(images)
         real_labels.append(torch.full((len(images),), label, dtype=torch.long))
-    real_latents, real_labels = encode_images(run, torch.cat(real_images), runtime), torch.cat(real_labels)
+    real_latents, real_labels = pipe.encode(torch.cat(real_images)), torch.cat(real_labels)
     generated_latents = torch.cat(list(generated.values()))
     generated_labels = torch.cat([torch.full((len(z),), label, dtype=torch.long) for label, z in generated.items()])
     groups = {
@@ -260,7 +175,7 @@ def umap_report(run: LoadedRun, generated: dict[int, torch.Tensor], args, runtim
         "generated (asked-for label)": (generated_latents, generated_labels),
         "control: real, labels swapped": (real_latents, 1 - real_labels),
     }
-    features = {name: bottleneck_features(run, z, labels, runtime, args.seed) for name, (z, labels) in groups.items()}
+    features = {name: bottleneck_features(pipe, z, labels, args.seed) for name, (z, labels) in groups.items()}
     stacked = torch.cat(list(features.values())).numpy()
     embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=args.seed).fit_transform(stacked)
 
@@ -297,29 +212,30 @@ def main(argv: list[str] | None = None) -> None:
     with usage_errors_exit():
         labels = check_arguments(args)
         device = pick_device(args.device)
-        runtime = Runtime(device, bf16=device.type == "cuda")
-        run = load_run(args.run or latest_run(), device)
-        args.steps = args.steps or (50 if args.sampler == "ddim" else run.scheduler.num_train_timesteps)
-        args.guidance = run.config.run.guidance_scale if args.guidance is None else args.guidance
+        pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
+        args.steps = args.steps or (50 if args.sampler == "ddim" else pipe.scheduler.num_train_timesteps)
+        args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
         slice_position = None
         if args.slice is not None:
-            if not run.config.unet.slice_conditioning:
-                raise UsageError(f"--slice: {run.run_dir} was trained without slice conditioning; drop --slice")
-            slice_position = float(normalise_slices(torch.tensor([args.slice]), run.slice_range))
-        out = args.out or run.run_dir / "generated"
+            if not pipe.config.unet.slice_conditioning:
+                raise UsageError(f"--slice: {pipe.run_dir} was trained without slice conditioning; drop --slice")
+            slice_position = float(normalise_slices(torch.tensor([args.slice]), pipe.slice_range))
+        out = args.out or pipe.run_dir / "generated"
         existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
         if existing and not args.overwrite:
             raise UsageError(f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out")
         if args.real or args.umap:
-            index_dataset(run.config.data.data_dir)  # fail early, before sampling, if the data moved
+            index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
 
     torch.manual_seed(args.seed)
-    print(f"run {run.run_dir} (epoch {run.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
+    print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
     generated, records = {}, []
     started = time.perf_counter()
     for label in labels:
-        latents = generate_label(run, label, args, runtime, slice_position)
-        images = decode_latents(run.vae, latents, runtime).cpu()
+        latents = pipe.generate(label, args.num_samples, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
+                                guidance_scale=args.guidance, sampler=args.sampler, eta=args.eta,
+                                slice_position=slice_position)
+        images = pipe.decode(latents).cpu()
         generated[label] = latents.cpu()
         name = CLASS_NAMES[label]
         save_image_grid(images[:64], out / f"samples_{name}.png", ncols=8)
@@ -331,16 +247,16 @@ def main(argv: list[str] | None = None) -> None:
     total = args.num_samples * len(labels)
     print(f"generated {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s, decoding included) → {out}")
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    write_json_atomic(out / "samples.json", {"run": str(run.run_dir), "run_epoch": run.epoch, "settings": settings,
+    write_json_atomic(out / "samples.json", {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "settings": settings,
                                              "seconds": round(elapsed, 3), "images": records})
     if args.real:
         for label in labels:
-            save_image_grid(real_test_slices(run.config, label, min(args.num_samples, 64), args.seed),
+            save_image_grid(real_test_slices(pipe.config, label, min(args.num_samples, 64), args.seed),
                             out / f"real_{CLASS_NAMES[label]}.png", ncols=8)
     if args.sequence:
-        save_denoising_sequence(run, labels, args, runtime, out / "denoising_sequence.png", slice_position)
+        save_denoising_sequence(pipe, labels, args, out / "denoising_sequence.png", slice_position)
     if args.umap:
-        report = umap_report(run, generated, args, runtime, out)
+        report = umap_report(pipe, generated, args, out)
         for name, score in report["groups"].items():
             print(f"UMAP silhouette, {name}: {score['silhouette_umap']}")
 

@@ -37,6 +37,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from config import DEMO_DATA_DIR
 from dataset import (
     CLASS_NAMES,
     DEFAULT_ROOT,
@@ -44,6 +45,9 @@ from dataset import (
     DatasetError,
     DatasetIndex,
     UnreadableImageError,
+    brain_pixels,
+    cohens_d,
+    csf_dark_share,
     index_dataset,
     prepare_image,
     read_image,
@@ -54,7 +58,7 @@ from utils import ArgumentParser, UsageError, fail, save_image_grid, usage_error
 
 WORK_FOLDERS = (Path("data"), Path("runs"))
 DEFAULT_ZIP = Path("data/ADNI.zip")
-DEMO_ROOT = Path("data/demo/AD_NC")
+DEMO_ROOT = Path(DEMO_DATA_DIR)
 
 # ----------------------------------------------------------------------------- demo geometry
 DEMO_SCANS = 300
@@ -71,8 +75,6 @@ CSF_LEVEL = 0.34  # template T1 intensity of CSF (GM ~0.65, WM ~0.87)
 COARSE_STEP = 8  # pixels between the points where the warp is computed exactly; linear in between
 
 # ----------------------------------------------------------------------------- report thresholds
-BRAIN_LEVEL = 10  # 8-bit: above JPEG ringing on the black background
-DARK_FRACTION = 0.6  # of a slice's median brain intensity: CSF is below it, grey matter well above
 FIGURE_SCANS = 8
 
 
@@ -430,12 +432,10 @@ def inspect_image(path: Path) -> ImageFacts:
         return ImageFacts(problem=str(error))  # the message starts with the path
     except OSError as error:
         return ImageFacts(problem=f"{path}: {error}")
-    values = pixels[pixels > BRAIN_LEVEL]
-    if values.size == 0:
+    brain = brain_pixels(pixels)
+    if brain.size == 0:
         return ImageFacts(size, mode)
-    # Relative to the slice's own median, so the measure ignores brightness and contrast.
-    dark = values < DARK_FRACTION * np.median(values)
-    return ImageFacts(size, mode, None, float(values.mean()), float(dark.mean()))
+    return ImageFacts(size, mode, None, float(brain.mean()), csf_dark_share(brain))
 
 
 @dataclass
@@ -473,12 +473,6 @@ def per_scan_means(report: DatasetReport, attribute: str) -> dict[str, np.ndarra
         name: np.array([np.mean(v) for (label, _), v in values.items() if label == class_label])
         for class_label, name in enumerate(CLASS_NAMES)
     }
-
-
-def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
-    """Difference of means in units of the pooled standard deviation."""
-    pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
-    return float((a.mean() - b.mean()) / math.sqrt(pooled)) if pooled > 0 else math.nan
 
 
 def _compare_classes(report: DatasetReport, attribute: str, what: str, digits: int) -> str | None:

@@ -7,6 +7,7 @@ otherwise repeat.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -15,11 +16,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UsageError(Exception):
@@ -59,10 +62,50 @@ def pick_device(requested: str = "auto") -> torch.device:
     """`auto` → CUDA when available, else CPU; anything else is passed to torch.device."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {requested} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 to cuda:N-1")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {requested}: brainLDM runs on cpu or cuda; use one of those")
     return device
+
+
+@dataclass
+class Runtime:
+    """Where this process runs, with what precision, and who it is among torchrun's processes."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        # Every batch of a run has the same shape, so cuDNN's one-off search for the fastest kernels pays off.
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
 
 
 def _current_umask() -> int:

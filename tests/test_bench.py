@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import bench
-from modules import NoiseScheduler, UNet
+from modules import Conditions, NoiseScheduler
+from pipeline import build_unet
 
-TINY = ["--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--train-steps", "1",
+TINY = ["--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--train-steps", "1",
         "--sample-count", "2", "--sample-steps", "2"]
 THROUGHPUT_ROWS = ("VAE training, 32 px (images/s)", "UNet training, cached latents (images/s)",
                    "UNet training, latents encoded on the fly (images/s)",
@@ -48,7 +49,7 @@ def test_table_with_diffusers(tmp_path: Path, capsys) -> None:
         assert float(rows[name][1].split()[0]) > 0 and rows[name][2].endswith("x"), name
     ours_parameters, peer_parameters = rows["UNet parameters"][:2]
     assert ours_parameters == peer_parameters
-    assert "preset demo (tiny)" in page.splitlines()[0] and "--tiny" in page.splitlines()[0]
+    assert "preset tiny" in page.splitlines()[0] and "--preset tiny" in page.splitlines()[0]
     assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
 
 
@@ -91,26 +92,26 @@ def test_bad_arguments_exit_2(argument: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("preset", ["demo", "tiny"])
 def test_peer_matches_our_unet(preset: str) -> None:
     """Same parameter count, the same output shape, and a head width equal to ours at every attention."""
-    config = bench.bench_config(bench.parse_args(["--tiny"] if preset == "tiny" else ["--preset", preset]))
+    config = bench.bench_config(bench.parse_args(["--preset", preset]))
     side = config.data.image_size // config.vae.downsample_factor
-    peer = bench.build_peer(bench.import_diffusers(), config.unet, side)
-    assert bench.count_parameters(peer) == bench.count_parameters(UNet(config.unet))
+    peer = bench.build_peer(bench.import_diffusers(), config.unet, config.vae.latent_channels, side)
+    assert bench.count_parameters(peer) == bench.count_parameters(build_unet(config))
     heads = [m for m in peer.modules() if type(m).__name__ == "Attention"]
     assert heads and all(m.inner_dim // m.heads == config.unet.head_dim for m in heads)
-    x = torch.randn(2, config.unet.latent_channels, side, side)
-    assert peer(x, torch.tensor([0, 999]), torch.tensor([0, config.unet.num_classes])).shape == x.shape
+    x = torch.randn(2, config.vae.latent_channels, side, side)
+    assert peer(x, torch.tensor([0, 999]), Conditions(torch.tensor([0, Conditions.ABSENT]))).shape == x.shape
 
 
 @needs_diffusers
 @pytest.mark.parametrize("prediction_type, beta_schedule", [("epsilon", "scaled_linear"), ("v", "cosine")])
 def test_peer_scheduler_samples_as_ours(prediction_type: str, beta_schedule: str) -> None:
     """diffusers' DDIMScheduler, as bench.py sets it up, takes the same steps as our DDIM sampler."""
-    config = bench.bench_config(bench.parse_args(["--tiny"]))
+    config = bench.bench_config(bench.parse_args(["--preset", "tiny"]))
     config.scheduler.prediction_type, config.scheduler.beta_schedule = prediction_type, beta_schedule
     diffusers = bench.import_diffusers()
     side = config.data.image_size // config.vae.downsample_factor
     torch.manual_seed(0)
-    peer = bench.build_peer(diffusers, config.unet, side).eval()
+    peer = bench.build_peer(diffusers, config.unet, config.vae.latent_channels, side).eval()
     ours, ddim = NoiseScheduler(config.scheduler), bench.build_peer_scheduler(diffusers, config.scheduler)
     ddim.set_timesteps(10)
     assert ddim.timesteps.tolist() == ours.timesteps(10)
@@ -118,6 +119,6 @@ def test_peer_scheduler_samples_as_ours(prediction_type: str, beta_schedule: str
     runtime = bench.Runtime(torch.device("cpu"))
     theirs = bench.sample_with_peer(peer, ddim, config, labels, runtime, steps=10, guidance_scale=3.0,
                                     generator=torch.Generator().manual_seed(1))
-    mine = ours.sample(peer, (3, *bench.latent_shape(config)), labels, num_steps=10, guidance_scale=3.0,
+    mine = ours.sample(peer, (3, *bench.latent_shape(config)), Conditions(labels), num_steps=10, guidance_scale=3.0,
                        generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)

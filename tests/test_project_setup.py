@@ -14,6 +14,7 @@ import pytest
 from conftest import tree_fingerprint
 from PIL import Image
 
+import dataset
 import project_setup
 from dataset import CLASS_NAMES, SPLITS, parse_image_name
 
@@ -146,8 +147,8 @@ def test_demo_ad_differs_from_nc_in_anatomy_not_brightness(tmp_path: Path) -> No
     report = project_setup.check_dataset(root)
     dark = project_setup.per_scan_means(report, "dark_share")
     brightness = project_setup.per_scan_means(report, "brain_mean")
-    assert project_setup.cohens_d(dark["AD"], dark["NC"]) > 0.8, "AD scans should show more CSF (atrophy)"
-    assert abs(project_setup.cohens_d(brightness["AD"], brightness["NC"])) < 0.1
+    assert dataset.cohens_d(dark["AD"], dark["NC"]) > 0.8, "AD scans should show more CSF (atrophy)"
+    assert abs(dataset.cohens_d(brightness["AD"], brightness["NC"])) < 0.1
     assert abs(brightness["AD"].mean() - brightness["NC"].mean()) < 1.0  # 8-bit grey levels
 
 

@@ -1,0 +1,403 @@
+"""Every setting of brainLDM: one dataclass per concern, the one preset table, command-line overrides.
+
+    config = make_config("demo")                       # a preset
+    apply_overrides(config, {"unet.channels": "32,64"})  # what `--unet.channels 32,64` does
+    read_config(Path("runs/demo"))                     # a run's own config.json
+
+A Config is saved as config.json in every run folder and inside every checkpoint; the sections in
+MODEL_SECTIONS (and the data fields in MODEL_DATA_FIELDS) define what the weights mean, so an existing
+run refuses to change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils import UsageError
+
+CLASS_NAMES = ("AD", "NC")  # label = CLASS_NAMES.index(name): AD=0, NC=1, never directory-listing order
+DEFAULT_DATA_DIR = "data/ADNI/AD_NC"
+DEMO_DATA_DIR = "data/demo/AD_NC"
+
+
+# ============================================================================ the sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images are, how they are split and at what size the model sees them."""
+
+    data_dir: str = DEFAULT_DATA_DIR
+    image_size: int = 192  # multiple of 32: an 8x VAE plus two UNet downsamples
+    val_fraction: float = 0.1  # of the training scans, per class
+    split_seed: int = 0
+    cache_dir: str | None = "data/cache"  # None: decode into memory only
+
+
+@dataclass
+class VAEConfig:
+    """KL autoencoder; the downsampling factor f is 2 ** (len(channels) - 1). Its latent_channels are
+    the latent space's, so the UNet takes them from here."""
+
+    in_channels: int = 1
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (64, 128, 256, 256)
+    num_res_blocks: int = 1
+    middle_attention: bool = True
+    recon_loss: str = "l1"  # "l1" | "mse"
+    kl_weight: float = 1e-6  # on the per-image KL sum, beside the per-pixel mean reconstruction (as MONAI's LDM)
+    ssim_weight: float = 0.2
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class UNetConfig:
+    """Latent UNet; attention_levels[i] puts transformer blocks at resolution level i (0 = full latent size)."""
+
+    channels: tuple[int, ...] = (128, 256, 256)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    head_dim: int = 32
+    context_dim: int = 256
+    num_classes: int = len(CLASS_NAMES)
+    slice_conditioning: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "cosine"
+    beta_start: float = 0.0015  # MONAI's brain LDM values: sqrt(ᾱ_T) ≈ 0.012
+    beta_end: float = 0.0195
+    prediction_type: str = "v"  # "v" | "epsilon"; measured: see the README's "Model" section
+    min_snr_gamma: float = 0.0  # 0 = plain (unweighted) loss
+    clip_sample: float = 0.0  # clamp x0-estimates to [-c, c]; 0 = off (latents are not bounded)
+
+
+@dataclass
+class StageConfig:
+    """Optimisation of one stage: AdamW with linear warm-up then cosine decay to `min_lr_ratio`."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class UNetTrainConfig(StageConfig):
+    """Stage 2 adds what only the diffusion stage needs."""
+
+    label_dropout: float = 0.1  # p(condition → absent): teaches the unconditional model for guidance
+    ema_decay: float = 0.9999
+    cache_latents: bool = True  # encode the training set once instead of every step
+
+
+@dataclass
+class RunConfig:
+    """How a run behaves, not what it learns: device, precision, logging and figures."""
+
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast on CUDA; CPU always runs float32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    log_every: int = 10  # steps between progress-bar updates (each one syncs with the device)
+    sample_every: int = 5  # epochs between AD/NC sample grids
+    grid_samples: int = 16  # per label
+    sample_steps: int = 50  # DDIM steps for the grids
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class Config:
+    preset: str = "adni"
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    vae_train: StageConfig = field(default_factory=StageConfig)
+    unet_train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Sections that define what a checkpoint's weights mean; a run cannot change them later.
+MODEL_SECTIONS = ("vae", "unet", "scheduler")
+MODEL_DATA_FIELDS = ("image_size", "val_fraction", "split_seed")
+
+
+# ============================================================================ the preset table
+
+
+def _adni() -> Config:
+    """The 192 px model for one GPU: f = 8 → 24x24 latents, attention at 12x12 and 6x6."""
+    return Config(
+        preset="adni",
+        vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500),
+        unet_train=UNetTrainConfig(epochs=100, batch_size=64, lr=2e-4, warmup_steps=1000),
+    )
+
+
+def _demo() -> Config:
+    """64 px, f = 4 → 16x16 latents: trains in minutes on 2 CPU cores."""
+    return Config(
+        preset="demo",
+        data=DataConfig(data_dir=DEMO_DATA_DIR, image_size=64),
+        vae=VAEConfig(channels=(16, 32, 64), num_res_blocks=1),
+        unet=UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
+        vae_train=StageConfig(epochs=4, batch_size=16, lr=1e-3, warmup_steps=100),
+        unet_train=UNetTrainConfig(epochs=12, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+        run=RunConfig(sample_every=6, grid_samples=16, sample_steps=50),
+    )
+
+
+def _tiny() -> Config:
+    """32 px and a few thousand parameters: both stages in seconds on one CPU core, for tests and smoke checks."""
+    config = _demo()
+    config.preset = "tiny"
+    config.data.image_size, config.data.cache_dir = 32, None
+    config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
+    config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
+    for stage in (config.vae_train, config.unet_train):
+        stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
+    config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2)
+    return config
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"demo": _demo, "adni": _adni, "tiny": _tiny}
+
+
+def make_config(preset: str) -> Config:
+    """A fresh Config of one of PRESETS."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]()
+
+
+def latent_shape(config: Config) -> tuple[int, int, int]:
+    """(C_z, h, w) of the latents the UNet works on."""
+    side = config.data.image_size // config.vae.downsample_factor
+    return config.vae.latent_channels, side, side
+
+
+# ============================================================================ text and JSON values
+
+
+def field_types(section: object) -> dict[str, object]:
+    return typing.get_type_hints(type(section))
+
+
+def parse_value(text: str, hint: object) -> object:
+    """Parse a command-line string into the type a config field is annotated with."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if args and type(None) in args:  # X | None
+        if text.lower() in ("none", "null", ""):
+            return None
+        return parse_value(text, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return tuple(parse_value(part.strip(), args[0]) for part in text.split(",") if part.strip())
+    if hint is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    return hint(text)
+
+
+def _from_json_value(value: object, hint: object) -> object:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if args and type(None) in args:
+        return _from_json_value(value, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return tuple(_from_json_value(v, args[0]) for v in value)
+    return hint(value)
+
+
+# Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
+# unet.latent_channels is vae.latent_channels (one definition of the latent space).
+RETIRED_FIELDS = {("unet", "latent_channels")}
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from config.json; unknown fields mean another version."""
+    config = make_config(data.get("preset", "adni"))
+    for section_name, values in data.items():
+        if section_name == "preset":
+            continue
+        section = getattr(config, section_name, None)
+        if not dataclasses.is_dataclass(section) or not isinstance(values, dict):
+            raise UsageError(f"config section {section_name!r} is unknown to this version of brainLDM")
+        hints = field_types(section)
+        for name, value in values.items():
+            if (section_name, name) in RETIRED_FIELDS:
+                continue
+            if name not in hints:
+                raise UsageError(f"config field {section_name}.{name} is unknown to this version of brainLDM")
+            setattr(section, name, _from_json_value(value, hints[name]))
+    return config
+
+
+def read_config(run_dir: Path) -> Config:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no config.json: it is not a brainLDM run folder")
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as error:
+        raise UsageError(f"{path} is not a valid brainLDM config ({error})") from None
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """Fields that define the model (or its data) and differ between two configs."""
+    changed = []
+    for section_name in MODEL_SECTIONS:
+        old_values = dataclasses.asdict(getattr(old, section_name))
+        new_values = dataclasses.asdict(getattr(new, section_name))
+        changed += [
+            f"{section_name}.{k}: {old_values[k]} → {new_values.get(k)}" for k in old_values if old_values[k] != new_values.get(k)
+        ]
+    for name in MODEL_DATA_FIELDS:
+        if getattr(old.data, name) != getattr(new.data, name):
+            changed.append(f"data.{name}: {getattr(old.data, name)} → {getattr(new.data, name)}")
+    return changed
+
+
+# ============================================================================ the command line
+
+
+def override_keys() -> list[str]:
+    """Every `section.field` that `--section.field VALUE` can set."""
+    template = Config()
+    return [
+        f"{section_name}.{name}"
+        for section_name, section in vars(template).items()
+        if dataclasses.is_dataclass(section)
+        for name in field_types(section)
+    ]
+
+
+def collect_overrides(tokens: list[str]) -> dict[str, str]:
+    """`--section.field value` / `--section.field=value` pairs → {"section.field": "value"};
+    a ValueError names the first token that is not one."""
+    known = set(override_keys())
+    overrides: dict[str, str] = {}
+    position = 0
+    while position < len(tokens):
+        token = tokens[position]
+        key, _, inline_value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if key not in known:
+            raise ValueError(f"unknown option {token}; see --help for the config fields")
+        if inline_value:
+            value = inline_value
+        elif position + 1 < len(tokens):
+            position += 1
+            value = tokens[position]
+        else:
+            raise ValueError(f"{token} needs a value")
+        overrides[key] = value
+        position += 1
+    return overrides
+
+
+def apply_overrides(config: Config, overrides: dict[str, str]) -> None:
+    for key, text in overrides.items():
+        section_name, name = key.split(".", 1)
+        section = getattr(config, section_name)
+        try:
+            setattr(section, name, parse_value(text, field_types(section)[name]))
+        except (ValueError, TypeError) as error:
+            raise UsageError(f"--{key} {text}: {error}") from None
+
+
+# ============================================================================ validation
+
+
+def _problems(config: Config) -> Iterator[str]:
+    """Each field outside its range, as '--section.field VALUE: what it must be'."""
+
+    def need(ok: bool, key: str, rule: str) -> Iterator[str]:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name)
+            shown = ",".join(str(v).lower() for v in value) if isinstance(value, tuple) else value
+            yield f"--{key} {shown}: {rule}"
+
+    def finite(value: float) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    data, vae, unet, scheduler, run = config.data, config.vae, config.unet, config.scheduler, config.run
+    yield from need(bool(data.data_dir), "data.data_dir", "must name the dataset folder")
+    yield from need(data.image_size >= 8 and data.image_size % vae.downsample_factor == 0, "data.image_size",
+                    f"must be a positive multiple of the VAE's downsampling factor {vae.downsample_factor}")
+    yield from need(finite(data.val_fraction) and 0 < data.val_fraction < 1, "data.val_fraction", "must lie in (0, 1)")
+    yield from need(data.split_seed >= 0, "data.split_seed", "must be 0 or more")
+    for key, widths in (("vae.channels", vae.channels), ("unet.channels", unet.channels)):
+        yield from need(len(widths) >= 1 and all(w >= 4 for w in widths), key, "must be widths of at least 4, e.g. 32,64,128")
+    for key in ("vae.in_channels", "vae.latent_channels", "vae.num_res_blocks", "unet.num_res_blocks",
+                "unet.head_dim", "unet.context_dim"):
+        section, name = key.split(".")
+        yield from need(getattr(getattr(config, section), name) >= 1, key, "must be at least 1")
+    yield from need(vae.recon_loss in ("l1", "mse"), "vae.recon_loss", "must be l1 or mse")
+    for key in ("vae.kl_weight", "vae.ssim_weight", "scheduler.min_snr_gamma", "scheduler.clip_sample"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        yield from need(finite(value) and value >= 0, key, "must be a finite number, 0 or more")
+    # Attention splits a width into max(1, width // head_dim) heads of equal size.
+    yield from need(unet.head_dim >= 1 and all(w % max(1, w // unet.head_dim) == 0 for w in unet.channels), "unet.head_dim",
+                    f"must split every unet.channels width ({','.join(map(str, unet.channels))}) into equal heads, e.g. 32")
+    yield from need(len(unet.attention_levels) == len(unet.channels), "unet.attention_levels",
+                    f"needs one true/false per unet.channels level ({len(unet.channels)})")
+    yield from need(unet.num_classes == len(CLASS_NAMES), "unet.num_classes", f"must be {len(CLASS_NAMES)} (AD, NC)")
+    yield from need(finite(unet.dropout) and 0 <= unet.dropout < 1, "unet.dropout", "must lie in [0, 1)")
+    yield from need(1 <= scheduler.num_train_timesteps <= 100_000, "scheduler.num_train_timesteps", "must be 1 to 100000")
+    yield from need(scheduler.beta_schedule in ("linear", "scaled_linear", "cosine"), "scheduler.beta_schedule",
+                    "must be linear, scaled_linear or cosine")
+    yield from need(finite(scheduler.beta_start) and finite(scheduler.beta_end)
+                    and 0 < scheduler.beta_start < scheduler.beta_end < 1, "scheduler.beta_start",
+                    f"must be above 0 and below scheduler.beta_end ({scheduler.beta_end}), which must be below 1")
+    yield from need(scheduler.prediction_type in ("v", "epsilon"), "scheduler.prediction_type", "must be v or epsilon")
+    for name in ("vae_train", "unet_train"):
+        stage = getattr(config, name)
+        yield from need(stage.epochs >= 1, f"{name}.epochs", "must be at least 1")
+        yield from need(stage.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
+        yield from need(finite(stage.lr) and stage.lr > 0, f"{name}.lr", "must be a finite number above 0")
+        yield from need(finite(stage.weight_decay) and stage.weight_decay >= 0, f"{name}.weight_decay", "must be 0 or more")
+        yield from need(stage.warmup_steps >= 0, f"{name}.warmup_steps", "must be 0 or more")
+        yield from need(finite(stage.min_lr_ratio) and 0 <= stage.min_lr_ratio <= 1, f"{name}.min_lr_ratio", "must lie in [0, 1]")
+        yield from need(finite(stage.grad_clip) and stage.grad_clip > 0, f"{name}.grad_clip", "must be a finite number above 0")
+    for name in ("label_dropout", "ema_decay"):
+        value = getattr(config.unet_train, name)
+        yield from need(finite(value) and 0 <= value < 1, f"unet_train.{name}", "must lie in [0, 1)")
+    yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
+    for name in ("log_every", "sample_every", "grid_samples"):
+        yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
+    yield from need(1 <= run.sample_steps <= scheduler.num_train_timesteps, "run.sample_steps",
+                    f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})")
+    yield from need(finite(run.guidance_scale) and run.guidance_scale >= 0, "run.guidance_scale",
+                    "must be a finite number, 0 or more (1 = no guidance)")
+
+
+def check_fields(config: Config) -> None:
+    """Raise a UsageError naming the first field out of range and what it must be."""
+    for problem in _problems(config):
+        raise UsageError(problem)

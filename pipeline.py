@@ -1,0 +1,233 @@
+"""A trained run as objects: checkpoints in and out, the frozen models, encode/decode with the latent
+scale factor, and the one seeded generation loop that predict.py, evaluate.py and train.py share.
+
+    pipe = load_run(Path("runs/demo"), Runtime(torch.device("cpu")))
+    latents = pipe.generate(label=0, count=16, seed=0)     # AD
+    images = pipe.decode(latents)                          # (16, 1, 64, 64) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from config import (
+    CLASS_NAMES,
+    Config,
+    check_fields,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    latent_shape,
+    read_config,
+)
+from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet
+from utils import Runtime, UsageError, load_checkpoint
+
+CHECKPOINT_FORMAT = 1
+DEFAULT_SLICE_POSITION = 0.5  # mid-range of the training slices, for slice-conditioned runs sampled without --slice
+
+
+# ============================================================================ checkpoints
+
+
+def checkpoint_state(stage: str, config: Config, model: nn.Module, optimizer, lr_schedule, epoch: int, step: int,
+                     history: list[dict], **extra) -> dict:
+    """What vae.pt / unet.pt hold: state dicts, the config, progress and history, never a pickled module."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "stage": stage,
+        "config": config_to_dict(config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "history": history,
+        **extra,
+    }
+
+
+def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.device) -> dict:
+    """Load `path` and check it belongs to this stage, format and model config."""
+    state = load_checkpoint(path, map_location=device)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage:
+        raise UsageError(f"{path} is not a {stage} checkpoint of this brainLDM version: start a new --run")
+    changed = config_differences(config_from_dict(state["config"]), config)
+    if changed:
+        raise UsageError(
+            f"{path} was trained with another config ({'; '.join(changed[:3])}): use the run's own config.json or a new --run"
+        )
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
+    """load_state_dict, with a one-line error instead of a wall of shape mismatches."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise UsageError(f"{path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): start a new --run") from None
+
+
+def load_trained_vae(config: Config, run_dir: Path, device: torch.device) -> AutoencoderKL:
+    """The finished stage-1 VAE of a run, frozen."""
+    path = run_dir / "vae.pt"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no vae.pt: train stage 1 first (python train.py --run {run_dir} --stage vae)")
+    state = load_stage_checkpoint(path, "vae", config, device)
+    if state["epoch"] < config.vae_train.epochs:
+        raise UsageError(f"the VAE in {path} stopped at epoch {state['epoch']} of {config.vae_train.epochs}: "
+                         f"finish it with python train.py --run {run_dir} --stage vae --resume")
+    vae = AutoencoderKL(config.vae).to(device)
+    load_weights(vae, state["model"], path)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def build_unet(config: Config) -> UNet:
+    """The UNet of a config, on the VAE's latent channels."""
+    return UNet(config.unet, config.vae.latent_channels)
+
+
+def validate(config: Config) -> None:
+    """Every field in range (config.check_fields), then both models built and run once on the meta
+    device (no memory, no compute), so a config whose parts do not fit together fails in a second
+    with one line, before a run folder is written or an hour of VAE training is spent."""
+    check_fields(config)
+    side = config.data.image_size
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL(config.vae)
+            images = torch.zeros(1, config.vae.in_channels, side, side)
+            reconstruction = vae(images, sample_posterior=False)[0]
+            latents = torch.zeros(1, *latent_shape(config))
+            labels = torch.zeros(1, dtype=torch.long)
+            conditions = Conditions(labels, torch.zeros(1) if config.unet.slice_conditioning else None)
+            prediction = build_unet(config)(latents, labels, conditions)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"the model config does not fit together ({str(error).splitlines()[0][:160]}): "
+                         "check --vae.* and --unet.* against --data.image_size") from None
+    if reconstruction.shape != images.shape or prediction.shape != latents.shape:
+        raise UsageError(f"--data.image_size {side} does not survive the VAE's {config.vae.downsample_factor}x "
+                         "downsampling and the UNet's levels: choose a multiple of "
+                         f"{config.vae.downsample_factor * 2 ** (len(config.unet.channels) - 1)}")
+
+
+def normalise_slices(slice_indices: torch.Tensor, slice_range: tuple[int, int]) -> torch.Tensor:
+    """Slice index → [0, 1] over the training set's range (the slice-position condition)."""
+    low, high = slice_range
+    return ((slice_indices.float() - low) / max(1, high - low)).clamp(0, 1)
+
+
+def batch_generator(seed: int, label: int, batch_index: int, device: torch.device) -> torch.Generator:
+    """Each batch has its own seed, so any image is regenerated from (seed, label, batch size) alone."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + label * 10_007 + batch_index)
+
+
+# ============================================================================ a run's models
+
+
+@dataclass
+class Pipeline:
+    """A frozen VAE and (EMA) UNet with their config and scheduler: latents in, images out.
+
+    Latents are scaled (unit variance, Rombach et al. 2022): `encode` applies the VAE's scale factor
+    and `decode` removes it, nowhere else. Without a VAE (None) it samples latents only."""
+
+    config: Config
+    vae: AutoencoderKL | None
+    unet: nn.Module
+    scheduler: NoiseScheduler
+    runtime: Runtime
+    slice_range: tuple[int, int] = (0, 1)
+    run_dir: Path | None = None
+    epoch: int = 0
+
+    def conditions(self, labels: torch.Tensor, slice_position: float | torch.Tensor | None = None) -> Conditions:
+        """Conditions for labels (B,); slice-conditioned UNets get `slice_position` in [0, 1]
+        (default: mid-range), others none."""
+        labels = labels.to(self.runtime.device)
+        if not self.config.unet.slice_conditioning:
+            return Conditions(labels)
+        position = DEFAULT_SLICE_POSITION if slice_position is None else slice_position
+        if isinstance(position, torch.Tensor):
+            return Conditions(labels, position.to(self.runtime.device))
+        return Conditions(labels, torch.full((len(labels),), float(position), device=self.runtime.device))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Images (N, 1, H, W) in [-1, 1] → scaled posterior-mean latents (N, C_z, h, w), as the UNet saw them."""
+        self.vae.eval()
+        latents = []
+        for part in images.split(chunk):
+            with self.runtime.autocast():
+                mean, _ = self.vae.encode(part.to(self.runtime.device))
+            latents.append(mean.float() * self.vae.scale_factor)
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C_z, h, w) → images (B, 1, H, W) in [-1, 1]."""
+        self.vae.eval()
+        with self.runtime.autocast():
+            images = self.vae.decode(latents.to(self.runtime.device) / self.vae.scale_factor)
+        return images.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, conditions: Conditions, *, steps: int, guidance_scale: float, sampler: str = "ddim",
+               eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion."""
+        self.unet.eval()
+        with self.runtime.autocast():
+            latents = self.scheduler.sample(self.unet, (len(conditions), *latent_shape(self.config)), conditions,
+                                            sampler=sampler, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
+                                            generator=generator, device=self.runtime.device)
+        return latents.float()
+
+    def generate(self, label: int, count: int, *, seed: int, batch_size: int = 64, steps: int = 50,
+                 guidance_scale: float | None = None, sampler: str = "ddim", eta: float = 0.0,
+                 slice_position: float | None = None, progress: str = "sampling") -> torch.Tensor:
+        """`count` latents of one label (count, C_z, h, w), in batches seeded by `batch_generator`,
+        so the same (seed, label, batch_size) gives the same images on any call."""
+        guidance_scale = self.config.run.guidance_scale if guidance_scale is None else guidance_scale
+        latents = []
+        batches = range(0, count, batch_size)
+        for batch_index, start in enumerate(tqdm(batches, desc=f"{progress} {CLASS_NAMES[label]}", leave=False)):
+            labels = torch.full((min(batch_size, count - start),), label, dtype=torch.long)
+            latents.append(self.sample(self.conditions(labels, slice_position), steps=steps, guidance_scale=guidance_scale,
+                                       sampler=sampler, eta=eta,
+                                       generator=batch_generator(seed, label, batch_index, self.runtime.device)))
+        return torch.cat(latents)
+
+
+def latest_run(runs_root: Path = Path("runs")) -> Path:
+    """The run folder whose unet.pt was written last."""
+    candidates = sorted(runs_root.glob("*/unet.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UsageError(f"no trained run in {runs_root}/: train one with `python train.py --preset demo` or pass --run")
+    return candidates[-1].parent
+
+
+def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
+    """A finished run's config, VAE and EMA UNet; one-line errors for anything missing or foreign."""
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
+    config = read_config(run_dir)
+    vae = load_trained_vae(config, run_dir, runtime.device)
+    path = run_dir / "unet.pt"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
+    state = load_stage_checkpoint(path, "unet", config, runtime.device)
+    unet = build_unet(config).to(runtime.device)
+    load_weights(unet, state["model"], path)
+    ema = EMA(unet)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(unet)
+    unet.eval().requires_grad_(False)
+    return Pipeline(config, vae, unet, NoiseScheduler(config.scheduler), runtime, tuple(state["slice_range"]),
+                    run_dir, state["epoch"])
