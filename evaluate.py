@@ -60,7 +60,7 @@ from dataset import (
     to_model_range,
 )
 from modules import SAMPLERS, ms_ssim
-from pipeline import Pipeline, latest_run, load_run
+from pipeline import Pipeline, check_sampling_options, latest_run, load_run
 from utils import (
     ArgumentParser,
     Runtime,
@@ -528,12 +528,8 @@ def build_parser() -> ArgumentParser:
 def check_arguments(args) -> None:
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UsageError(f"--guidance must be 0 or more (1 = no guidance), got {args.guidance}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
+                           batch_size=args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -543,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
         args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
+        check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
+                               batch_size=args.batch_size, num_train_timesteps=pipe.scheduler.num_train_timesteps)
         outputs = {"json": pipe.run_dir / "metrics.json", "md": pipe.run_dir / "metrics.md"}
         existing = [path for path in outputs.values() if path.exists()]
         if existing and not args.overwrite:

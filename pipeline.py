@@ -8,6 +8,8 @@ scale factor, and the one seeded generation loop that predict.py, evaluate.py an
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,24 @@ def load_trained_vae(config: Config, run_dir: Path, device: torch.device) -> Aut
     return vae
 
 
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's weights (state dict in key order): which VAE a UNet was trained on."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_trained_on(state: dict, vae: AutoencoderKL, path: Path) -> None:
+    """A UNet checkpoint must come from the VAE beside it: its latents mean nothing to another one.
+    Checkpoints written before fingerprints existed carry none and are taken on trust."""
+    recorded = state.get("vae_fingerprint")
+    if recorded is not None and recorded != fingerprint(vae):
+        raise UsageError(f"{path} was trained on another VAE than the vae.pt beside it (was a stage retrained by "
+                         "another process?): train stage 2 again with --stage unet in a new --run")
+
+
 def build_unet(config: Config) -> UNet:
     """The UNet of a config, on the VAE's latent channels."""
     return UNet(config.unet, config.vae.latent_channels)
@@ -122,6 +142,28 @@ def normalise_slices(slice_indices: torch.Tensor, slice_range: tuple[int, int]) 
     """Slice index → [0, 1] over the training set's range (the slice-position condition)."""
     low, high = slice_range
     return ((slice_indices.float() - low) / max(1, high - low)).clamp(0, 1)
+
+
+MAX_SEED = 2**32 - 1  # batch seeds are seed * 1_000_003 + ..., which must stay inside torch's 64-bit seed
+MAX_IMAGES = 1_000_000  # per label: a typo's extra zeros should not fill the disk for hours
+
+
+def check_sampling_options(*, steps: int | None, guidance: float | None, seed: int, num_samples: int, batch_size: int,
+                           num_train_timesteps: int | None = None) -> None:
+    """The sampling options predict.py and evaluate.py share, as one-line UsageErrors; `steps` is
+    checked against the run's T once the run is loaded (pass num_train_timesteps then)."""
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if steps is not None and num_train_timesteps is not None and steps > num_train_timesteps:
+        raise UsageError(f"--steps {steps}: the run has {num_train_timesteps} diffusion steps; use at most that many")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise UsageError(f"--guidance must be 0 or more (1 = no guidance), got {guidance}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be 0 to {MAX_SEED}, got {seed}")
+    if not 1 <= num_samples <= MAX_IMAGES:
+        raise UsageError(f"--num-samples must be 1 to {MAX_IMAGES:,}, got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def batch_generator(seed: int, label: int, batch_index: int, device: torch.device) -> torch.Generator:
@@ -223,6 +265,7 @@ def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
     if not path.is_file():
         raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
     state = load_stage_checkpoint(path, "unet", config, runtime.device)
+    check_trained_on(state, vae, path)
     unet = build_unet(config).to(runtime.device)
     load_weights(unet, state["model"], path)
     ema = EMA(unet)

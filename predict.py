@@ -19,7 +19,7 @@ import torch
 from config import CLASS_NAMES, latent_shape
 from dataset import index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS
-from pipeline import Pipeline, batch_generator, latest_run, load_run, normalise_slices
+from pipeline import Pipeline, batch_generator, check_sampling_options, latest_run, load_run, normalise_slices
 from utils import (
     ArgumentParser,
     Runtime,
@@ -73,15 +73,12 @@ def build_parser() -> ArgumentParser:
 
 def check_arguments(args) -> list[int]:
     labels = list(dict.fromkeys(label for text in args.label for label in parse_label(text)))
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and args.guidance < 0:
-        raise UsageError(f"--guidance must be 0 or more (1 = no guidance), got {args.guidance}")
+    check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
+                           batch_size=args.batch_size)
     if not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
-    for name in ("num_samples", "batch_size", "umap_count"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.umap_count < 1:
+        raise UsageError(f"--umap-count must be at least 1, got {args.umap_count}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder: choose a folder path")
     return labels
@@ -99,6 +96,15 @@ def planned_outputs(args, labels: list[int], out: Path) -> list[Path]:
     if args.umap:
         names += ["umap.png", "umap_scores.json"]
     return [out / name for name in names]
+
+
+def clear_single_images(out: Path, labels: list[int]) -> int:
+    """With --overwrite: delete the single images an earlier call wrote for these labels, so a call
+    with fewer samples leaves no stale ones behind. Returns how many were deleted."""
+    stale = [path for label in labels for path in (out / CLASS_NAMES[label]).glob(f"{CLASS_NAMES[label]}_*.png")]
+    for path in stale:
+        path.unlink()
+    return len(stale)
 
 
 def save_denoising_sequence(pipe: Pipeline, labels: list[int], args, path: Path, slice_position: float | None,
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
         args.steps = args.steps or (50 if args.sampler == "ddim" else pipe.scheduler.num_train_timesteps)
+        check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
+                               batch_size=args.batch_size, num_train_timesteps=pipe.scheduler.num_train_timesteps)
         args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
         slice_position = None
         if args.slice is not None:
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.real or args.umap:
             index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
 
+    if args.overwrite and clear_single_images(out, labels):
+        print(f"--overwrite: removed the earlier single images of {', '.join(CLASS_NAMES[label] for label in labels)} in {out}")
     torch.manual_seed(args.seed)
     print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
     generated, records = {}, []

@@ -13,6 +13,7 @@ reconstruction and AD/NC sample grids. Only rank 0 writes; every file is written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -48,7 +49,9 @@ from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, ms_ssim, vae
 from pipeline import (
     Pipeline,
     build_unet,
+    check_trained_on,
     checkpoint_state,
+    fingerprint,
     load_stage_checkpoint,
     load_trained_vae,
     load_weights,
@@ -59,9 +62,11 @@ from utils import (
     ArgumentParser,
     Runtime,
     UsageError,
+    folder_lock,
     load_checkpoint,
     pick_device,
     plot_curves,
+    remove_temporary_files,
     save_checkpoint,
     save_image_grid,
     usage_errors_exit,
@@ -414,6 +419,7 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
     stage = config.unet_train
     path = run_dir / "unet.pt"
     vae = load_trained_vae(config, run_dir, runtime.device)
+    vae_fingerprint = fingerprint(vae)
     scale = float(vae.scale_factor)
     scheduler = NoiseScheduler(config.scheduler)
     torch.manual_seed(config.run.seed)
@@ -429,6 +435,7 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
     optimizer, lr_schedule = make_optimizer(unet, stage, len(train_loader))
     start_epoch, step, history, state = restore_stage(path, "unet", resume, config, runtime, unet, optimizer, lr_schedule)
     if state:
+        check_trained_on(state, vae, path)
         ema.load_state_dict(state["ema"])
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
     trained = prepare_for_training(unet, config, runtime)
@@ -452,7 +459,8 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
         if runtime.is_main:
             print(f"{name}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}  {images_per_second:.0f} images/s")
             save_checkpoint(checkpoint_state("unet", config, unet, optimizer, lr_schedule, epoch + 1, step, history,
-                                             ema=ema.state_dict(), slice_range=list(slice_range), latent_scale=scale), path)
+                                             ema=ema.state_dict(), slice_range=list(slice_range), latent_scale=scale,
+                                             vae_fingerprint=vae_fingerprint), path)
             write_history(run_dir, vae_history, history)
             plot_history(history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
             if (epoch + 1) % config.run.sample_every == 0 or epoch + 1 == stage.epochs:
@@ -465,11 +473,10 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
 # ============================================================================ command line
 
 
-def prepare_run(args: argparse.Namespace, overrides: dict[str, str]) -> tuple[Config, Path]:
-    """The run's config: new from a preset, or the run's own config.json (which CLI values may not
-    contradict where they define the model). Refuses to overwrite finished work without --resume."""
+def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> Config:
+    """The run's config, validated: new from a preset, or the run's own config.json (which CLI values
+    may not contradict where they define the model). Refuses to overwrite finished work without --resume."""
     preset = args.preset or "demo"
-    run_dir = Path(args.run or f"runs/{args.preset or 'demo'}")
     if (run_dir / "config.json").is_file():
         stored = read_config(run_dir)
         if args.preset and args.preset != stored.preset:
@@ -498,7 +505,7 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str]) -> tuple[Co
             raise UsageError(f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
                              "invalidate it: choose a new --run")
     validate(config)
-    return config, run_dir
+    return config
 
 
 def check_classes(datasets: dict[str, SliceDataset]) -> None:
@@ -512,35 +519,45 @@ def check_classes(datasets: dict[str, SliceDataset]) -> None:
                              "classes; add them to the dataset's train folder (or raise --data.val_fraction)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(argv)
-    with usage_errors_exit():
-        config, run_dir = prepare_run(args, overrides)
-        runtime = start_runtime(config.run)
-        splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
-        datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
-        check_classes(datasets)
-        # Only now, with the config and the data known to be usable, does the run folder get written.
-        if runtime.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_dir / "config.json", config_to_dict(config))
-            save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
-            counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
-            print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
-        try:
-            if args.stage in ("vae", "all"):
-                train_vae(config, run_dir, datasets, runtime, args.resume)
-            if args.stage in ("unet", "all"):
-                train_unet(config, run_dir, datasets, runtime, args.resume)
-        except TrainingDiverged as error:
-            print(f"error: {error}; the last good checkpoint in {run_dir} is intact: lower --lr or resume from it",
-                  file=sys.stderr)
-            raise SystemExit(1) from None
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> None:
+    """Validate, load the data, write the run's config and splits, then train the asked-for stages."""
+    config = prepare_run(args, overrides, run_dir)
+    runtime = start_runtime(config.run)
+    splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
+    datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
+    check_classes(datasets)
+    # Only now, with the config and the data known to be usable, does the run folder get written.
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_temporary_files(run_dir)
+        if removed:
+            print(f"removed {removed} temporary file(s) that a stopped run left in {run_dir}")
+        write_json_atomic(run_dir / "config.json", config_to_dict(config))
+        save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
+        counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
+        print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
+    try:
+        if args.stage in ("vae", "all"):
+            train_vae(config, run_dir, datasets, runtime, args.resume)
+        if args.stage in ("unet", "all"):
+            train_unet(config, run_dir, datasets, runtime, args.resume)
+    except TrainingDiverged as error:
+        print(f"error: {error}; the last good checkpoint in {run_dir} is intact: lower --lr or resume from it", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if runtime.is_main:
         print(f"done: {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    run_dir = Path(args.run or f"runs/{args.preset or 'demo'}")
+    with usage_errors_exit():
+        # One writer per run folder: torchrun's rank 0 holds the lock for all ranks of its job.
+        with folder_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            train(args, overrides, run_dir)
 
 
 if __name__ == "__main__":

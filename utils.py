@@ -133,6 +133,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temp_path.unlink(missing_ok=True)
 
 
+def remove_temporary_files(folder: str | os.PathLike) -> int:
+    """Delete the `.name.*.tmp` files that atomic writes of a killed process left under `folder`;
+    call it only while holding the folder's lock. Returns how many there were."""
+    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while the block runs, so two processes never write one run.
+
+    The lock file is `.<name>.lock` beside the folder, so nothing is written inside it before the
+    caller decides to. A second holder gets a UsageError naming the first one's PID. The operating
+    system drops the lock when its process ends, even by kill -9, so it never goes stale."""
+    import fcntl  # POSIX only, like the rest of the multi-process code
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UsageError(f"{folder} is in use by process {holder}: wait for it to finish (or stop it), "
+                             "or choose another --run") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temp_path:
         temp_path.write_text(text)
