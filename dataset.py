@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ SPLITS = ("train", "test")
 DEFAULT_ROOT = Path(DEFAULT_DATA_DIR)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 TRANSFORM_VERSION = 1  # bump when prepare_image changes, so stale disk caches are not reused
+# A larger "slice number" is a mistyped or hostile name, not a position in a scan.
+MAX_SLICE_INDEX = 10**6
 
 # A truncated JPEG must be reported as unreadable, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -72,22 +75,45 @@ def parse_image_name(name: str) -> tuple[str, int] | None:
     """`"123456_78.jpeg"` → `("123456", 78)`; None for anything else.
 
     The scan ID is everything before the last underscore, so IDs that contain underscores work.
+    Only ASCII is accepted: `str.isdigit` also takes "²" (which int() rejects) and "١٢" (which it
+    reads as 12), and a non-ASCII scan ID can be stored in two Unicode forms (macOS decomposes
+    accents), so one scan could get two IDs. Undecodable bytes in a name arrive as surrogates,
+    which are not ASCII either.
     """
     stem, dot, suffix = name.rpartition(".")
     if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES:
         return None
     scan_id, underscore, slice_text = stem.rpartition("_")
-    if not underscore or not scan_id or not slice_text.isdigit():
+    if not underscore or not _is_scan_id(scan_id) or not (slice_text.isascii() and slice_text.isdigit()):
+        return None
+    # The length test first: int() of thousands of digits is slow, and refused past 4300.
+    if len(slice_text) > len(str(MAX_SLICE_INDEX)) or int(slice_text) > MAX_SLICE_INDEX:
         return None
     return scan_id, int(slice_text)
+
+
+def _is_scan_id(text: str) -> bool:
+    """Visible ASCII only: no spaces, control characters or non-ASCII letters and digits."""
+    return bool(text) and text.isascii() and text.isprintable() and " " not in text
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as printable one-line text: undecodable bytes as `\\xff`, control characters escaped.
+
+    Printing a name whose bytes are not UTF-8 raises UnicodeEncodeError, and a newline in a name
+    would break a one-line message.
+    """
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def index_dataset(root: str | os.PathLike) -> DatasetIndex:
     """List every image under `root` without opening any; raise DatasetError if unusable."""
     root = Path(root)
-    if not root.is_dir():
+    shown = display_path(root)
+    if not _is_folder(root):
         raise DatasetError(
-            f"dataset folder {root} not found: put the images in {root}/{{train,test}}/{{AD,NC}}/ "
+            f"dataset folder {shown} not found: put the images in {shown}/{{train,test}}/{{AD,NC}}/ "
             "or build the demo with `python project_setup.py --demo`"
         )
     records: list[ImageRecord] = []
@@ -95,12 +121,13 @@ def index_dataset(root: str | os.PathLike) -> DatasetIndex:
     for split in SPLITS:
         for label, class_name in enumerate(CLASS_NAMES):
             folder = root / split / class_name
-            if not folder.is_dir():
+            if not _is_folder(folder):
                 raise DatasetError(
-                    f"class folder {folder} is missing: the layout must be {root}/{{train,test}}/{{AD,NC}}/"
+                    f"class folder {display_path(folder)} is missing: "
+                    f"the layout must be {shown}/{{train,test}}/{{AD,NC}}/"
                 )
-            for path in sorted(folder.iterdir()):
-                parsed = parse_image_name(path.name) if path.is_file() else None
+            for path, is_file in _list_folder(folder):
+                parsed = parse_image_name(path.name) if is_file else None
                 if parsed is None:
                     skipped.append(path)
                     continue
@@ -108,10 +135,33 @@ def index_dataset(root: str | os.PathLike) -> DatasetIndex:
                 records.append(ImageRecord(path, split, label, scan_id, slice_index))
     if not records:
         raise DatasetError(
-            f"no images named <scanID>_<slice>.jpeg found under {root}/{{train,test}}/{{AD,NC}}/"
+            f"no images named <scanID>_<slice>.jpeg found under {shown}/{{train,test}}/{{AD,NC}}/"
         )
     records.sort(key=lambda r: (SPLITS.index(r.split), r.label, r.scan_id, r.slice_index))
     return DatasetIndex(root, records, skipped)
+
+
+def _unreadable_folder(folder: Path, error: OSError) -> DatasetError:
+    return DatasetError(
+        f"cannot read the folder {display_path(folder)} ({error.strerror or error}): give your user read access "
+        f"to it (e.g. `chmod -R u+rX {display_path(folder)}`) or copy the dataset somewhere readable"
+    )
+
+
+def _is_folder(path: Path) -> bool:
+    """Path.is_dir, but a folder that may not be looked into (a parent without x) is a DatasetError."""
+    try:
+        return path.is_dir()
+    except OSError as error:
+        raise _unreadable_folder(path.parent, error) from None
+
+
+def _list_folder(folder: Path) -> list[tuple[Path, bool]]:
+    """(entry, is a regular file) for everything in `folder`, sorted; DatasetError if it cannot be read."""
+    try:
+        return [(path, path.is_file()) for path in sorted(folder.iterdir())]
+    except OSError as error:
+        raise _unreadable_folder(folder, error) from None
 
 
 def scans_in_both(index: DatasetIndex) -> set[str]:
@@ -129,16 +179,34 @@ def scans_in_both_classes(index: DatasetIndex) -> set[str]:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode one file to an 8-bit grayscale (H, W) array; UnreadableImageError if it can't be."""
+    return read_image_and_mode(path)[0]
+
+
+def read_image_and_mode(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+    """read_image, plus the file's PIL mode ("L", "RGB", "I;16", ...) for reports."""
     try:
         with Image.open(path) as image:
+            # PIL only warns between its limit and twice it, then decodes anyway: an image that
+            # declares ~100 megapixels would take gigabytes. No brain slice is anywhere near it.
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise UnreadableImageError(
+                    f"{display_path(path)}: declares {image.width}x{image.height} pixels, over PIL's "
+                    f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
+                )
             image.load()
             if image.mode in ("I;16", "I;16B", "I"):
                 pixels = np.asarray(image, dtype=np.float64)
                 peak = pixels.max() or 1.0
-                return np.round(pixels * (255.0 / peak)).astype(np.uint8)
-            return np.asarray(image.convert("L"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UnreadableImageError(f"{path}: {error}") from error
+                return np.round(pixels * (255.0 / peak)).astype(np.uint8), image.mode
+            return np.asarray(image.convert("L"), dtype=np.uint8), image.mode
+    except UnreadableImageError:
+        raise
+    # Any exception: PIL's decoders raise OSError, SyntaxError, ValueError, EOFError, struct.error,
+    # DecompressionBombError (and the warning, under -W error) and more for damaged files, and
+    # whichever it is, this one file cannot be used while the rest can.
+    except Exception as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UnreadableImageError(f"{display_path(path)}: {reason}") from error
 
 
 def prepare_image(pixels: np.ndarray, image_size: int) -> np.ndarray:
@@ -228,12 +296,14 @@ def make_splits(index: DatasetIndex, val_fraction: float = 0.1, seed: int = 0) -
 
 
 def check_disjoint(splits: dict[str, list[str]]) -> None:
-    """Raise DatasetError if any scan ID is in two splits."""
+    """Raise DatasetError if any scan ID is in two splits (or twice in one)."""
     seen: dict[str, str] = {}
     for name, scan_ids in splits.items():
         for scan_id in scan_ids:
             if scan_id in seen:
-                raise DatasetError(f"scan {scan_id} is in both the {seen[scan_id]} and {name} splits")
+                first = seen[scan_id]
+                where = f"twice in the {name} split" if first == name else f"in both the {first} and {name} splits"
+                raise DatasetError(f"scan {scan_id} is {where}")
             seen[scan_id] = name
 
 
@@ -242,10 +312,35 @@ def save_splits(path: str | os.PathLike, splits: dict[str, list[str]], val_fract
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
-    data = json.loads(Path(path).read_text())
+    """The scan IDs per split that save_splits wrote; DatasetError naming the file if it is not that.
+
+    A run's checkpoints were trained and validated on exactly these splits, so a damaged file
+    cannot be repaired by guessing: the only safe fix is a new run.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    # UnicodeDecodeError and json.JSONDecodeError are ValueErrors.
+    except (OSError, ValueError) as error:
+        raise _damaged_splits(path, " ".join(str(error).split())) from None
+    if not isinstance(data, dict):
+        raise _damaged_splits(path, f"a JSON {type(data).__name__}, not an object")
+    for name in ("train", "val", "test"):
+        if not isinstance(data.get(name), list) or not all(isinstance(scan_id, str) for scan_id in data[name]):
+            raise _damaged_splits(path, f'"{name}" is not a list of scan IDs (strings)')
     splits = {name: list(data[name]) for name in ("train", "val", "test")}
-    check_disjoint(splits)
+    try:
+        check_disjoint(splits)
+    except DatasetError as error:
+        raise _damaged_splits(path, str(error)) from None
     return splits
+
+
+def _damaged_splits(path: Path, reason: str) -> DatasetError:
+    return DatasetError(
+        f"{display_path(path)} is damaged ({reason}): this run's train/val/test split is lost; "
+        "start a new run (train.py with another --run folder)"
+    )
 
 
 # ----------------------------------------------------------------------------- decoded cache
@@ -281,12 +376,18 @@ def decode_images(
     """Decode and transform `records` (threads: PIL decodes without the GIL); reuse a disk cache.
 
     The cache file is named by a hash of the paths, sizes, mtimes and transform, so any change to
-    the dataset or `image_size` makes a new one instead of serving stale pixels.
+    the dataset or `image_size` makes a new one instead of serving stale pixels. A cache file that
+    cannot be read back as exactly that (truncated by a full disk, replaced, edited) is rebuilt:
+    it only ever holds what the dataset folder can give again.
     """
     cache_file = Path(cache_dir) / f"images_{_cache_key(records, image_size)}.npz" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as cached:
-            return DecodedImages(cached["pixels"], cached["readable"], list(cached["unreadable"]))
+        try:
+            return _read_cache(cache_file, len(records), image_size)
+        # What np.load and the zip reader raise for a damaged file, and _read_cache for a wrong one.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            print(f"the decode cache {display_path(cache_file)} is damaged ({reason[:200]}): rebuilding it")
 
     pixels = np.zeros((len(records), image_size, image_size), dtype=np.uint8)
     readable = np.zeros(len(records), dtype=bool)
@@ -299,10 +400,31 @@ def decode_images(
             else:
                 pixels[position], readable[position] = image, True
     if cache_file is not None:
-        with atomic_path(cache_file) as temp_path:
-            with open(temp_path, "wb") as handle:
-                np.savez(handle, pixels=pixels, readable=readable, unreadable=np.array(unreadable, dtype=str))
+        try:
+            with atomic_path(cache_file) as temp_path:
+                with open(temp_path, "wb") as handle:
+                    np.savez(handle, pixels=pixels, readable=readable, unreadable=np.array(unreadable, dtype=str))
+        # The cache only saves time: a full disk or a read-only cache folder must not stop a run.
+        except OSError as error:
+            print(f"could not write the decode cache {display_path(cache_file)} ({error.strerror or error}): "
+                  "continuing without it")
     return DecodedImages(pixels, readable, unreadable)
+
+
+def _read_cache(cache_file: Path, count: int, image_size: int) -> DecodedImages:
+    """The DecodedImages that decode_images saved for `count` images; ValueError if it is not one."""
+    loaded = np.load(cache_file, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with loaded:
+        pixels, readable, unreadable = loaded["pixels"], loaded["readable"], loaded["unreadable"]
+    if pixels.shape != (count, image_size, image_size) or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels are {pixels.dtype} {pixels.shape}, expected uint8 {(count, image_size, image_size)}")
+    if readable.shape != (count,) or readable.dtype != bool:
+        raise ValueError(f"readable flags are {readable.dtype} {readable.shape}, expected bool ({count},)")
+    if unreadable.ndim != 1 or unreadable.dtype.kind != "U" or len(unreadable) != count - readable.sum():
+        raise ValueError(f"{len(unreadable)} unreadable reasons for {count - readable.sum()} unreadable images")
+    return DecodedImages(pixels, readable, list(unreadable))
 
 
 # ----------------------------------------------------------------------------- torch datasets

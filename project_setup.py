@@ -19,11 +19,17 @@ hippocampi). AD and NC share the slice window and brightness statistics: they di
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
+import multiprocessing
 import os
+import re
 import secrets
 import shutil
+import signal
+import socket
 import stat
+import sys
 import time
 import zipfile
 from collections import Counter
@@ -48,9 +54,11 @@ from dataset import (
     brain_pixels,
     cohens_d,
     csf_dark_share,
+    display_path,
     index_dataset,
     prepare_image,
     read_image,
+    read_image_and_mode,
     scans_in_both,
     scans_in_both_classes,
 )
@@ -73,6 +81,14 @@ BRAIN_CENTRE = (98.0, 117.0)  # template x, y (voxels) of the middle of the brai
 HIPPOCAMPI = ((73.0, 112.0, 60.0), (123.0, 112.0, 60.0))  # template voxels of MNI (±25, -22, -12)
 CSF_LEVEL = 0.34  # template T1 intensity of CSF (GM ~0.65, WM ~0.87)
 COARSE_STEP = 8  # pixels between the points where the warp is computed exactly; linear in between
+
+# ----------------------------------------------------------------------------- unpacking limits
+# ADNI's JPEGs barely compress (ratio ~1); text or blank images may reach 10-50. Beyond 100x on more
+# than 1 GiB, an archive is a zip bomb: it would fill the disk from a small download.
+ZIP_BOMB_RATIO = 100
+ZIP_BOMB_MIN_BYTES = 2**30
+# The methods Python's zipfile decodes; others (deflate64 = 9, zstd = 93, AES = 99) stop it mid-way.
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 # ----------------------------------------------------------------------------- report thresholds
 FIGURE_SCANS = 8
@@ -268,11 +284,24 @@ def render_scan(atlas: Atlas, scan: DemoScan, seed: int) -> tuple[int, np.ndarra
 
 
 _worker_atlas: Atlas | None = None  # set once per worker process by _start_worker
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _start_worker(atlas: Atlas) -> None:
+def _start_worker(atlas: Atlas, parent_pid: int) -> None:
+    """Keep the atlas for _write_scan, and make this worker die with the build process.
+
+    Without it a killed build (kill -9, an out-of-memory kill) leaves its workers running: they
+    finish their scan into the abandoned temp folder, then wait forever for the next one.
+    """
     global _worker_atlas
     _worker_atlas = atlas
+    if sys.platform.startswith("linux"):
+        # The signal comes when the thread that started the worker ends: build_demo submits from
+        # the main thread, which ProcessPoolExecutor starts its workers from.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The parent may have died before prctl took effect; then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def _write_scan(scan: DemoScan, seed: int, root: Path, atlas: Atlas | None = None) -> None:
@@ -315,7 +344,12 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
                     _write_scan(scan, seed, temp, atlas)
                     progress.update()
             else:
-                with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(atlas,)) as pool:
+                # Forked on Linux (as Python 3.11 does anyway): the workers inherit the atlas without pickling
+                # it, and are this process's children, which is what _start_worker's PR_SET_PDEATHSIG watches.
+                context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+                with ProcessPoolExecutor(
+                    workers, mp_context=context, initializer=_start_worker, initargs=(atlas, os.getpid())
+                ) as pool:
                     for job in [pool.submit(_write_scan, scan, seed, temp) for scan in scans]:
                         job.result()
                         progress.update()
@@ -329,13 +363,52 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
 
 
 def _fresh_sibling(path: Path, purpose: str) -> Path:
-    """A new hidden folder next to `path` (same file system, so renaming it onto `path` is one step)."""
-    temp = path.parent / f".{path.name}.{purpose}-{secrets.token_hex(4)}"
+    """A new hidden folder next to `path` (same file system, so renaming it onto `path` is one step).
+
+    Its name records this host and process, so remove_leftovers can tell a killed run's folder
+    from one that a live run is still filling.
+    """
+    temp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         temp.mkdir(parents=True)
     except OSError as error:
         raise UsageError(f"cannot create a folder next to {path} ({error}): choose a writable location") from None
     return temp
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Signal 0 tests that a process exists without sending anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # Another user's process: it exists.
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the temp folders (see _fresh_sibling) of killed demo builds and unpackings of `path`.
+
+    Only folders whose process is known dead go: one made on this host by a PID that no longer
+    exists. Age alone would not do: a build running in another terminal is older than this one.
+    (A PID reused since only delays the cleanup to a later run.) Returns the folders removed.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:building|unpacking)-(.+)-([0-9]{{1,9}})-[0-9a-f]{{8}}")
+    try:
+        candidates = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
+    # Cleaning up is a courtesy; an unreadable folder is reported by whatever needs it next.
+    except OSError:
+        return []
+    removed = []
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match and match[1] == socket.gethostname() and not _process_is_alive(int(match[2])):
+            shutil.rmtree(candidate, ignore_errors=True)
+            if not candidate.exists():
+                removed.append(candidate)
+    return removed
 
 
 # ============================================================================ unpacking data/ADNI.zip
@@ -364,11 +437,65 @@ def _find_layout_root(folder: Path) -> Path | None:
     return None
 
 
+def _check_members(zip_path: Path, root: Path, members: list[zipfile.ZipInfo]) -> None:
+    """UsageError, before anything is written, for an archive that cannot be unpacked safely and whole.
+
+    The sizes checked are the declared ones, and they hold: zipfile never writes more than a
+    member's declared size (and checks the CRC of what it wrote).
+    """
+    unsafe = [member.filename for member in members if _unsafe_member(member)]
+    if unsafe:
+        raise UsageError(
+            f"{zip_path} has entries that could land outside {root} ({len(unsafe)}, e.g. {unsafe[0]!r}: "
+            "an absolute path, '..' or a link): nothing unpacked; unpack a trusted copy yourself"
+        )
+    encrypted = [member.filename for member in members if member.flag_bits & 0x1]
+    if encrypted:
+        raise UsageError(
+            f"{zip_path} is encrypted ({len(encrypted)} entries, e.g. {encrypted[0]!r}): nothing unpacked; "
+            "unzip it with its password yourself and pass the folder with --data-dir"
+        )
+    unsupported = [member for member in members if member.compress_type not in ZIP_METHODS]
+    if unsupported:
+        raise UsageError(
+            f"{zip_path} uses compression method {unsupported[0].compress_type} ({len(unsupported)} entries, e.g. "
+            f"{unsupported[0].filename!r}), which Python cannot unpack: nothing unpacked; unzip it with 7-Zip or "
+            "`unzip` yourself and pass the folder with --data-dir, or re-zip it with plain deflate"
+        )
+    # The target path, not the raw name: "a/b", "a\b" and "a/./b" all land on the same file.
+    targets = Counter(PureWindowsPath(member.filename).parts for member in members)
+    duplicates = sorted("/".join(parts) for parts, count in targets.items() if count > 1)
+    if duplicates:
+        raise UsageError(
+            f"{zip_path} holds {len(duplicates)} paths more than once (e.g. {duplicates[0]!r}), so one copy would "
+            "silently replace another: nothing unpacked; download the archive again or rebuild it without duplicates"
+        )
+    unpacked = sum(member.file_size for member in members)
+    packed = sum(member.compress_size for member in members)
+    if unpacked > ZIP_BOMB_MIN_BYTES and unpacked > ZIP_BOMB_RATIO * packed:
+        raise UsageError(
+            f"{zip_path} declares {_gib(unpacked)} from {_gib(packed)} compressed (over {ZIP_BOMB_RATIO}x: a zip bomb, "
+            "not image slices): nothing unpacked; get the dataset from its original source"
+        )
+    existing = next(folder for folder in (root.parent, *root.parent.parents) if folder.is_dir())
+    free = shutil.disk_usage(existing).free
+    if unpacked > free:
+        raise UsageError(
+            f"{zip_path} unpacks to {_gib(unpacked)} but {existing} has {_gib(free)} free: nothing unpacked; "
+            "free some space or unpack it elsewhere with --data-dir"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 def unpack_zip(zip_path: str | os.PathLike, root: str | os.PathLike) -> None:
     """Unpack the dataset in `zip_path` (e.g. its top folder AD_NC/) so that it becomes `root`.
 
-    Every member name is checked before anything is written: one that could land outside the
-    target stops the whole unpacking with nothing extracted.
+    Every member is checked before anything is written (_check_members): one that could land
+    outside the target, an encrypted or undecodable one, a duplicate path, or sizes that do not
+    fit the disk stop the whole unpacking with nothing extracted.
     """
     zip_path, root = Path(zip_path), Path(root)
     try:
@@ -377,12 +504,7 @@ def unpack_zip(zip_path: str | os.PathLike, root: str | os.PathLike) -> None:
         raise UsageError(f"cannot open {zip_path} as a zip file ({error}): download it again") from None
     with archive:
         members = archive.infolist()
-        unsafe = [member.filename for member in members if _unsafe_member(member)]
-        if unsafe:
-            raise UsageError(
-                f"{zip_path} has entries that could land outside {root} ({len(unsafe)}, e.g. {unsafe[0]!r}: "
-                "an absolute path, '..' or a link): nothing unpacked; unpack a trusted copy yourself"
-            )
+        _check_members(zip_path, root, members)
         temp = _fresh_sibling(root, "unpacking")
         try:
             for member in tqdm(members, desc=f"unpacking {zip_path.name}", unit="file", disable=None):
@@ -425,13 +547,11 @@ class ImageFacts:
 def inspect_image(path: Path) -> ImageFacts:
     """Decode one image fully (a truncated file must show up here, not mid-training) and measure it."""
     try:
-        pixels = read_image(path)
-        with Image.open(path) as image:
-            size, mode = f"{image.width}x{image.height}", image.mode
+        pixels, mode = read_image_and_mode(path)
     except UnreadableImageError as error:
         return ImageFacts(problem=str(error))  # the message starts with the path
-    except OSError as error:
-        return ImageFacts(problem=f"{path}: {error}")
+    height, width = pixels.shape
+    size = f"{width}x{height}"
     brain = brain_pixels(pixels)
     if brain.size == 0:
         return ImageFacts(size, mode)
@@ -499,7 +619,7 @@ def format_report(report: DatasetReport) -> list[str]:
     readable = report.readable
     slices_per_scan = [len(records) for records in index.scans().values()]
     lines = [
-        f"dataset {index.root}",
+        f"dataset {display_path(index.root)}",
         (
             f"images: {len(facts)} in {len(slices_per_scan)} scans, {sum(readable)} readable, "
             f"{len(facts) - sum(readable)} unreadable; {len(index.skipped)} other files skipped"
@@ -525,7 +645,7 @@ def format_report(report: DatasetReport) -> list[str]:
     ):
         if comparison:
             lines.append(comparison)
-    lines += _listing("other files skipped", [str(path) for path in index.skipped])
+    lines += _listing("other files skipped", [display_path(path) for path in index.skipped])
     lines += _listing("unreadable images", [fact.problem for fact in facts if fact.problem])
     lines += _listing("scan IDs in both train and test", sorted(report.in_both_splits))
     lines += _listing("scan IDs under both AD and NC", sorted(report.in_both_classes))
@@ -652,6 +772,12 @@ def main(argv: list[str] | None = None) -> None:
     root = args.data_dir or (DEMO_ROOT if args.demo else DEFAULT_ROOT)
     with usage_errors_exit():
         make_work_folders()
+        removed = remove_leftovers(root)
+        if removed:
+            print(
+                f"removed {len(removed)} folder(s) that a killed demo build or unpacking left next to "
+                f"{display_path(root)}: " + ", ".join(display_path(folder.name) for folder in removed)
+            )
         if args.demo and (root / "train").is_dir():
             print(f"{root} already holds a dataset: checking it, not rebuilding (delete it to build the demo anew)")
         elif args.demo:
