@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import CLASS_NAMES, latent_shape
-from dataset import index_dataset, prepare_image, read_image, to_model_range
+from config import CLASS_NAMES, Config, latent_shape
+from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS
 from pipeline import Pipeline, batch_generator, check_sampling_options, latest_run, load_run, normalise_slices
 from utils import (
@@ -134,12 +134,21 @@ def save_denoising_sequence(pipe: Pipeline, labels: list[int], args, path: Path,
     save_figure(figure, path)
 
 
-def real_test_slices(config, label: int, count: int, seed: int) -> torch.Tensor:
-    """`count` random test slices of one label, prepared as in training: (N, 1, S, S) in [-1, 1]."""
+def real_test_slices(config: Config, label: int, count: int, seed: int) -> torch.Tensor:
+    """Up to `count` random test slices of one label, prepared as in training: (N, 1, S, S) in [-1, 1];
+    unreadable ones are reported and left out."""
     records = [r for r in index_dataset(config.data.data_dir).records if r.split == "test" and r.label == label]
     chosen = np.random.default_rng(seed).choice(len(records), size=min(count, len(records)), replace=False)
-    pixels = np.stack([prepare_image(read_image(records[i].path), config.data.image_size) for i in sorted(chosen)])
-    return to_model_range(torch.from_numpy(pixels).unsqueeze(1))
+    pixels = []
+    for position in sorted(chosen):
+        try:
+            pixels.append(prepare_image(read_image(records[position].path), config.data.image_size))
+        except UnreadableImageError as error:
+            print(f"skipped an unreadable test slice: {error}")
+    if not pixels:
+        raise UsageError(f"no readable {CLASS_NAMES[label]} test slices in {config.data.data_dir}: "
+                         f"check the dataset with python project_setup.py --data-dir {config.data.data_dir}")
+    return to_model_range(torch.from_numpy(np.stack(pixels)).unsqueeze(1))
 
 
 @torch.no_grad()
