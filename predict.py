@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.slice is not None:
             if not pipe.config.unet.slice_conditioning:
                 raise UsageError(f"--slice: {pipe.run_dir} was trained without slice conditioning; drop --slice")
+            low, high = pipe.slice_range
+            if not low <= args.slice <= high:
+                raise UsageError(f"--slice {args.slice}: the run was trained on slices {low} to {high}; choose one of those")
             slice_position = float(normalise_slices(torch.tensor([args.slice]), pipe.slice_range))
         out = args.out or pipe.run_dir / "generated"
         existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
