@@ -165,7 +165,7 @@ def test_loading_leaves_dataset_untouched(tiny_root: Path, tmp_path: Path) -> No
 
 def test_datasets_and_loader(tiny_root: Path) -> None:
     config = DataConfig(data_dir=str(tiny_root), image_size=32, val_fraction=0.2, cache_dir=None)
-    datasets, splits = load_split_datasets(config, return_slice=True, verbose=False)
+    datasets, _ = load_split_datasets(config, return_slice=True, verbose=False)
     assert {name: len(d) for name, d in datasets.items()} == {
         "train": 16 * SLICES_PER_SCAN, "val": 4 * SLICES_PER_SCAN, "test": 6 * SLICES_PER_SCAN
     }
@@ -209,3 +209,100 @@ def test_import_has_no_side_effects(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     )
     assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- the decode cache
+
+
+@pytest.fixture()
+def decoded_paths(monkeypatch) -> list[Path]:
+    """Every file decode_images actually decodes (dataset.read_image calls), in call order."""
+    calls: list[Path] = []
+    real_read_image = dataset.read_image
+
+    def counting_read_image(path):
+        calls.append(Path(path))
+        return real_read_image(path)
+
+    monkeypatch.setattr(dataset, "read_image", counting_read_image)
+    return calls
+
+
+def test_cache_is_reused_without_decoding_again(tiny_root: Path, tmp_path: Path, decoded_paths: list[Path]) -> None:
+    records = index_dataset(tiny_root).records
+    cache = tmp_path / "cache"
+    first = decode_images(records, 32, cache)
+    assert sorted(decoded_paths) == sorted(r.path for r in records)  # each file decoded once
+    (cache_file,) = cache.iterdir()
+    assert cache_file.name == f"images_{dataset._cache_key(records, 32)}.npz"
+    written = cache_file.stat().st_mtime_ns
+
+    decoded_paths.clear()
+    second = decode_images(records, 32, cache)
+    assert decoded_paths == []  # served from the cache
+    np.testing.assert_array_equal(second.pixels, first.pixels)
+    np.testing.assert_array_equal(second.readable, first.readable)
+    assert list(cache.iterdir()) == [cache_file] and cache_file.stat().st_mtime_ns == written  # not rewritten
+
+    # Through load_split_datasets as training does: the second load decodes nothing either.
+    config = DataConfig(data_dir=str(tiny_root), image_size=32, cache_dir=str(cache))
+    decoded_paths.clear()
+    datasets, _ = load_split_datasets(config, verbose=False)
+    assert decoded_paths == [] and list(cache.iterdir()) == [cache_file]
+    assert sum(len(d) for d in datasets.values()) == len(records)
+
+
+def change_one_file(root: Path, change: str) -> None:
+    path = min((root / "train" / "AD").iterdir())
+    if change == "file added":
+        write_slice(root / "train" / "NC" / "999999_70.jpeg", 150)
+    elif change == "file removed":
+        path.unlink()
+    elif change == "file modified":
+        # Another image of exactly the same byte count (a smaller JPEG padded after its end marker, which
+        # decoders ignore), so only the mtime tells the change: an edit moves it on; set it explicitly so a
+        # coarse file-system clock cannot hide it.
+        before, size = path.stat().st_mtime_ns, path.stat().st_size
+        write_slice(path, 250, radius=0.2)
+        smaller = path.read_bytes()
+        assert len(smaller) < size
+        path.write_bytes(smaller + bytes(size - len(smaller)))
+        assert path.stat().st_size == size
+        os.utime(path, ns=(before + 2_000_000_000, before + 2_000_000_000))
+
+
+@pytest.mark.parametrize("change", ["file added", "file removed", "file modified", "image_size"])
+def test_cache_is_rebuilt_when_the_dataset_or_size_changes(tiny_root: Path, tmp_path: Path, decoded_paths: list[Path],
+                                                            change: str) -> None:
+    cache = tmp_path / "cache"
+    old = decode_images(index_dataset(tiny_root).records, 32, cache)
+    size = 48 if change == "image_size" else 32
+    change_one_file(tiny_root, change)
+    records = index_dataset(tiny_root).records
+    decoded_paths.clear()
+    new = decode_images(records, size, cache)
+    assert sorted(decoded_paths) == sorted(r.path for r in records)  # decoded afresh, every file
+    assert len(list(cache.glob("images_*.npz"))) == 2  # a new cache file beside the old one
+    fresh = decode_images(records, size, None)  # no cache at all: what the files hold now
+    np.testing.assert_array_equal(new.pixels, fresh.pixels)
+    if change == "file modified":
+        assert not np.array_equal(new.pixels, old.pixels)  # the edited image is not served stale
+    # And the rebuilt cache is what the next load reuses.
+    decoded_paths.clear()
+    np.testing.assert_array_equal(decode_images(records, size, cache).pixels, fresh.pixels)
+    assert decoded_paths == []
+
+
+def test_default_cache_is_written_outside_the_dataset_folder(tiny_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """The default cache_dir (data/cache) is relative to the working directory, never the dataset folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = tree_fingerprint(tiny_root)
+    config = DataConfig(data_dir=str(tiny_root), image_size=32)
+    assert config.cache_dir == "data/cache"
+    load_split_datasets(config, verbose=False)
+    load_split_datasets(config, verbose=False)
+    assert [p.name for p in (work / "data" / "cache").iterdir()] == [f"images_{dataset._cache_key(index_dataset(tiny_root).records, 32)}.npz"]
+    assert tree_fingerprint(tiny_root) == before
+    assert not list(tiny_root.rglob("*.npz"))

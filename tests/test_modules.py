@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from modules import (
@@ -16,9 +18,11 @@ from modules import (
     UNet,
     UNetConfig,
     VAEConfig,
+    make_betas,
     model_presets,
     ms_ssim,
     ssim,
+    unwrap_model,
     vae_loss,
 )
 
@@ -34,6 +38,13 @@ def randomise_zero_inits(model: nn.Module) -> nn.Module:
             if parameter.ndim > 1 and not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return model
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """float32 result against a (float64) reference: same shape, same values to float tolerance."""
+    if expected.dtype == torch.float64 and actual.dtype == torch.float32:
+        expected = expected.float()
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 # ------------------------------------------------------------------------------------------- VAE
@@ -54,12 +65,15 @@ def test_vae_has_no_squashing_output():
 
 
 def test_vae_latent_sampling_and_scale_factor():
-    mean, logvar = torch.zeros(4000, 1, 1, 1), torch.full((4000, 1, 1, 1), math.log(4.0))
+    generator = torch.Generator().manual_seed(1)
+    mean, logvar = torch.randn(8, 4, 3, 3, generator=generator), torch.randn(8, 4, 3, 3, generator=generator)
     z = AutoencoderKL.sample_latent(mean, logvar, generator=torch.Generator().manual_seed(0))
-    assert abs(z.std().item() - 2.0) < 0.1
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    close(z, mean.double() + (0.5 * logvar.double()).exp() * noise.double(), atol=1e-6)  # z = mean + sigma * noise
     vae = AutoencoderKL(TINY_VAE)
+    assert vae.scale_factor.item() == 1.0
     vae.set_scale_factor(z)
-    assert abs(vae.scale_factor.item() - 1 / z.std().item()) < 1e-6
+    assert vae.scale_factor.item() == pytest.approx(1 / z.double().std().item(), rel=1e-6)
     assert "scale_factor" in vae.state_dict(), "the scale factor must travel with the checkpoint"
 
 
@@ -74,6 +88,22 @@ def test_vae_loss_parts():
     assert parts["kl"].item() == pytest.approx(0.5 * 64, rel=1e-5)  # 0.5 * mean² summed over 4x4x4
 
 
+def reference_ssim(x: torch.Tensor, y: torch.Tensor, size: int = 11, sigma: float = 1.5):
+    """Wang et al. 2004 directly, per 11x11 window ('valid'), in float64: (mean SSIM, mean contrast-structure)."""
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords**2 / (2 * sigma**2))
+    window = (g[:, None] * g[None, :]).flatten() / g.sum() ** 2
+    px, py = F.unfold(x, size), F.unfold(y, size)  # (B, size², windows)
+    mu_x, mu_y = (window[:, None] * px).sum(1), (window[:, None] * py).sum(1)
+    var_x = (window[:, None] * (px - mu_x[:, None]) ** 2).sum(1)
+    var_y = (window[:, None] * (py - mu_y[:, None]) ** 2).sum(1)
+    cov = (window[:, None] * (px - mu_x[:, None]) * (py - mu_y[:, None])).sum(1)
+    c1, c2 = 0.01**2, 0.03**2
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    return ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs).mean(1), cs.mean(1)
+
+
 def test_ssim_and_ms_ssim():
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(3, 1, 64, 64, generator=generator) * 2 - 1
@@ -81,7 +111,17 @@ def test_ssim_and_ms_ssim():
     assert torch.allclose(ms_ssim(x, x), torch.ones(3), atol=1e-5)
     noisy = (x + 0.3 * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
     very_noisy = (x + 0.8 * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
-    assert (ms_ssim(noisy, x) < 0.99).all() and (ms_ssim(very_noisy, x) < ms_ssim(noisy, x)).all()
+    assert (ms_ssim(very_noisy, x) < ms_ssim(noisy, x)).all()
+    close(ssim(noisy, x), reference_ssim(noisy, x)[0], atol=1e-5)
+    # 64 px: 3 scales (64, 32, 16 >= 11), weights 0.0448, 0.2856, 0.3001 renormalised; cs at the first two, SSIM at the last.
+    weights = torch.tensor([0.0448, 0.2856, 0.3001], dtype=torch.float64)
+    weights = weights / weights.sum()
+    a, b, factors = noisy, x, []
+    for scale in range(3):
+        full, contrast_structure = reference_ssim(a, b)
+        factors.append(full if scale == 2 else contrast_structure)
+        a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    close(ms_ssim(noisy, x), torch.prod(torch.stack(factors, 1).clamp_min(0) ** weights, 1), atol=1e-5)
     assert ms_ssim(x[:, :, :32, :32], x[:, :, :32, :32]).shape == (3,)
     assert ms_ssim(torch.zeros(1, 1, 192, 192), torch.zeros(1, 1, 192, 192)).item() == pytest.approx(1.0)
 
@@ -152,117 +192,349 @@ def test_presets_are_consistent():
         vae, unet, scheduler = model_presets(name)
         assert vae.latent_channels == unet.latent_channels
         assert len(unet.attention_levels) == len(unet.channels)
-        assert sum(p.numel() for p in UNet(unet).parameters()) > 1e6
+        assert scheduler == SchedulerConfig()
+    assert model_presets("demo")[0].downsample_factor == 4
     assert model_presets("adni")[0].downsample_factor == 8
     with pytest.raises(ValueError, match="unknown preset"):
         model_presets("huge")
 
 
+@pytest.mark.parametrize("name, vae_parameters, unet_parameters",
+                         [("demo", 680_857, 3_909_220), ("adni", 15_477_321, 37_283_588)])
+def test_preset_parameter_counts_match_the_readme(name, vae_parameters, unet_parameters):
+    """The README's Model and Benchmarks tables quote these counts; a size change must be deliberate."""
+    vae, unet, _ = model_presets(name)
+    assert sum(p.numel() for p in AutoencoderKL(vae).parameters()) == vae_parameters
+    assert sum(p.numel() for p in UNet(unet).parameters()) == unet_parameters
+
+
 # ------------------------------------------------------------------------------------------- scheduler
+#
+# References below are computed independently of modules.py, in float64 from the papers' closed forms.
 
 
-@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
-def test_alphas_cumprod_closed_form_and_terminal_noise(schedule):
-    config = SchedulerConfig(beta_schedule=schedule, beta_start=1e-4 if schedule == "linear" else 0.0015,
-                             beta_end=0.02 if schedule == "linear" else 0.0195)
-    scheduler = NoiseScheduler(config)
-    T = config.num_train_timesteps
+def reference_betas(schedule: str, start: float, end: float, T: int) -> list[float]:
     if schedule == "linear":
-        betas = [1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)]
-    elif schedule == "scaled_linear":
-        betas = [(0.0015**0.5 + (0.0195**0.5 - 0.0015**0.5) * i / (T - 1)) ** 2 for i in range(T)]
-    else:
-        f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
-        betas = [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
-    expected = torch.tensor(betas, dtype=torch.float64).mul(-1).add(1).cumprod(0)
-    assert torch.allclose(scheduler.alphas_cumprod, expected, rtol=1e-10)
-    assert scheduler.alphas_cumprod[-1].sqrt() < 0.02, "x_T must be (almost) pure noise"
+        return [start + (end - start) * i / (T - 1) for i in range(T)]
+    if schedule == "scaled_linear":
+        return [(start**0.5 + (end**0.5 - start**0.5) * i / (T - 1)) ** 2 for i in range(T)]
+    f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]  # Nichol & Dhariwal eq. 17
+    return [min(1 - f[i + 1] / f[i], 0.999) for i in range(T)]
 
 
-def test_add_noise_marginals():
+def reference_alpha_bar(config: SchedulerConfig) -> dict[int, float]:
+    """t → ᾱ_t for t = -1 (ᾱ = 1, the clean image) .. T-1."""
+    table, product = {-1: 1.0}, 1.0
+    betas = reference_betas(config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps)
+    for step, beta in enumerate(betas):
+        product *= 1 - beta
+        table[step] = product
+    return table
+
+
+def per_sample(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).view(-1, *([1] * (like.ndim - 1)))
+
+
+def reference_add_noise(abar: dict, x0: torch.Tensor, noise: torch.Tensor, t: list[int]) -> torch.Tensor:
+    a = per_sample([abar[s] for s in t], x0)
+    return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).float()
+
+
+def reference_posterior(abar: dict, x0: torch.Tensor, x_t: torch.Tensor, t: list[int], t_prev: list[int]):
+    """Mean and variance of q(x_{t_prev} | x_t, x_0), Ho et al. eq. 7 with beta = 1 - ᾱ_t / ᾱ_prev (respacing)."""
+    a_t, a_prev = per_sample([abar[s] for s in t], x0), per_sample([abar[s] for s in t_prev], x0)
+    beta = 1 - a_t / a_prev
+    mean = a_prev.sqrt() * beta / (1 - a_t) * x0.double() + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x_t.double()
+    return mean, (1 - a_prev) / (1 - a_t) * beta
+
+
+class ReferenceOracle(nn.Module):
+    """A 'model' that knows x0 and returns the exact ε (or v) implied by any x_t, via reference formulas only."""
+
+    def __init__(self, abar: dict, x0: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.abar, self.x0, self.prediction_type, self.null_label = abar, x0, prediction_type, 2
+
+    def forward(self, x_t, t, labels, slice_position=None):
+        x0 = self.x0.double().repeat(len(x_t) // len(self.x0), 1, 1, 1)
+        a = per_sample([self.abar[int(s)] for s in t], x_t)
+        noise = (x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        return (noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0).float()
+
+
+SCHEDULES = [("linear", 1e-4, 0.02), ("scaled_linear", 0.0015, 0.0195), ("cosine", 0.0015, 0.0195)]
+
+
+@pytest.mark.parametrize("T", [1000, 10])
+@pytest.mark.parametrize("schedule, start, end", SCHEDULES)
+def test_make_betas_and_alpha_bar_closed_forms(schedule, start, end, T):
+    config = SchedulerConfig(num_train_timesteps=T, beta_schedule=schedule, beta_start=start, beta_end=end)
+    betas = make_betas(config)
+    assert betas.dtype == torch.float64 and betas.shape == (T,)
+    torch.testing.assert_close(betas, torch.tensor(reference_betas(schedule, start, end, T), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    scheduler = NoiseScheduler(config)
+    torch.testing.assert_close(scheduler.betas, betas, rtol=0, atol=0)
+    torch.testing.assert_close(scheduler.alphas, 1 - betas, rtol=0, atol=0)
+    abar = reference_alpha_bar(config)
+    t = torch.arange(-1, T)
+    got = scheduler.alpha_bar(t)
+    assert got.dtype == torch.float64 and got[0].item() == 1.0
+    expected = torch.tensor([abar[s] for s in range(-1, T)], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-300)
+    torch.testing.assert_close(scheduler.alphas_cumprod, got[1:], rtol=0, atol=0)
+    if schedule == "cosine":
+        assert betas[-1].item() == 0.999, "the cosine schedule's last beta is clipped (Nichol & Dhariwal)"
+
+
+def test_default_schedule_endpoints():
+    """README: T = 1000, scaled-linear 0.0015-0.0195, sqrt(ᾱ_T) = 0.012, v-prediction."""
+    config = SchedulerConfig()
+    schedule = (config.num_train_timesteps, config.beta_schedule, config.beta_start, config.beta_end)
+    assert schedule == (1000, "scaled_linear", 0.0015, 0.0195)
+    assert (config.prediction_type, config.min_snr_gamma, config.clip_sample) == ("v", 0.0, 0.0)
+    scheduler = NoiseScheduler(config)
+    assert round(scheduler.alphas_cumprod[-1].sqrt().item(), 3) == 0.012
+    assert scheduler.betas[0].item() == pytest.approx(0.0015, rel=1e-12)
+    assert scheduler.betas[-1].item() == pytest.approx(0.0195, rel=1e-12)
+
+
+def test_alpha_bar_table_is_built_once_per_device():
     scheduler = NoiseScheduler(SchedulerConfig())
+    scheduler.alpha_bar(torch.tensor([3]))
+    table = scheduler._alpha_bar_tables[torch.device("cpu")]
+    assert torch.equal(table, torch.cat([torch.ones(1, dtype=torch.float64), scheduler.alphas_cumprod]))
+    scheduler.alpha_bar(torch.tensor([5, -1]))
+    assert scheduler._alpha_bar_tables[torch.device("cpu")] is table and len(scheduler._alpha_bar_tables) == 1
+
+
+class DeviceRecorder(nn.Module):
+    null_label = 2
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def forward(self, x, t, labels, slice_position=None):
+        self.devices.add((x.device.type, t.device.type))
+        return x * 0.5
+
+
+def test_everything_stays_on_the_requested_device():
+    """The 'meta' device stands in for a GPU: coefficients, noise, x_T and timesteps must follow the data's device."""
+    scheduler, meta = NoiseScheduler(SchedulerConfig(min_snr_gamma=5.0)), torch.device("meta")
+    x = torch.empty(2, 1, 2, 2, device=meta)
+    assert scheduler.add_noise(x, x, torch.tensor([1, 2])).device == meta  # t on the CPU, data elsewhere
+    t = torch.tensor([1, 2], device=meta)
+    assert scheduler.alpha_bar(t).device == meta and scheduler.loss_weights(t).device == meta
+    assert NoiseScheduler(SchedulerConfig()).loss_weights(t).device == meta
+    assert set(scheduler._alpha_bar_tables) == {torch.device("cpu"), meta}
+    for sampler in ("ddim", "ddpm"):
+        for labels, kwargs in ((torch.tensor([0, 1]), {"device": "meta"}),
+                               (torch.tensor([0, 1]), {"device": meta, "x_T": torch.zeros(2, 1, 2, 2)}),
+                               (torch.tensor([0, 1], device=meta), {})):
+            model = DeviceRecorder()
+            states = list(scheduler.sample_steps(model, (2, 1, 2, 2), labels, sampler=sampler, num_steps=3, eta=0.5,
+                                                 guidance_scale=3.0, **kwargs))
+            assert {(x.device.type, x0.device.type) for _, x, x0 in states} == {("meta", "meta")}
+            assert model.devices == {("meta", "meta")}
+
+
+def test_add_noise_velocity_and_targets_exact():
+    config = SchedulerConfig()
+    abar = reference_alpha_bar(config)
     generator = torch.Generator().manual_seed(0)
-    x0 = torch.full((200_000,), 0.7)
-    for step in (0, 250, 999):
-        t = torch.full((len(x0),), step)
-        x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
-        a = scheduler.alphas_cumprod[step].item()
-        assert x_t.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=0.01)
-        assert x_t.var().item() == pytest.approx(1 - a, abs=0.01 + 0.01 * (1 - a))
-
-
-def test_per_sample_timesteps():
-    scheduler = NoiseScheduler(SchedulerConfig())
-    x0, noise = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
-    x_t = scheduler.add_noise(x0, noise, torch.tensor([0, 999]))
-    assert torch.allclose(x_t[0], scheduler.alphas_cumprod[0].sqrt().float() * x0[0])
-    assert torch.allclose(x_t[1], scheduler.alphas_cumprod[999].sqrt().float() * x0[1])
-
-
-def test_posterior_matches_ddpm_paper():
-    scheduler = NoiseScheduler(SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02))
-    x0, x_t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    for step in (1, 10, 500, 999):
-        t = torch.full((3,), step)
-        mean, variance = scheduler.q_posterior(x0, x_t, t)
-        beta, alpha = scheduler.betas[step].item(), scheduler.alphas[step].item()
-        a, a_prev = scheduler.alphas_cumprod[step].item(), scheduler.alphas_cumprod[step - 1].item()
-        expected_mean = math.sqrt(a_prev) * beta / (1 - a) * x0 + math.sqrt(alpha) * (1 - a_prev) / (1 - a) * x_t
-        assert torch.allclose(mean, expected_mean, atol=1e-5)
-        assert variance.flatten()[0].item() == pytest.approx((1 - a_prev) / (1 - a) * beta, rel=1e-5)
+    x0, noise = torch.randn(4, 3, 2, 5, generator=generator), torch.randn(4, 3, 2, 5, generator=generator)
+    steps = [0, 1, 500, 999]
+    t = torch.tensor(steps)
+    a = per_sample([abar[s] for s in steps], x0)
+    for prediction_type in ("epsilon", "v"):
+        scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type))
+        close(scheduler.add_noise(x0, noise, t), reference_add_noise(abar, x0, noise, steps))
+        v = a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()  # Salimans & Ho 2022
+        close(scheduler.velocity(x0, noise, t), v)
+        target = scheduler.training_target(x0, noise, t)
+        if prediction_type == "epsilon":
+            assert torch.equal(target, noise)
+        else:
+            close(target, v)
+    # Per-sample timesteps on 2-D inputs too (the (B,) coefficients broadcast against any rank).
+    flat = NoiseScheduler(config).add_noise(x0.flatten(1), noise.flatten(1), t)
+    close(flat, reference_add_noise(abar, x0.flatten(1), noise.flatten(1), steps))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
-def test_prediction_conversions_round_trip(prediction_type):
-    scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type))
-    x0, noise = torch.randn(5, 4, 3, 3), torch.randn(5, 4, 3, 3)
-    t = torch.tensor([0, 10, 400, 800, 999])
+def test_prediction_conversions_exact_and_round_trip(prediction_type):
+    config = SchedulerConfig(prediction_type=prediction_type)
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(5, 4, 3, 3, generator=generator), torch.randn(5, 4, 3, 3, generator=generator)
+    steps = [0, 10, 400, 800, 999]
+    t = torch.tensor(steps)
+    a = per_sample([abar[s] for s in steps], x0)
     x_t = scheduler.add_noise(x0, noise, t)
-    target = scheduler.training_target(x0, noise, t)
-    recovered = scheduler.predict_x0(x_t, target, t)
-    assert torch.allclose(recovered[1:], x0[1:], atol=1e-3)
-    assert torch.allclose(scheduler.predict_noise(x_t, recovered, t)[:-1], noise[:-1], atol=1e-3)
-    if prediction_type == "v":  # v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0, so ε = sqrt(ᾱ) v + sqrt(1-ᾱ) x_t
-        a = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-        assert torch.allclose(a.sqrt() * target + (1 - a).sqrt() * x_t, noise, atol=1e-4)
+    prediction = torch.randn(5, 4, 3, 3, generator=generator)
+    if prediction_type == "epsilon":
+        expected_x0 = (x_t.double() - (1 - a).sqrt() * prediction.double()) / a.sqrt()
+    else:
+        expected_x0 = a.sqrt() * x_t.double() - (1 - a).sqrt() * prediction.double()
+    close(scheduler.predict_x0(x_t, prediction, t), expected_x0, atol=1e-4)
+    close(scheduler.predict_noise(x_t, x0, t), (x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt(), atol=1e-4)
+    recovered = scheduler.predict_x0(x_t, scheduler.training_target(x0, noise, t), t)
+    close(recovered, x0, atol=1e-5 if prediction_type == "v" else 1e-4)  # ε: x̂0 divides by sqrt(ᾱ_999) = 0.012
+    close(scheduler.predict_noise(x_t, recovered, t), noise, atol=3e-5)
 
 
-def test_min_snr_weights():
+@pytest.mark.parametrize("clip", [0.5, 1.0])
+def test_clip_sample_clamps_x0_estimates(clip):
+    x_t, prediction, t = torch.linspace(-3, 3, 12).view(3, 1, 2, 2), torch.zeros(3, 1, 2, 2), torch.tensor([0, 200, 999])
+    plain = NoiseScheduler(SchedulerConfig()).predict_x0(x_t, prediction, t)
+    assert plain.abs().max() > clip
+    clipped = NoiseScheduler(SchedulerConfig(clip_sample=clip)).predict_x0(x_t, prediction, t)
+    assert torch.equal(clipped, plain.clamp(-clip, clip))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights(prediction_type, gamma):
     """Hang et al. 2023: min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v targets."""
-    t = torch.tensor([0, 999])
-    for prediction_type in ("epsilon", "v"):
-        scheduler = NoiseScheduler(SchedulerConfig(min_snr_gamma=5.0, prediction_type=prediction_type))
-        a = scheduler.alphas_cumprod[t]
-        snr = a / (1 - a)
-        expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
-        assert torch.allclose(scheduler.loss_weights(t), expected.float(), rtol=1e-5)
-    assert torch.equal(NoiseScheduler(SchedulerConfig()).loss_weights(t), torch.ones(2))
+    config = SchedulerConfig(min_snr_gamma=gamma, prediction_type=prediction_type)
+    abar = reference_alpha_bar(config)
+    steps = [0, 100, 250, 400, 600, 999]
+    snr = [abar[s] / (1 - abar[s]) for s in steps]
+    assert min(snr) < gamma < max(snr), "both sides of the clamp are exercised"
+    expected = [min(r, gamma) / (r if prediction_type == "epsilon" else r + 1) for r in snr]
+    weights = NoiseScheduler(config).loss_weights(torch.tensor(steps))
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
 
 
-class NoiseOracle(nn.Module):
-    """A 'model' that knows x0 and returns the exact ε (or v) of any x_t: sampling must then recover x0."""
+def test_min_snr_off_gives_unit_weights():
+    weights = NoiseScheduler(SchedulerConfig()).loss_weights(torch.tensor([0, 500, 999]))
+    assert weights.dtype == torch.float32 and torch.equal(weights, torch.ones(3))
 
-    def __init__(self, scheduler: NoiseScheduler, x0: torch.Tensor):
-        super().__init__()
-        self.scheduler, self.x0, self.null_label = scheduler, x0, 2
 
-    def forward(self, x_t, t, labels, slice_position=None):
-        x0 = self.x0.repeat(len(x_t) // len(self.x0), 1, 1, 1)
-        noise = self.scheduler.predict_noise(x_t, x0, t)
-        return self.scheduler.training_target(x0, noise, t)
+def test_timesteps_trailing_spacing():
+    """Lin et al. 2024 trailing spacing: round(T - i T / n) - 1, so the first step is always T - 1."""
+    scheduler = NoiseScheduler(SchedulerConfig())
+    assert scheduler.timesteps(1) == [999]
+    assert scheduler.timesteps(2) == [999, 499]
+    assert scheduler.timesteps(3) == [999, 666, 332]
+    assert scheduler.timesteps(7) == [999, 856, 713, 570, 428, 285, 142]
+    assert scheduler.timesteps(10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    # Half-way cases (T / n = x.5) round to even, as numpy's round in the paper's and diffusers' code.
+    assert scheduler.timesteps(16) == [999, 937, 874, 811, 749, 687, 624, 561, 499, 437, 374, 311, 249, 187, 124, 61]
+    for num_steps in (4, 25, 50, 64, 333, 999):
+        assert scheduler.timesteps(num_steps) == (np.round(np.arange(1000, 0, -1000 / num_steps)).astype(int) - 1).tolist()
+    assert scheduler.timesteps(1000) == list(range(999, -1, -1))
+    for num_steps in (0, 1001):
+        with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+            scheduler.timesteps(num_steps)
 
 
 @pytest.mark.parametrize("num_steps", [1, 7, 50, 1000])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
-def test_ddim_with_oracle_recovers_x0_for_any_step_count(num_steps, prediction_type):
-    scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type))
-    x0 = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(num_steps))
-    x_T = scheduler.add_noise(x0, torch.randn_like(x0), torch.tensor([999, 999]))
+def test_ddim_oracle_every_state_lies_on_the_forward_process(num_steps, prediction_type):
+    """DDIM eta=0 with a perfect model: every intermediate x_{t_prev} equals add_noise(x0, ε, t_prev) (Song et
+    al. 2021), not only the final x0 (whose noise coefficient is zero, hiding errors in the noise direction)."""
+    config = SchedulerConfig(prediction_type=prediction_type)
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(num_steps)
+    x0, noise = torch.randn(2, 4, 5, 5, generator=generator), torch.randn(2, 4, 5, 5, generator=generator)
+    x_T = reference_add_noise(abar, x0, noise, [999, 999])
+    states = list(scheduler.sample_steps(ReferenceOracle(abar, x0, prediction_type), x0.shape, torch.tensor([0, 1]),
+                                         num_steps=num_steps, sampler="ddim", eta=0.0, x_T=x_T.double(),
+                                         generator=torch.Generator().manual_seed(5)))
     steps = scheduler.timesteps(num_steps)
-    assert steps[0] == 999 and len(steps) == num_steps and steps == sorted(set(steps), reverse=True)
-    out = scheduler.sample(NoiseOracle(scheduler, x0), x0.shape, torch.tensor([0, 1]), num_steps=num_steps,
-                           sampler="ddim", eta=0.0, x_T=x_T)
-    assert (out - x0).abs().max().item() < 1e-4
+    assert [step for step, _, _ in states] == steps
+    atol = 1e-5 if prediction_type == "v" else 1e-4  # ε: x̂0 divides by sqrt(ᾱ_T) = 0.012
+    for (step, x_prev, x0_hat), previous in zip(states, steps[1:] + [-1]):
+        close(x0_hat, x0, atol=atol)
+        close(x_prev, reference_add_noise(abar, x0, noise, [previous, previous]), atol=atol)
+    assert torch.equal(states[-1][1], scheduler.sample(ReferenceOracle(abar, x0, prediction_type), x0.shape,
+                                                       torch.tensor([0, 1]), num_steps=num_steps, x_T=x_T))
+
+
+def test_ddim_step_closed_form_with_eta():
+    """Song et al. 2021 eq. 12, σ = eta sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1-ᾱ_t/ᾱ_prev), for eta in {0, 0.5, 1}."""
+    config = SchedulerConfig()
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(2)
+    x0, x_t, z = (torch.randn(3, 2, 3, 3, generator=generator) for _ in range(3))
+    steps, previous = [999, 500, 20], [899, 0, -1]
+    t, t_prev = torch.tensor(steps), torch.tensor(previous)
+    a_t, a_prev = per_sample([abar[s] for s in steps], x0), per_sample([abar[s] for s in previous], x0)
+    eps = (x_t.double() - a_t.sqrt() * x0.double()) / (1 - a_t).sqrt()
+    for eta in (0.0, 0.5, 1.0):
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        deterministic = a_prev.sqrt() * x0.double() + (1 - a_prev - sigma**2).sqrt() * eps
+        close(scheduler.ddim_step(x_t, x0, t, t_prev, eta=eta, noise=z), deterministic + sigma * z.double(), atol=2e-5)
+        close(scheduler.ddim_step(x_t, x0, t, t_prev, eta=eta), deterministic, atol=2e-5)  # no noise given: none added
+        if eta == 0.0:
+            close(scheduler.ddim_step(x_t, x0, t, t_prev, noise=z), deterministic, atol=2e-5)  # eta defaults to 0
+
+
+def test_q_posterior_matches_ddpm_paper_including_respaced_steps():
+    config = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(3)
+    x0, x_t = torch.randn(4, 1, 4, 4, generator=generator), torch.randn(4, 1, 4, 4, generator=generator)
+    steps = [1, 10, 500, 999]
+    for previous in ([0, 9, 499, 998], [-1, 0, 250, 899]):  # t - 1 (Ho et al.), then respaced jumps
+        mean, variance = scheduler.q_posterior(x0, x_t, torch.tensor(steps), torch.tensor(previous))
+        expected_mean, expected_variance = reference_posterior(abar, x0, x_t, steps, previous)
+        close(mean, expected_mean, atol=1e-5)
+        close(variance, expected_variance, atol=1e-9)
+    # t_prev defaults to t - 1, where the step's beta is the schedule's: β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t.
+    default_mean, default_variance = scheduler.q_posterior(x0, x_t, torch.tensor(steps))
+    mean, variance = scheduler.q_posterior(x0, x_t, torch.tensor(steps), torch.tensor(steps) - 1)
+    assert torch.equal(default_mean, mean) and torch.equal(default_variance, variance)
+    betas = reference_betas("linear", 1e-4, 0.02, 1000)
+    expected = [(1 - abar[s - 1]) / (1 - abar[s]) * betas[s] for s in steps]
+    close(variance.flatten(1)[:, 0], torch.tensor(expected, dtype=torch.float64), atol=1e-9)
+
+
+def test_ddpm_step_is_posterior_mean_plus_scaled_noise_and_equals_ddim_eta_one():
+    config = SchedulerConfig()
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(4)
+    x0, x_t, z = (torch.randn(3, 2, 3, 3, generator=generator) for _ in range(3))
+    steps, previous = [999, 500, 20], [899, 499, -1]
+    t, t_prev = torch.tensor(steps), torch.tensor(previous)
+    mean, variance = reference_posterior(abar, x0, x_t, steps, previous)
+    ddpm = scheduler.ddpm_step(x_t, x0, t, t_prev, z)
+    close(ddpm, mean + variance.sqrt() * z.double(), atol=2e-5)
+    close(ddpm[2], mean[2], atol=2e-5)  # the last step (to t = -1) adds no noise
+    # DDIM with eta = 1 has σ² = the posterior variance and the same mean: it is DDPM (Song et al. 2021, sec. 4.1).
+    close(scheduler.ddim_step(x_t, x0, t, t_prev, eta=1.0, noise=z), ddpm, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_steps", [1000, 10])
+def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
+    """Every DDPM state is the posterior mean of the previous one plus sqrt(variance) x the generator's next draw
+    (x_T first, then one draw per step that has noise): the chain is the paper's and the seed reproduces it."""
+    config = SchedulerConfig()
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(num_steps))
+    oracle = ReferenceOracle(abar, x0, "v")
+    states = list(scheduler.sample_steps(oracle, x0.shape, torch.tensor([0, 1]), sampler="ddpm", num_steps=num_steps,
+                                         eta=0.0, generator=torch.Generator().manual_seed(7)))
+    draws = torch.Generator().manual_seed(7)
+    x = torch.randn(x0.shape, generator=draws)
+    steps = scheduler.timesteps(num_steps)
+    assert [step for step, _, _ in states] == steps
+    for (step, x_prev, x0_hat), previous in zip(states, steps[1:] + [-1]):
+        close(x0_hat, x0, atol=1e-5)
+        mean, variance = reference_posterior(abar, x0, x, [step] * 2, [previous] * 2)
+        z = torch.randn(x0.shape, generator=draws) if previous >= 0 else torch.zeros_like(x0)
+        close(x_prev, mean + variance.sqrt() * z.double(), atol=1e-5)
+        x = x_prev
+    close(states[-1][1], x0, atol=1e-5)
+    # DDIM with eta = 1 draws the same noise in the same order: the same chain, state by state.
+    ddim = scheduler.sample_steps(oracle, x0.shape, torch.tensor([0, 1]), sampler="ddim", num_steps=num_steps, eta=1.0,
+                                  generator=torch.Generator().manual_seed(7))
+    for (_, x_ddim, _), (_, x_ddpm, _) in zip(ddim, states, strict=True):
+        close(x_ddim, x_ddpm, atol=1e-5)
 
 
 def test_ddim_eta_zero_is_deterministic_and_ddpm_is_stochastic():
@@ -280,19 +552,55 @@ def test_ddim_eta_zero_is_deterministic_and_ddpm_is_stochastic():
     assert torch.equal(run("ddpm", 1), run("ddpm", 1)), "same seed, same sample"
 
 
-def test_ddpm_full_chain_with_oracle_ends_at_x0():
+class RecordingModel(nn.Module):
+    """Label- and slice-dependent toy model that records what each forward received; returns bfloat16 like autocast."""
+
+    null_label = 2
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, labels, slice_position=None):
+        self.calls.append((x, t, labels, slice_position))
+        out = x * (1.0 + labels.view(-1, 1, 1, 1)) + 0.001 * t.view(-1, 1, 1, 1)
+        if slice_position is not None:
+            out = out + slice_position.view(-1, 1, 1, 1)
+        return out.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.0, 3.0])
+def test_classifier_free_guidance_exact(scale):
+    """guided = uncond + s (cond - uncond), the unconditional half with the null label and null slice (-1, as
+    train.py's condition dropout), in one batched forward; s = 1 runs the conditional model alone."""
     scheduler = NoiseScheduler(SchedulerConfig())
-    x0 = torch.randn(1, 4, 4, 4)
-    steps = list(scheduler.sample_steps(NoiseOracle(scheduler, x0), x0.shape, torch.tensor([0]), sampler="ddpm",
-                                        num_steps=20, generator=torch.Generator().manual_seed(0)))
-    assert [s for s, _, _ in steps][-1] < 50 and len(steps) == 20
-    assert (steps[-1][1] - x0).abs().max().item() < 1e-3
+    x, t, labels = torch.randn(3, 4, 3, 3), torch.tensor([300, 300, 20]), torch.tensor([0, 1, 1])
+    positions = torch.tensor([0.25, 0.75, 0.5])
+    model = RecordingModel()
+    conditional = model(x, t, labels, positions).float()
+    unconditional = model(x, t, torch.tensor([2, 2, 2]), torch.tensor([-1.0, -1.0, -1.0])).float()
+    model.calls.clear()
+    guided = scheduler.guided_prediction(model, x, t, labels, scale, positions)
+    assert guided.dtype == torch.float32
+    torch.testing.assert_close(guided, unconditional + scale * (conditional - unconditional), atol=1e-6, rtol=1e-6)
+    assert len(model.calls) == 1
+    seen_x, seen_t, seen_labels, seen_positions = model.calls[0]
+    if scale == 1.0:
+        assert torch.equal(seen_labels, labels) and torch.equal(seen_positions, positions) and torch.equal(seen_x, x)
+    else:
+        assert torch.equal(seen_x, torch.cat([x, x])) and torch.equal(seen_t, torch.cat([t, t]))
+        assert seen_labels.tolist() == [0, 1, 1, 2, 2, 2]
+        assert seen_positions.tolist() == [0.25, 0.75, 0.5, -1.0, -1.0, -1.0]
+    model.calls.clear()
+    scheduler.guided_prediction(model, x, t, labels, scale)
+    assert model.calls[0][3] is None, "no slice position in, none out"
 
 
-def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
+def test_guidance_with_the_real_unet_uses_its_null_label():
     scheduler = NoiseScheduler(SchedulerConfig())
     model = randomise_zero_inits(UNet(TINY_UNET)).eval()
-    x, t, labels = torch.randn(2, 4, 8, 8), torch.tensor([300, 300]), torch.tensor([0, 1])
+    assert model.null_label == TINY_UNET.num_classes == 2 and model.label_embedding.num_embeddings == 3
+    x, t, labels = torch.randn(2, 4, 4, 4), torch.tensor([300, 300]), torch.tensor([0, 1])
     with torch.no_grad():
         conditional = model(x, t, labels)
         unconditional = model(x, t, torch.tensor([2, 2]))
@@ -302,6 +610,28 @@ def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
         assert torch.allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
 
 
+def test_sample_steps_passes_guidance_and_slices_to_the_model():
+    scheduler = NoiseScheduler(SchedulerConfig())
+    model = RecordingModel()
+    labels, positions = torch.tensor([1, 0]), torch.tensor([0.5, 0.25])
+    out = scheduler.sample(model, (2, 1, 2, 2), labels, num_steps=3, guidance_scale=3.0, slice_position=positions,
+                           x_T=torch.ones(2, 1, 2, 2, dtype=torch.float64))
+    assert out.dtype == torch.float32 and out.shape == (2, 1, 2, 2)
+    assert [call[1].tolist() for call in model.calls] == [[999] * 4, [666] * 4, [332] * 4]
+    assert all(call[2].tolist() == [1, 0, 2, 2] and call[3].tolist() == [0.5, 0.25, -1.0, -1.0] for call in model.calls)
+    assert model.calls[0][0].dtype == torch.float32 and torch.equal(model.calls[0][0], torch.ones(4, 1, 2, 2))
+    model.calls.clear()
+    scheduler.sample(model, (2, 1, 2, 2), labels)  # the defaults: DDIM, 50 steps, no guidance
+    assert [call[1][0].item() for call in model.calls] == scheduler.timesteps(50) and len(model.calls[0][1]) == 2
+
+
+def test_sampling_builds_no_autograd_graph():
+    model = nn.Conv2d(1, 1, 1)
+    out = NoiseScheduler(SchedulerConfig()).sample(lambda x, t, labels, slice_position=None: model(x), (1, 1, 2, 2),
+                                                   torch.tensor([0]), num_steps=2)
+    assert not out.requires_grad
+
+
 def test_bad_scheduler_arguments():
     with pytest.raises(ValueError, match="beta_schedule"):
         NoiseScheduler(SchedulerConfig(beta_schedule="quadratic"))
@@ -309,26 +639,99 @@ def test_bad_scheduler_arguments():
         NoiseScheduler(SchedulerConfig(prediction_type="x0"))
     with pytest.raises(ValueError, match="steps"):
         NoiseScheduler(SchedulerConfig()).timesteps(0)
+    with pytest.raises(ValueError, match="sampler"):
+        NoiseScheduler(SchedulerConfig()).sample(RecordingModel(), (1, 1, 2, 2), torch.tensor([0]), sampler="euler")
 
 
 # ------------------------------------------------------------------------------------------- EMA
 
 
-def test_ema_math_warmup_and_state():
-    model = nn.Linear(1, 1, bias=False)
-    nn.init.zeros_(model.weight)
+class Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel (`.module`) or torch.compile's OptimizedModule (`._orig_mod`)."""
+
+    def __init__(self, inner: nn.Module, attribute: str):
+        super().__init__()
+        setattr(self, attribute, inner)
+
+
+def test_unwrap_model_removes_ddp_and_compile_wrappers():
+    plain = nn.Linear(2, 2)
+    assert unwrap_model(plain) is plain
+    assert unwrap_model(Wrapper(plain, "module")) is plain
+    assert unwrap_model(Wrapper(plain, "_orig_mod")) is plain
+    assert unwrap_model(Wrapper(Wrapper(plain, "module"), "_orig_mod")) is plain  # compile(DDP(model))
+    assert unwrap_model(Wrapper(Wrapper(plain, "_orig_mod"), "module")) is plain  # DDP(compile(model))
+
+
+def toy_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_ema_defaults_and_warmup_decay():
+    ema = EMA(toy_model(0))
+    assert ema.decay == 0.999 and ema.warmup and ema.num_updates == 0
+    decays = []
+    for n in (0, 1, 5, 100, 10_000):
+        ema.num_updates = n
+        decays.append(ema.current_decay())
+    assert decays == [min(0.999, (1 + n) / (10 + n)) for n in (0, 1, 5, 100, 10_000)]
+    assert decays[0] == pytest.approx(0.1) and decays[-1] == 0.999
+    assert EMA(toy_model(0), decay=0.9, warmup=False).current_decay() == 0.9
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_update_is_exact_lerp_and_copies_buffers(warmup):
+    """shadow ← d shadow + (1 - d) weights with d = min(decay, (1 + n) / (10 + n)), n counting this update;
+    buffers (BatchNorm statistics) are copied, not averaged; a wrapped model updates the same way."""
+    model = toy_model(0)
+    ema = EMA(Wrapper(model, "module"), decay=0.5, warmup=warmup)
+    assert type(ema.model) is nn.Sequential and not ema.model.training
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    shadow = [p.detach().clone() for p in model.parameters()]
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape))
+        model.train()(torch.randn(8, 3))  # moves the BatchNorm running statistics
+        ema.update(Wrapper(model, "_orig_mod"))
+        decay = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5
+        shadow = [decay * s + (1 - decay) * p.detach() for s, p in zip(shadow, model.parameters())]
+        assert ema.num_updates == n
+        for mine, expected in zip(ema.model.parameters(), shadow):
+            torch.testing.assert_close(mine, expected, atol=1e-6, rtol=1e-6)
+        for mine, theirs in zip(ema.model.buffers(), model.buffers()):
+            assert torch.equal(mine, theirs) and mine is not theirs
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_is_a_copy_and_copy_to_loads_the_shadow():
+    model = toy_model(0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert not torch.equal(ema.model[0].weight, model[0].weight), "the shadow must not alias the live weights"
+    target = toy_model(1)
+    ema.copy_to(Wrapper(target, "module"))
+    for name, value in ema.model.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+def test_ema_state_dict_round_trip():
+    model = toy_model(0)
     ema = EMA(model, decay=0.9, warmup=False)
     with torch.no_grad():
-        model.weight.fill_(1.0)
+        for parameter in model.parameters():
+            parameter.fill_(1.0)
     ema.update(model)
     ema.update(model)
-    assert ema.model.weight.item() == pytest.approx(1 - 0.9**2)  # 0 → 0.1 → 0.19
-    warm = EMA(model, decay=0.999)
-    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
-    restored = EMA(nn.Linear(1, 1, bias=False), decay=0.5)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.num_updates == 2 and restored.decay == 0.9
-    target = nn.Linear(1, 1, bias=False)
-    restored.copy_to(target)
-    assert target.weight.item() == pytest.approx(1 - 0.9**2)
-    assert not any(p.requires_grad for p in ema.model.parameters())
+    state = ema.state_dict()
+    assert set(state) == {"model", "num_updates", "decay"} and state["num_updates"] == 2 and state["decay"] == 0.9
+    restored = EMA(toy_model(1), decay=0.5, warmup=False)  # warmup is a constructor setting, not in the state
+    restored.load_state_dict(state)
+    assert restored.num_updates == 2 and restored.decay == 0.9 and restored.current_decay() == 0.9
+    for name, value in ema.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], value), name
+    restored.load_state_dict({**state, "num_updates": torch.tensor(7), "decay": torch.tensor(0.95, dtype=torch.float64)})
+    assert type(restored.num_updates) is int and restored.num_updates == 7
+    assert type(restored.decay) is float and restored.decay == 0.95

@@ -1,20 +1,25 @@
-"""predict.py: label parsing, determinism, both samplers, outputs, UMAP, bad inputs."""
+"""predict.py: label parsing, determinism, both samplers, outputs, EMA weights, slice conditioning, UMAP, bad inputs."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import run_train
 from PIL import Image
 
 import predict
-from utils import UsageError
+import train
+from utils import UsageError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 def run_predict(run_dir: Path, out: Path, *extra: str) -> None:
@@ -84,14 +89,33 @@ def test_existing_outputs_need_overwrite(trained_run: Path, tmp_path: Path, caps
 
 
 def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import silhouette_score
+
     out = tmp_path / "umap"
     run_predict(trained_run, out, "--label", "both", "--umap", "--umap-count", "8")
     assert (out / "umap.png").is_file()
-    scores = json.loads((out / "umap_scores.json").read_text())["groups"]
+    report = json.loads((out / "umap_scores.json").read_text())
+    assert set(report) == {"timestep", "groups"} and report["timestep"] == predict.UMAP_TIMESTEP == 250
+    scores = report["groups"]
     assert set(scores) == {"real (true label)", "generated (asked-for label)", "control: real, labels swapped"}
     for group in scores.values():
-        assert -1.0 <= group["silhouette_umap"] <= 1.0 and -1.0 <= group["silhouette_features"] <= 1.0
-    assert scores["real (true label)"]["count"] == 16 and scores["generated (asked-for label)"]["count"] == 6
+        assert set(group) == {"silhouette_umap", "silhouette_features", "count"}
+    # The tiny test split has 8 slices per label (all taken), and 3 samples per label were generated.
+    assert {name: group["count"] for name, group in scores.items()} == {
+        "real (true label)": 16, "generated (asked-for label)": 6, "control: real, labels swapped": 16}
+
+    # Recompute the feature-space silhouettes: the real group is the real test latents passed with their
+    # true labels, the control the *same* latents passed to the UNet with the labels swapped. Silhouette is
+    # invariant to renaming the labels, so a control that only recoloured the points (passing the true
+    # labels to the UNet) would not match the swapped-label recomputation below.
+    run = predict.load_run(trained_run, CPU)
+    runtime = train.Runtime(CPU, bf16=False)
+    images = [predict.real_test_slices(run.config, label, 8, 0) for label in (0, 1)]
+    labels = torch.cat([torch.full((len(batch),), label, dtype=torch.long) for label, batch in enumerate(images)])
+    latents = predict.encode_images(run, torch.cat(images), runtime)
+    for name, passed in (("real (true label)", labels), ("control: real, labels swapped", 1 - labels)):
+        features = predict.bottleneck_features(run, latents, passed, runtime, 0).numpy()
+        assert scores[name]["silhouette_features"] == pytest.approx(silhouette_score(features, passed.numpy()), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +132,7 @@ def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
 )
 def test_bad_input_one_line_exit_2(trained_run: Path, tmp_path: Path, argv: list[str], message: str) -> None:
     result = subprocess.run([sys.executable, "predict.py", "--run", str(trained_run), "--out", str(tmp_path / "o"), *argv],
-                            cwd=REPO, capture_output=True, text=True)
+                            check=False, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -128,6 +152,92 @@ def test_missing_or_incomplete_run(trained_run: Path, tmp_path: Path, capsys) ->
 def test_out_that_is_a_file_is_refused(trained_run: Path, tmp_path: Path, capsys) -> None:
     target = tmp_path / "file.png"
     target.write_bytes(b"x")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         run_predict(trained_run, target, "--label", "AD")
-    assert "is not a folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- EMA weights
+
+
+def perturbed(weights: dict) -> dict:
+    """Every floating-point tensor moved by unit Gaussian noise (a deliberately different set of weights)."""
+    generator = torch.Generator().manual_seed(123)
+    return {key: value + torch.randn(value.shape, generator=generator, dtype=value.dtype) if value.is_floating_point() else value
+            for key, value in weights.items()}
+
+
+def run_with_unet_state(trained_run: Path, folder: Path, edit) -> Path:
+    """A private copy of the trained run whose unet.pt checkpoint was changed by `edit(state)`."""
+    shutil.copytree(trained_run, folder)
+    state = load_checkpoint(folder / "unet.pt")
+    edit(state)
+    save_checkpoint(state, folder / "unet.pt")
+    return folder
+
+
+def test_sampling_uses_the_ema_weights(trained_run: Path, tmp_path: Path) -> None:
+    state = load_checkpoint(trained_run / "unet.pt")
+    raw, ema = state["model"], state["ema"]["model"]
+    # After training, the EMA and the raw weights differ; the loaded UNet holds exactly the EMA ones.
+    assert any(not torch.equal(raw[key], ema[key]) for key in raw)
+    loaded = predict.load_run(trained_run, CPU).unet.state_dict()
+    assert set(loaded) == set(ema) and all(torch.equal(loaded[key], ema[key]) for key in ema)
+
+    def noisy_raw(state: dict) -> None:
+        state["model"] = perturbed(state["model"])
+
+    def noisy_ema(state: dict) -> None:
+        state["ema"]["model"] = perturbed(state["ema"]["model"])
+
+    raw_changed = run_with_unet_state(trained_run, tmp_path / "raw_changed", noisy_raw)
+    ema_changed = run_with_unet_state(trained_run, tmp_path / "ema_changed", noisy_ema)
+    loaded = predict.load_run(raw_changed, CPU).unet.state_dict()
+    assert all(torch.equal(loaded[key], ema[key]) for key in ema)
+
+    for run_dir, out in ((trained_run, "original"), (raw_changed, "raw_changed"), (ema_changed, "ema_changed")):
+        predict.main(["--run", str(run_dir), "--out", str(tmp_path / out), "--steps", "2", "--num-samples", "2",
+                      "--device", "cpu", "--label", "AD", "--seed", "3"])
+    original, with_raw_changed, with_ema_changed = (pixels(tmp_path / out) for out in ("original", "raw_changed", "ema_changed"))
+    assert len(original) == 2
+    # Changing the raw weights changes nothing; changing the EMA weights changes the images.
+    assert all(np.array_equal(x, y) for x, y in zip(original, with_raw_changed, strict=True))
+    assert not any(np.array_equal(x, y) for x, y in zip(original, with_ema_changed, strict=True))
+
+
+# ----------------------------------------------------------------------------- slice conditioning
+
+
+@pytest.fixture(scope="module")
+def slice_run(tiny_dataset: Path, tmp_path_factory) -> Path:
+    """The TINY model trained with slice conditioning, one epoch per stage (train slices 70-73)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny_slice"
+    run_train(tiny_dataset, run_dir, "--unet.slice_conditioning", "true", "--vae_train.epochs", "1", "--unet_train.epochs", "1")
+    return run_dir
+
+
+def test_slice_conditioning_end_to_end(slice_run: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = []  # (slice positions passed to the sampler, the latents it returned)
+
+    def spy(*args, **kwargs):
+        latents = train.sample_latents(*args, **kwargs)
+        calls.append((kwargs["slice_position"], latents.clone()))
+        return latents
+
+    monkeypatch.setattr(predict, "sample_latents", spy)
+    latents = {}
+    for slice_index, tag in ((70, "70"), (71, "71"), (73, "73"), (73, "73 again")):
+        out = tmp_path / tag.replace(" ", "_")
+        calls.clear()
+        extra = ("--sequence",) if tag == "70" else ()  # the sequence samples with the slice token too
+        predict.main(["--run", str(slice_run), "--out", str(out), "--steps", "3", "--num-samples", "2", "--device", "cpu",
+                      "--label", "AD", "--slice", str(slice_index), *extra])
+        ((positions, latents[tag]),) = calls  # one batch
+        # --slice is normalised over the training slices' range (70-73) and passed for every image.
+        assert positions.tolist() == pytest.approx([(slice_index - 70) / 3] * 2)
+        assert json.loads((out / "samples.json").read_text())["settings"]["slice"] == slice_index
+        assert len(pixels(out)) == 2
+    assert (tmp_path / "70" / "denoising_sequence.png").is_file()
+    assert torch.equal(latents["73"], latents["73 again"])  # the same slice and seed: the same samples
+    for first, second in (("70", "71"), ("70", "73"), ("71", "73")):
+        assert not torch.equal(latents[first], latents[second]), f"--slice {first} and {second} gave the same samples"
