@@ -160,8 +160,10 @@ def check_sampling_options(*, steps: int | None, guidance: float | None, seed: i
         raise UsageError(f"--guidance must be 0 or more (1 = no guidance), got {guidance}")
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be 0 to {MAX_SEED}, got {seed}")
-    if not 1 <= num_samples <= MAX_IMAGES:
-        raise UsageError(f"--num-samples must be 1 to {MAX_IMAGES:,}, got {num_samples}")
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if num_samples > MAX_IMAGES:
+        raise UsageError(f"--num-samples must be at most {MAX_IMAGES:,} per label, got {num_samples:,}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
 

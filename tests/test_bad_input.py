@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_dataset, tree_fingerprint
 from PIL import Image, ImageFile
 
 import dataset
 import project_setup
+from conftest import make_tiny_dataset, tree_fingerprint
 from dataset import (
     DatasetError,
     UnreadableImageError,

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SLICES_PER_SCAN, make_tiny_dataset, tree_fingerprint, write_slice
 
 import dataset
+from config import DataConfig
+from conftest import SLICES_PER_SCAN, make_tiny_dataset, tree_fingerprint, write_slice
 from dataset import (
-    DataConfig,
     DatasetError,
     UnreadableImageError,
     decode_images,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import evaluate
-from dataset import DataConfig, load_split_datasets, load_splits
-from train import read_config
+from config import DataConfig, read_config
+from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -100,7 +100,7 @@ def test_csf_dark_share_counts_dark_brain_pixels() -> None:
     brain = np.full((1, 20, 20), 100, dtype=np.uint8)
     brain[0, :5] = 40  # a quarter darker than 0.6 x the median brain intensity
     blank = np.zeros((1, 20, 20), dtype=np.uint8)
-    shares = evaluate.csf_dark_share(np.concatenate([brain, blank]))
+    shares = [csf_dark_share(brain_pixels(image)) for image in np.concatenate([brain, blank])]
     assert shares[0] == pytest.approx(0.25) and np.isnan(shares[1])
 
 
@@ -263,7 +263,7 @@ def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: P
     test = load_split_datasets(config.data, load_splits(run_copy / "splits.json"), verbose=False)[0]["test"]
     asked = []
 
-    def real_as_generated(run, label, args, runtime):
+    def real_as_generated(pipe, label, args):
         asked.append(label)
         return test.pixels[test.labels == label][: args.num_samples]
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_dataset
 from PIL import Image
 
 import evaluate
 import predict
 import train
+from conftest import make_tiny_dataset
 from utils import load_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_run.json"

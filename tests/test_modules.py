@@ -10,21 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import SchedulerConfig, UNetConfig, VAEConfig, make_config
 from modules import (
     EMA,
     AutoencoderKL,
+    Conditions,
     NoiseScheduler,
-    SchedulerConfig,
     UNet,
-    UNetConfig,
-    VAEConfig,
     make_betas,
-    model_presets,
     ms_ssim,
     ssim,
     unwrap_model,
     vae_loss,
 )
+from pipeline import build_unet
 
 TINY_VAE = VAEConfig(channels=(8, 16, 16, 16), num_res_blocks=1)
 TINY_UNET = UNetConfig(channels=(16, 32, 32), num_res_blocks=1, attention_levels=(False, True, True), head_dim=8, context_dim=16)
@@ -131,55 +130,63 @@ def test_ssim_and_ms_ssim():
 
 @pytest.mark.parametrize("side", [24, 25, 16, 13, 7])
 def test_unet_any_latent_size(side):
-    unet = UNet(TINY_UNET)
+    unet = UNet(TINY_UNET, 4)
     x = torch.randn(2, 4, side, side)
-    out, features = unet(x, torch.tensor([0, 999]), torch.tensor([0, 1]), return_features=True)
+    out, features = unet(x, torch.tensor([0, 999]), Conditions(torch.tensor([0, 1])), return_features=True)
     assert out.shape == x.shape
     assert features.shape[0] == 2 and features.ndim == 2
 
 
 def test_unet_output_zero_initialised_and_not_squashed():
-    unet = UNet(TINY_UNET)
+    unet = UNet(TINY_UNET, 4)
     assert not any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in unet.modules())
-    out = unet(torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), torch.tensor([0, 1]))
+    out = unet(torch.randn(2, 4, 16, 16), torch.tensor([5, 500]), Conditions(torch.tensor([0, 1])))
     assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_unet_depends_on_label_input_and_timestep():
-    unet = randomise_zero_inits(UNet(TINY_UNET)).eval()
+    unet = randomise_zero_inits(UNet(TINY_UNET, 4)).eval()
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([100, 100])
-    base = unet(x, t, torch.tensor([0, 0]))
-    assert not torch.allclose(base, unet(x, t, torch.tensor([1, 1])), atol=1e-4), "label ignored"
-    assert not torch.allclose(base, unet(x, t, torch.tensor([unet.null_label] * 2)), atol=1e-4), "null label ignored"
-    assert not torch.allclose(base, unet(x + 0.5 * torch.randn_like(x), t, torch.tensor([0, 0])), atol=1e-4), "input ignored"
-    assert not torch.allclose(base, unet(x, torch.tensor([900, 900]), torch.tensor([0, 0])), atol=1e-4), "timestep ignored"
+    ad = Conditions(torch.tensor([0, 0]))
+    base = unet(x, t, ad)
+    assert not torch.allclose(base, unet(x, t, Conditions(torch.tensor([1, 1]))), atol=1e-4), "label ignored"
+    assert not torch.allclose(base, unet(x, t, ad.unconditional()), atol=1e-4), "null label ignored"
+    assert not torch.allclose(base, unet(x + 0.5 * torch.randn_like(x), t, ad), atol=1e-4), "input ignored"
+    assert not torch.allclose(base, unet(x, torch.tensor([900, 900]), ad), atol=1e-4), "timestep ignored"
+    # The absent label reads the embedding's extra row, index num_classes, and only that row.
+    unconditional = unet(x, t, ad.unconditional())
+    with torch.no_grad():
+        unet.label_embedding.weight[unet.null_label] += 1.0
+    assert not torch.allclose(unet(x, t, ad.unconditional()), unconditional, atol=1e-4)
+    assert torch.equal(unet(x, t, ad), base)
     # The bottleneck must carry the image, not only the label (the original's flaw).
-    _, features_a = unet(x, t, torch.tensor([0, 0]), return_features=True)
-    _, features_b = unet(torch.randn_like(x), t, torch.tensor([0, 0]), return_features=True)
+    _, features_a = unet(x, t, ad, return_features=True)
+    _, features_b = unet(torch.randn_like(x), t, ad, return_features=True)
     assert not torch.allclose(features_a, features_b, atol=1e-4)
 
 
 def test_unet_slice_conditioning_token():
     config = UNetConfig(**{**TINY_UNET.__dict__, "slice_conditioning": True})
-    unet = randomise_zero_inits(UNet(config)).eval()
+    unet = randomise_zero_inits(UNet(config, 4)).eval()
     x, t, labels = torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.tensor([0, 1])
-    low = unet(x, t, labels, torch.tensor([0.1, 0.1]))
-    assert not torch.allclose(low, unet(x, t, labels, torch.tensor([0.9, 0.9])), atol=1e-4)
-    assert not torch.allclose(low, unet(x, t, labels, torch.tensor([-1.0, -1.0])), atol=1e-4)
+    low = unet(x, t, Conditions(labels, torch.tensor([0.1, 0.1])))
+    assert not torch.allclose(low, unet(x, t, Conditions(labels, torch.tensor([0.9, 0.9]))), atol=1e-4)
+    absent = torch.full((2,), float(Conditions.ABSENT))
+    assert not torch.allclose(low, unet(x, t, Conditions(labels, absent)), atol=1e-4)
     with pytest.raises(ValueError, match="slice_position"):
-        unet(x, t, labels)
+        unet(x, t, Conditions(labels))
 
 
 def test_tiny_unet_overfits_one_batch():
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16))
+    unet = UNet(UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16), 4)
     x, t, labels = torch.randn(4, 4, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 0, 1])
     target = torch.randn(4, 4, 8, 8)
     optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
     first = None
     for _ in range(150):
-        loss = (unet(x, t, labels) - target).pow(2).mean()
+        loss = (unet(x, t, Conditions(labels)) - target).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -188,24 +195,21 @@ def test_tiny_unet_overfits_one_batch():
 
 
 def test_presets_are_consistent():
-    for name in ("demo", "adni"):
-        vae, unet, scheduler = model_presets(name)
-        assert vae.latent_channels == unet.latent_channels
-        assert len(unet.attention_levels) == len(unet.channels)
-        assert scheduler == SchedulerConfig()
-    assert model_presets("demo")[0].downsample_factor == 4
-    assert model_presets("adni")[0].downsample_factor == 8
-    with pytest.raises(ValueError, match="unknown preset"):
-        model_presets("huge")
+    for name in ("demo", "adni", "tiny"):
+        config = make_config(name)
+        assert len(config.unet.attention_levels) == len(config.unet.channels)
+        assert config.scheduler == SchedulerConfig()
+    assert make_config("demo").vae.downsample_factor == 4
+    assert make_config("adni").vae.downsample_factor == 8
 
 
 @pytest.mark.parametrize("name, vae_parameters, unet_parameters",
                          [("demo", 680_857, 3_909_220), ("adni", 15_477_321, 37_283_588)])
 def test_preset_parameter_counts_match_the_readme(name, vae_parameters, unet_parameters):
     """The README's Model and Benchmarks tables quote these counts; a size change must be deliberate."""
-    vae, unet, _ = model_presets(name)
-    assert sum(p.numel() for p in AutoencoderKL(vae).parameters()) == vae_parameters
-    assert sum(p.numel() for p in UNet(unet).parameters()) == unet_parameters
+    config = make_config(name)
+    assert sum(p.numel() for p in AutoencoderKL(config.vae).parameters()) == vae_parameters
+    assert sum(p.numel() for p in build_unet(config).parameters()) == unet_parameters
 
 
 # ------------------------------------------------------------------------------------------- scheduler
@@ -254,9 +258,9 @@ class ReferenceOracle(nn.Module):
 
     def __init__(self, abar: dict, x0: torch.Tensor, prediction_type: str):
         super().__init__()
-        self.abar, self.x0, self.prediction_type, self.null_label = abar, x0, prediction_type, 2
+        self.abar, self.x0, self.prediction_type = abar, x0, prediction_type
 
-    def forward(self, x_t, t, labels, slice_position=None):
+    def forward(self, x_t, t, conditions):
         x0 = self.x0.double().repeat(len(x_t) // len(self.x0), 1, 1, 1)
         a = per_sample([self.abar[int(s)] for s in t], x_t)
         noise = (x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()
@@ -310,13 +314,11 @@ def test_alpha_bar_table_is_built_once_per_device():
 
 
 class DeviceRecorder(nn.Module):
-    null_label = 2
-
     def __init__(self):
         super().__init__()
         self.devices = set()
 
-    def forward(self, x, t, labels, slice_position=None):
+    def forward(self, x, t, conditions):
         self.devices.add((x.device.type, t.device.type))
         return x * 0.5
 
@@ -335,7 +337,7 @@ def test_everything_stays_on_the_requested_device():
                                (torch.tensor([0, 1]), {"device": meta, "x_T": torch.zeros(2, 1, 2, 2)}),
                                (torch.tensor([0, 1], device=meta), {})):
             model = DeviceRecorder()
-            states = list(scheduler.sample_steps(model, (2, 1, 2, 2), labels, sampler=sampler, num_steps=3, eta=0.5,
+            states = list(scheduler.sample_steps(model, (2, 1, 2, 2), Conditions(labels), sampler=sampler, num_steps=3, eta=0.5,
                                                  guidance_scale=3.0, **kwargs))
             assert {(x.device.type, x0.device.type) for _, x, x0 in states} == {("meta", "meta")}
             assert model.devices == {("meta", "meta")}
@@ -442,7 +444,7 @@ def test_ddim_oracle_every_state_lies_on_the_forward_process(num_steps, predicti
     generator = torch.Generator().manual_seed(num_steps)
     x0, noise = torch.randn(2, 4, 5, 5, generator=generator), torch.randn(2, 4, 5, 5, generator=generator)
     x_T = reference_add_noise(abar, x0, noise, [999, 999])
-    states = list(scheduler.sample_steps(ReferenceOracle(abar, x0, prediction_type), x0.shape, torch.tensor([0, 1]),
+    states = list(scheduler.sample_steps(ReferenceOracle(abar, x0, prediction_type), x0.shape, Conditions(torch.tensor([0, 1])),
                                          num_steps=num_steps, sampler="ddim", eta=0.0, x_T=x_T.double(),
                                          generator=torch.Generator().manual_seed(5)))
     steps = scheduler.timesteps(num_steps)
@@ -452,7 +454,7 @@ def test_ddim_oracle_every_state_lies_on_the_forward_process(num_steps, predicti
         close(x0_hat, x0, atol=atol)
         close(x_prev, reference_add_noise(abar, x0, noise, [previous, previous]), atol=atol)
     assert torch.equal(states[-1][1], scheduler.sample(ReferenceOracle(abar, x0, prediction_type), x0.shape,
-                                                       torch.tensor([0, 1]), num_steps=num_steps, x_T=x_T))
+                                                       Conditions(torch.tensor([0, 1])), num_steps=num_steps, x_T=x_T))
 
 
 def test_ddim_step_closed_form_with_eta():
@@ -517,7 +519,7 @@ def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
     scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
     x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(num_steps))
     oracle = ReferenceOracle(abar, x0, "v")
-    states = list(scheduler.sample_steps(oracle, x0.shape, torch.tensor([0, 1]), sampler="ddpm", num_steps=num_steps,
+    states = list(scheduler.sample_steps(oracle, x0.shape, Conditions(torch.tensor([0, 1])), sampler="ddpm", num_steps=num_steps,
                                          eta=0.0, generator=torch.Generator().manual_seed(7)))
     draws = torch.Generator().manual_seed(7)
     x = torch.randn(x0.shape, generator=draws)
@@ -531,7 +533,7 @@ def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
         x = x_prev
     close(states[-1][1], x0, atol=1e-5)
     # DDIM with eta = 1 draws the same noise in the same order: the same chain, state by state.
-    ddim = scheduler.sample_steps(oracle, x0.shape, torch.tensor([0, 1]), sampler="ddim", num_steps=num_steps, eta=1.0,
+    ddim = scheduler.sample_steps(oracle, x0.shape, Conditions(torch.tensor([0, 1])), sampler="ddim", num_steps=num_steps, eta=1.0,
                                   generator=torch.Generator().manual_seed(7))
     for (_, x_ddim, _), (_, x_ddpm, _) in zip(ddim, states, strict=True):
         close(x_ddim, x_ddpm, atol=1e-5)
@@ -539,8 +541,8 @@ def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
 
 def test_ddim_eta_zero_is_deterministic_and_ddpm_is_stochastic():
     scheduler = NoiseScheduler(SchedulerConfig())
-    model = randomise_zero_inits(UNet(TINY_UNET)).eval()
-    labels = torch.tensor([0, 1])
+    model = randomise_zero_inits(UNet(TINY_UNET, 4)).eval()
+    labels = Conditions(torch.tensor([0, 1]))
 
     def run(sampler: str, seed_for_noise: int) -> torch.Tensor:
         x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -555,13 +557,12 @@ def test_ddim_eta_zero_is_deterministic_and_ddpm_is_stochastic():
 class RecordingModel(nn.Module):
     """Label- and slice-dependent toy model that records what each forward received; returns bfloat16 like autocast."""
 
-    null_label = 2
-
     def __init__(self):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, t, labels, slice_position=None):
+    def forward(self, x, t, conditions):
+        labels, slice_position = conditions.labels, conditions.slice_position
         self.calls.append((x, t, labels, slice_position))
         out = x * (1.0 + labels.view(-1, 1, 1, 1)) + 0.001 * t.view(-1, 1, 1, 1)
         if slice_position is not None:
@@ -571,16 +572,16 @@ class RecordingModel(nn.Module):
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 2.0, 3.0])
 def test_classifier_free_guidance_exact(scale):
-    """guided = uncond + s (cond - uncond), the unconditional half with the null label and null slice (-1, as
-    train.py's condition dropout), in one batched forward; s = 1 runs the conditional model alone."""
+    """guided = uncond + s (cond - uncond), the unconditional half with every condition ABSENT (as the
+    training-time condition dropout), in one batched forward; s = 1 runs the conditional model alone."""
     scheduler = NoiseScheduler(SchedulerConfig())
     x, t, labels = torch.randn(3, 4, 3, 3), torch.tensor([300, 300, 20]), torch.tensor([0, 1, 1])
     positions = torch.tensor([0.25, 0.75, 0.5])
     model = RecordingModel()
-    conditional = model(x, t, labels, positions).float()
-    unconditional = model(x, t, torch.tensor([2, 2, 2]), torch.tensor([-1.0, -1.0, -1.0])).float()
+    conditional = model(x, t, Conditions(labels, positions)).float()
+    unconditional = model(x, t, Conditions(torch.tensor([-1, -1, -1]), torch.tensor([-1.0, -1.0, -1.0]))).float()
     model.calls.clear()
-    guided = scheduler.guided_prediction(model, x, t, labels, scale, positions)
+    guided = scheduler.guided_prediction(model, x, t, Conditions(labels, positions), scale)
     assert guided.dtype == torch.float32
     torch.testing.assert_close(guided, unconditional + scale * (conditional - unconditional), atol=1e-6, rtol=1e-6)
     assert len(model.calls) == 1
@@ -589,46 +590,46 @@ def test_classifier_free_guidance_exact(scale):
         assert torch.equal(seen_labels, labels) and torch.equal(seen_positions, positions) and torch.equal(seen_x, x)
     else:
         assert torch.equal(seen_x, torch.cat([x, x])) and torch.equal(seen_t, torch.cat([t, t]))
-        assert seen_labels.tolist() == [0, 1, 1, 2, 2, 2]
+        assert seen_labels.tolist() == [0, 1, 1, -1, -1, -1]
         assert seen_positions.tolist() == [0.25, 0.75, 0.5, -1.0, -1.0, -1.0]
     model.calls.clear()
-    scheduler.guided_prediction(model, x, t, labels, scale)
+    scheduler.guided_prediction(model, x, t, Conditions(labels), scale)
     assert model.calls[0][3] is None, "no slice position in, none out"
 
 
 def test_guidance_with_the_real_unet_uses_its_null_label():
     scheduler = NoiseScheduler(SchedulerConfig())
-    model = randomise_zero_inits(UNet(TINY_UNET)).eval()
+    model = randomise_zero_inits(UNet(TINY_UNET, 4)).eval()
     assert model.null_label == TINY_UNET.num_classes == 2 and model.label_embedding.num_embeddings == 3
-    x, t, labels = torch.randn(2, 4, 4, 4), torch.tensor([300, 300]), torch.tensor([0, 1])
+    x, t, conditions = torch.randn(2, 4, 4, 4), torch.tensor([300, 300]), Conditions(torch.tensor([0, 1]))
     with torch.no_grad():
-        conditional = model(x, t, labels)
-        unconditional = model(x, t, torch.tensor([2, 2]))
-        assert torch.allclose(scheduler.guided_prediction(model, x, t, labels, 1.0), conditional, atol=1e-6)
-        assert torch.allclose(scheduler.guided_prediction(model, x, t, labels, 0.0), unconditional, atol=1e-5)
-        guided = scheduler.guided_prediction(model, x, t, labels, 3.0)
+        conditional = model(x, t, conditions)
+        unconditional = model(x, t, conditions.unconditional())
+        assert torch.allclose(scheduler.guided_prediction(model, x, t, conditions, 1.0), conditional, atol=1e-6)
+        assert torch.allclose(scheduler.guided_prediction(model, x, t, conditions, 0.0), unconditional, atol=1e-5)
+        guided = scheduler.guided_prediction(model, x, t, conditions, 3.0)
         assert torch.allclose(guided, unconditional + 3.0 * (conditional - unconditional), atol=1e-5)
 
 
 def test_sample_steps_passes_guidance_and_slices_to_the_model():
     scheduler = NoiseScheduler(SchedulerConfig())
     model = RecordingModel()
-    labels, positions = torch.tensor([1, 0]), torch.tensor([0.5, 0.25])
-    out = scheduler.sample(model, (2, 1, 2, 2), labels, num_steps=3, guidance_scale=3.0, slice_position=positions,
+    conditions = Conditions(torch.tensor([1, 0]), torch.tensor([0.5, 0.25]))
+    out = scheduler.sample(model, (2, 1, 2, 2), conditions, num_steps=3, guidance_scale=3.0,
                            x_T=torch.ones(2, 1, 2, 2, dtype=torch.float64))
     assert out.dtype == torch.float32 and out.shape == (2, 1, 2, 2)
     assert [call[1].tolist() for call in model.calls] == [[999] * 4, [666] * 4, [332] * 4]
-    assert all(call[2].tolist() == [1, 0, 2, 2] and call[3].tolist() == [0.5, 0.25, -1.0, -1.0] for call in model.calls)
+    assert all(call[2].tolist() == [1, 0, -1, -1] and call[3].tolist() == [0.5, 0.25, -1.0, -1.0] for call in model.calls)
     assert model.calls[0][0].dtype == torch.float32 and torch.equal(model.calls[0][0], torch.ones(4, 1, 2, 2))
     model.calls.clear()
-    scheduler.sample(model, (2, 1, 2, 2), labels)  # the defaults: DDIM, 50 steps, no guidance
+    scheduler.sample(model, (2, 1, 2, 2), conditions)  # the defaults: DDIM, 50 steps, no guidance
     assert [call[1][0].item() for call in model.calls] == scheduler.timesteps(50) and len(model.calls[0][1]) == 2
 
 
 def test_sampling_builds_no_autograd_graph():
     model = nn.Conv2d(1, 1, 1)
-    out = NoiseScheduler(SchedulerConfig()).sample(lambda x, t, labels, slice_position=None: model(x), (1, 1, 2, 2),
-                                                   torch.tensor([0]), num_steps=2)
+    out = NoiseScheduler(SchedulerConfig()).sample(lambda x, t, conditions: model(x), (1, 1, 2, 2),
+                                                   Conditions(torch.tensor([0])), num_steps=2)
     assert not out.requires_grad
 
 
@@ -640,7 +641,7 @@ def test_bad_scheduler_arguments():
     with pytest.raises(ValueError, match="steps"):
         NoiseScheduler(SchedulerConfig()).timesteps(0)
     with pytest.raises(ValueError, match="sampler"):
-        NoiseScheduler(SchedulerConfig()).sample(RecordingModel(), (1, 1, 2, 2), torch.tensor([0]), sampler="euler")
+        NoiseScheduler(SchedulerConfig()).sample(RecordingModel(), (1, 1, 2, 2), Conditions(torch.tensor([0])), sampler="euler")
 
 
 # ------------------------------------------------------------------------------------------- EMA

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_train
 from PIL import Image
 
 import predict
-import train
-from utils import UsageError, load_checkpoint, save_checkpoint
+from conftest import run_train
+from pipeline import Pipeline, load_run
+from utils import Runtime, UsageError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -108,13 +108,12 @@ def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
     # true labels, the control the *same* latents passed to the UNet with the labels swapped. Silhouette is
     # invariant to renaming the labels, so a control that only recoloured the points (passing the true
     # labels to the UNet) would not match the swapped-label recomputation below.
-    run = predict.load_run(trained_run, CPU)
-    runtime = train.Runtime(CPU, bf16=False)
-    images = [predict.real_test_slices(run.config, label, 8, 0) for label in (0, 1)]
+    pipe = load_run(trained_run, Runtime(CPU))
+    images = [predict.real_test_slices(pipe.config, label, 8, 0) for label in (0, 1)]
     labels = torch.cat([torch.full((len(batch),), label, dtype=torch.long) for label, batch in enumerate(images)])
-    latents = predict.encode_images(run, torch.cat(images), runtime)
+    latents = pipe.encode(torch.cat(images))
     for name, passed in (("real (true label)", labels), ("control: real, labels swapped", 1 - labels)):
-        features = predict.bottleneck_features(run, latents, passed, runtime, 0).numpy()
+        features = predict.bottleneck_features(pipe, latents, passed, 0).numpy()
         assert scores[name]["silhouette_features"] == pytest.approx(silhouette_score(features, passed.numpy()), rel=1e-4, abs=1e-6)
 
 
@@ -181,7 +180,7 @@ def test_sampling_uses_the_ema_weights(trained_run: Path, tmp_path: Path) -> Non
     raw, ema = state["model"], state["ema"]["model"]
     # After training, the EMA and the raw weights differ; the loaded UNet holds exactly the EMA ones.
     assert any(not torch.equal(raw[key], ema[key]) for key in raw)
-    loaded = predict.load_run(trained_run, CPU).unet.state_dict()
+    loaded = load_run(trained_run, Runtime(CPU)).unet.state_dict()
     assert set(loaded) == set(ema) and all(torch.equal(loaded[key], ema[key]) for key in ema)
 
     def noisy_raw(state: dict) -> None:
@@ -192,7 +191,7 @@ def test_sampling_uses_the_ema_weights(trained_run: Path, tmp_path: Path) -> Non
 
     raw_changed = run_with_unet_state(trained_run, tmp_path / "raw_changed", noisy_raw)
     ema_changed = run_with_unet_state(trained_run, tmp_path / "ema_changed", noisy_ema)
-    loaded = predict.load_run(raw_changed, CPU).unet.state_dict()
+    loaded = load_run(raw_changed, Runtime(CPU)).unet.state_dict()
     assert all(torch.equal(loaded[key], ema[key]) for key in ema)
 
     for run_dir, out in ((trained_run, "original"), (raw_changed, "raw_changed"), (ema_changed, "ema_changed")):
@@ -218,13 +217,14 @@ def slice_run(tiny_dataset: Path, tmp_path_factory) -> Path:
 
 def test_slice_conditioning_end_to_end(slice_run: Path, tmp_path: Path, monkeypatch) -> None:
     calls = []  # (slice positions passed to the sampler, the latents it returned)
+    real_sample = Pipeline.sample
 
-    def spy(*args, **kwargs):
-        latents = train.sample_latents(*args, **kwargs)
-        calls.append((kwargs["slice_position"], latents.clone()))
+    def spy(pipe, conditions, **kwargs):
+        latents = real_sample(pipe, conditions, **kwargs)
+        calls.append((conditions.slice_position, latents.clone()))
         return latents
 
-    monkeypatch.setattr(predict, "sample_latents", spy)
+    monkeypatch.setattr(Pipeline, "sample", spy)
     latents = {}
     for slice_index, tag in ((70, "70"), (71, "71"), (73, "73"), (73, "73 again")):
         out = tmp_path / tag.replace(" ", "_")

@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import tree_fingerprint
 from PIL import Image
 
 import dataset
 import project_setup
+from conftest import tree_fingerprint
 from dataset import CLASS_NAMES, SPLITS, parse_image_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train
 
 import train
+from conftest import TINY, run_train
 from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
