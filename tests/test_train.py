@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY, run_train
+from torch import nn
 
 import train
-from conftest import TINY, run_train
+from modules import NoiseScheduler, SchedulerConfig
 from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], torch.Tensor):
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-        elif isinstance(a[name], dict):
-            assert_same_weights(a[name], b[name])
-
 
 def test_end_to_end_writes_every_promised_file(trained_run: Path) -> None:
     for name in ("config.json", "splits.json", "vae.pt", "unet.pt", "history.jsonl", "vae_loss.png",
@@ -73,35 +69,191 @@ def test_checkpoint_from_another_config_is_refused(trained_run: Path, tiny_datas
     assert "another config" in err and "vae.channels" in err and "Traceback" not in err
 
 
-def test_resume_equals_uninterrupted(trained_run: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
-    """Kill the run during the second UNet epoch, resume it, and get bit-identical weights."""
-    real_epoch = train.train_one_epoch
-    calls = {"n": 0}
+class EpochSpy:
+    """Stands in for train.train_one_epoch: records every call's name, the model, optimizer and
+    LR-schedule state it starts from, the UNet weights after every step (for the EMA arithmetic)
+    and, per training batch, the latents and conditions handed to diffusion_loss; `stop_at` names
+    the epoch during which the run is killed."""
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # vae 1, vae 2, unet 1, then killed during unet 2
+    def __init__(self, monkeypatch):
+        self.real_epoch, self.real_loss = train.train_one_epoch, train.diffusion_loss
+        self.calls: list[str] = []
+        self.start: dict[str, dict] = {}
+        self.steps: dict[str, list[dict]] = {}
+        self.batches: dict[str, list[tuple]] = {}
+        self.stop_at: str | None = None
+        self.batch = None
+        monkeypatch.setattr(train, "train_one_epoch", self.train_one_epoch)
+        monkeypatch.setattr(train, "diffusion_loss", self.diffusion_loss)
+
+    def train_one_epoch(self, name, model, batches, num_batches, compute_loss, optimizer, lr_schedule, *args, **kwargs):
+        self.calls.append(name)
+        self.start[name] = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                            "lr_step": lr_schedule.last_epoch}
+        if name == self.stop_at:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        after_step = kwargs.pop("after_step", lambda: None)
+        steps, seen = self.steps.setdefault(name, []), self.batches.setdefault(name, [])
 
+        def recorded_step() -> None:
+            steps.append({k: p.detach().clone() for k, p in model.named_parameters()})
+            after_step()
+
+        def recorded_loss(batch):
+            self.batch, self.seen = batch, seen
+            try:
+                return compute_loss(batch)
+            finally:
+                self.batch = None
+
+        return self.real_epoch(name, model, batches, num_batches, recorded_loss, optimizer, lr_schedule, *args,
+                               after_step=recorded_step, **kwargs)
+
+    def diffusion_loss(self, unet, scheduler, latents, labels, slice_position, generator=None):
+        if self.batch is not None:  # a training step, not validation
+            self.seen.append((self.batch, latents.detach().clone(), labels.clone(),
+                              None if slice_position is None else slice_position.clone()))
+        return self.real_loss(unet, scheduler, latents, labels, slice_position, generator)
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """Bit-identical nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def ema_arithmetic(start: dict, steps: list[dict], done: int, decay: float) -> dict:
+    """EMA's documented update, shadow ← d·shadow + (1 − d)·weights with d = min(decay, (1+n)/(10+n))."""
+    shadow = {k: v.clone() for k, v in start.items()}
+    for n, weights in enumerate(steps, start=done + 1):
+        d = min(decay, (1 + n) / (10 + n))
+        for k in shadow:
+            shadow[k].lerp_(weights[k], 1 - d)
+    return shadow
+
+
+def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Killed during VAE epoch 2, then during UNet epoch 2: each resume trains only the remaining
+    epochs, from the checkpoint's weights, optimizer and step, and ends bit-identical to an
+    uninterrupted run (EMA included); the EMA follows its arithmetic over the recorded steps."""
     run_dir = tmp_path / "resumed"
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    spy = EpochSpy(monkeypatch)
+    spy.stop_at = "vae 2/2"
     with pytest.raises(KeyboardInterrupt):
         run_train(tiny_dataset, run_dir)
-    assert load_checkpoint(run_dir / "unet.pt")["epoch"] == 1
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    assert spy.calls == ["vae 1/2", "vae 2/2"] and not (run_dir / "unet.pt").exists()
+    vae_epoch1 = load_checkpoint(run_dir / "vae.pt")
+    assert vae_epoch1["epoch"] == 1
+
+    spy.calls, spy.stop_at = [], "unet 2/2"
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_dataset, run_dir, "--resume")
+    assert spy.calls == ["vae 2/2", "unet 1/2", "unet 2/2"]
+    resumed_at = spy.start["vae 2/2"]
+    assert_same(resumed_at["model"], vae_epoch1["model"])
+    assert_same(resumed_at["optimizer"], vae_epoch1["optimizer"])
+    assert resumed_at["lr_step"] == vae_epoch1["step"] == vae_epoch1["lr_schedule"]["last_epoch"] > 0
+    unet_epoch1 = load_checkpoint(run_dir / "unet.pt")
+    assert unet_epoch1["epoch"] == 1
+
+    spy.calls, spy.stop_at = [], None
     run_train(tiny_dataset, run_dir, "--resume")
+    assert spy.calls == ["unet 2/2"]
+    resumed_at = spy.start["unet 2/2"]
+    assert_same(resumed_at["model"], unet_epoch1["model"])
+    assert_same(resumed_at["optimizer"], unet_epoch1["optimizer"])
+    assert resumed_at["lr_step"] == unet_epoch1["step"] == len(spy.steps["unet 1/2"])
 
     for name in ("vae.pt", "unet.pt"):
         resumed, straight = load_checkpoint(run_dir / name), load_checkpoint(trained_run / name)
         assert resumed["epoch"] == straight["epoch"] == 2
-        assert_same_weights(resumed["model"], straight["model"])
-    assert_same_weights(load_checkpoint(run_dir / "unet.pt")["ema"], load_checkpoint(trained_run / "unet.pt")["ema"])
+        for key in ("model", "optimizer", "lr_schedule", "step") + (("ema",) if name == "unet.pt" else ()):
+            assert_same(resumed[key], straight[key], key)
+    drop_speed = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]
+    assert drop_speed((run_dir / "history.jsonl").read_text().splitlines()) == \
+        drop_speed((trained_run / "history.jsonl").read_text().splitlines())
+
+    # EMA: starts as the initial UNet, is updated after every optimizer step, and survives the resume.
+    unet_final = load_checkpoint(run_dir / "unet.pt")
+    initial = {k: v for k, v in spy.start["unet 1/2"]["model"].items() if k in spy.steps["unet 1/2"][0]}
+    decay = unet_final["ema"]["decay"]
+    steps1, steps2 = spy.steps["unet 1/2"], spy.steps["unet 2/2"]
+    assert unet_epoch1["ema"]["num_updates"] == len(steps1) and unet_final["ema"]["num_updates"] == len(steps1) + len(steps2)
+    expected1 = ema_arithmetic(initial, steps1, 0, decay)
+    expected2 = ema_arithmetic(expected1, steps2, len(steps1), decay)
+    for name in initial:
+        torch.testing.assert_close(unet_epoch1["ema"]["model"][name], expected1[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(unet_final["ema"]["model"][name], expected2[name], rtol=1e-5, atol=1e-7, msg=name)
+    ema, raw = unet_final["ema"]["model"], unet_final["model"]
+    assert max(float((ema[k] - raw[k]).abs().max()) for k in initial) > 1e-4, "EMA weights equal the raw weights"
+    assert max(float((ema[k] - initial[k]).abs().max()) for k in initial) > 1e-4, "EMA weights never moved"
+
+    # Stage 2 draws a fresh latent z = μ + σ·ε from the cached posterior every step, and drops
+    # labels (to the null label) and slice positions (to -1) together at the configured rate.
+    scale = float(load_checkpoint(run_dir / "vae.pt")["model"]["scale_factor"])
+    draws: dict[bytes, list[torch.Tensor]] = {}
+    epsilons, dropped = [], 0
+    for name in ("unet 1/2", "unet 2/2"):
+        assert spy.batches[name], name
+        for (mean, logvar, labels, slices), latents, used_labels, used_slices in spy.batches[name]:
+            epsilons.append((latents / scale - mean) / torch.exp(0.5 * logvar))
+            for i in range(len(mean)):
+                draws.setdefault(mean[i].numpy().tobytes(), []).append(latents[i])
+            kept = used_labels != 2
+            dropped += int((~kept).sum())
+            assert torch.equal(used_labels[kept], labels[kept])
+            if used_slices is not None:  # slice conditioning on
+                assert torch.equal(used_slices[kept], slices[kept]) and (used_slices[~kept] == -1).all()
+    # (the tiny set repeats images across scans, so equal posteriors also come from different items)
+    assert sum(len(z) for z in draws.values()) == 2 * len(spy.batches["unet 1/2"]) * len(spy.batches["unet 1/2"][0][2])
+    assert all(len({z.numpy().tobytes() for z in group}) == len(group) for group in draws.values()), \
+        "an item's latent was reused instead of drawn afresh"
+    epsilon = torch.cat([e.flatten() for e in epsilons])
+    assert abs(float(epsilon.mean())) < 0.1 and 0.9 < float(epsilon.std()) < 1.1
+    assert 0 < dropped < 0.3 * sum(len(z) for z in draws.values())
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    run_dir = tmp_path / "nan"
+@pytest.fixture(scope="module")
+def one_vae_epoch(tiny_dataset: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
     run_train(tiny_dataset, run_dir, "--stage", "vae", "--vae_train.epochs", "1")
+    return run_dir
+
+
+def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_vae_epoch, run_dir)
+    good = (run_dir / "vae.pt").read_bytes()
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])  # half-written, then the process dies
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="No space left"):
+        run_train(tiny_dataset, run_dir, "--stage", "vae", "--resume", "--vae_train.epochs", "2")
+    assert (run_dir / "vae.pt").read_bytes() == good
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"], "temporary file left behind"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path,
+                                                       monkeypatch, capsys) -> None:
+    run_dir = tmp_path / "nan"
+    shutil.copytree(one_vae_epoch, run_dir)
     good = (run_dir / "vae.pt").read_bytes()
     real_loss = train.vae_loss
     monkeypatch.setattr(train, "vae_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
@@ -137,8 +289,41 @@ def test_missing_dataset_is_one_line_exit_2(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+# Appended to the workers' sitecustomize: every AdamW is recorded, every backward's loss logged, and
+# at exit each rank writes a hash of each optimizer's parameters and its first loss to DUMP<rank>.
+DDP_PROBE = """
+import atexit, hashlib, json, torch
+_optimizers, _losses = [], []
+class _RecordedAdamW(torch.optim.AdamW):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _optimizers.append(self)
+torch.optim.AdamW = _RecordedAdamW
+_backward = torch.Tensor.backward
+def _logged_backward(self, *args, **kwargs):
+    _losses.append(float(self))
+    return _backward(self, *args, **kwargs)
+torch.Tensor.backward = _logged_backward
+def _dump():
+    if 'RANK' not in os.environ:
+        return
+    hashes = []
+    for optimizer in _optimizers:
+        digest = hashlib.sha256()
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                digest.update(p.detach().cpu().numpy().tobytes())
+        hashes.append(digest.hexdigest())
+    with open(DUMP + os.environ['RANK'], 'w') as f:
+        json.dump({'params': hashes, 'first_loss': _losses[0] if _losses else None}, f)
+atexit.register(_dump)
+"""
+
+
 def test_torchrun_two_cpu_processes_only_rank0_writes(tiny_dataset: Path, tmp_path: Path) -> None:
-    """gloo DDP with 2 processes; a sitecustomize logs every atomic rename with the writer's rank."""
+    """gloo DDP with 2 processes; a sitecustomize logs every atomic rename with the writer's rank,
+    and each rank's parameters after training: the ranks train on different data (their first
+    losses differ), so equal parameters prove DDP averaged the gradients."""
     hook = tmp_path / "hook"
     hook.mkdir()
     log = tmp_path / "writes.log"
@@ -149,6 +334,7 @@ def test_torchrun_two_cpu_processes_only_rank0_writes(tiny_dataset: Path, tmp_pa
         f"    with open({str(log)!r}, 'a') as f: f.write(os.environ.get('RANK', '?') + ' ' + str(dst) + '\\n')\n"
         "    return _replace(src, dst, *a, **k)\n"
         "os.replace = _logged\n"
+        + DDP_PROBE.replace("DUMP", repr(str(tmp_path / "rank")))
     )
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), "OMP_NUM_THREADS": "1"}
@@ -164,3 +350,213 @@ def test_torchrun_two_cpu_processes_only_rank0_writes(tiny_dataset: Path, tmp_pa
     for name in ("vae.pt", "unet.pt", "history.jsonl", "diffusion_loss.png"):
         assert (run_dir / name).is_file()
     assert load_checkpoint(run_dir / "unet.pt")["epoch"] == 1
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1))
+    assert len(rank0["params"]) == 2, "expected one AdamW per stage"
+    assert rank0["first_loss"] != rank1["first_loss"], "both ranks saw the same first batch"
+    assert rank0["params"] == rank1["params"], "parameters differ across ranks: gradients were not synchronised"
+
+
+# ============================================================================ the training step, unit by unit
+
+
+class FakeBar:
+    """Stands in for tqdm: iterates, and records its arguments and every set_postfix."""
+
+    made: list[FakeBar] = []
+
+    def __init__(self, iterable, **kwargs):
+        self.iterable, self.kwargs, self.postfixes = iterable, kwargs, []
+        FakeBar.made.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **values):
+        self.postfixes.append(values)
+
+
+def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) -> None:
+    """Plain SGD on a linear model, so every update can be written down: gradients are zeroed every
+    step, clipped to grad_clip, the LR schedule steps after each optimizer step, after_step sees
+    the updated weights, and the loss, images/s and progress-bar figures are exact."""
+    FakeBar.made = []
+    monkeypatch.setattr(train, "tqdm", FakeBar)
+    clock = iter([100.0] + [102.0] * 50)
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    model = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -1.0, 2.0]]))
+    model.eval()
+    batches = [torch.tensor([[1.0, 2.0, 0.5], [0.1, -0.2, 0.3]]) * (k + 1) for k in range(5)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    stage = train.StageConfig(grad_clip=0.3)
+    after = []
+
+    w = model.weight.detach().clone()
+    expected_losses, expected_weights = [], []
+    for k, x in enumerate(batches):
+        expected_losses.append(float((x @ w.T).sum()))
+        gradient = x.sum(0, keepdim=True)
+        gradient = gradient * min(1.0, 0.3 / (float(gradient.norm()) + 1e-6))
+        w = w - 0.5 / (k + 1) * gradient
+        expected_weights.append(w)
+
+    loss, images_per_second = train.train_one_epoch(
+        "unit 1/1", model, batches, 5, lambda x: (model(x).sum(), len(x)), optimizer, schedule, stage,
+        train.Runtime(torch.device("cpu")), 2, after_step=lambda: after.append(model.weight.detach().clone()))
+    assert model.training
+    assert loss == pytest.approx(sum(expected_losses) / 5, rel=1e-6)
+    assert images_per_second == 10 / 2.0
+    assert schedule.last_epoch == 5
+    assert len(after) == 5
+    for got, want in zip(after, expected_weights):
+        torch.testing.assert_close(got, want)
+    (bar,) = FakeBar.made
+    assert bar.iterable is batches
+    assert bar.kwargs == {"total": 5, "desc": "unit 1/1", "disable": False, "leave": False, "dynamic_ncols": True}
+    running = [sum(expected_losses[:n]) / n for n in (2, 4, 5)]
+    assert [p["loss"] for p in bar.postfixes] == [f"{value:.4f}" for value in running]
+    assert [p["img_s"] for p in bar.postfixes] == ["2", "4", "5"]  # 4, 8, 10 images in 2 s
+
+    FakeBar.made = []
+    clock = iter([100.0] + [102.0] * 50)
+    train.train_one_epoch("rank 1", model, batches[:1], 1, lambda x: (model(x).sum(), len(x)), optimizer, schedule,
+                          stage, train.Runtime(torch.device("cpu"), rank=1), 2)
+    assert FakeBar.made[0].kwargs["disable"] is True
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_train_one_epoch_stops_on_a_non_finite_loss(bad: float) -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    runtime, stage = train.Runtime(torch.device("cpu")), train.StageConfig()
+    batches = [torch.ones(1, 2) * k for k in range(5)]
+
+    def loss_of(x):
+        value = model(x).sum()
+        return (value * 0 + bad if x[0, 0] == 2 else value), 1
+
+    with pytest.raises(train.TrainingDiverged, match=f"^run 1/1: loss became {bad} at step 4 of the epoch$"):
+        train.train_one_epoch("run 1/1", model, batches, 5, loss_of, optimizer, schedule, stage, runtime, 2)
+    with pytest.raises(train.TrainingDiverged, match=f"^run 1/1: loss became {bad} at step 5 of the epoch$"):
+        train.train_one_epoch("run 1/1", model, batches, 5, loss_of, optimizer, schedule, stage, runtime, 100)
+    # no logging step inside the epoch (num_batches larger than the batches): the final check catches it
+    with pytest.raises(train.TrainingDiverged, match=f"^run 1/1: loss became {bad}$"):
+        train.train_one_epoch("run 1/1", model, batches, 7, loss_of, optimizer, schedule, stage, runtime, 100)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr_ratio() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    stage = train.StageConfig(epochs=2, lr=2.0, weight_decay=0.05, warmup_steps=4, min_lr_ratio=0.1)
+    optimizer, schedule = train.make_optimizer(model, stage, steps_per_epoch=10)  # 20 steps, 4 of warm-up
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, plain = optimizer.param_groups
+    assert [id(p) for p in decayed["params"]] == [id(model[0].weight), id(model[2].weight)]
+    assert [id(p) for p in plain["params"]] == [id(model[0].bias), id(model[1].weight), id(model[1].bias)]
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["fused"] is True
+
+    lrs = []
+    for _ in range(25):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:5] == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])
+    assert lrs[12] == pytest.approx(2.0 * 0.55)  # halfway through the cosine: 0.1 + 0.9 · 0.5
+    assert lrs[20:] == pytest.approx([0.2] * 5)  # min_lr_ratio, held after the last step
+    for step in range(4, 21):
+        progress = (step - 4) / 16
+        assert lrs[step] == pytest.approx(2.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))), step
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+    # warm-up is capped at half of all steps
+    stage = train.StageConfig(epochs=1, lr=2.0, warmup_steps=100, min_lr_ratio=0.1)
+    optimizer, schedule = train.make_optimizer(model, stage, steps_per_epoch=10)
+    lrs = []
+    for _ in range(11):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:6] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0, 2.0])
+    assert lrs[10] == pytest.approx(0.2)
+
+
+def test_seed_epoch_differs_by_seed_epoch_and_rank_and_repeats() -> None:
+    def draw(seed: int, epoch: int, rank: int) -> tuple[float, ...]:
+        train.seed_epoch(seed, epoch, rank)
+        return tuple(torch.rand(4).tolist())
+
+    assert draw(3, 5, 1) == draw(3, 5, 1)
+    draws = {draw(s, e, r) for s in range(3) for e in range(6) for r in range(4)}
+    assert len(draws) == 3 * 6 * 4
+
+
+def test_drop_conditions_drops_labels_and_positions_together_at_rate_p() -> None:
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (20000,))
+    slices = torch.rand(20000)
+    originals = labels.clone(), slices.clone()
+    new_labels, new_slices = train.drop_conditions(labels, slices, 2, 0.3)
+    assert torch.equal(labels, originals[0]) and torch.equal(slices, originals[1]), "inputs changed in place"
+    dropped = new_labels == 2
+    assert 0.28 < float(dropped.float().mean()) < 0.32
+    assert new_labels.dtype == labels.dtype and torch.equal(new_labels[~dropped], labels[~dropped])
+    assert (new_slices[dropped] == -1.0).all() and torch.equal(new_slices[~dropped], slices[~dropped])
+
+    kept_labels, kept_slices = train.drop_conditions(labels, slices, 2, 0.0)
+    assert torch.equal(kept_labels, labels) and torch.equal(kept_slices, slices)
+    all_labels, all_slices = train.drop_conditions(labels, slices, 2, 1.0)
+    assert (all_labels == 2).all() and (all_slices == -1.0).all()
+    only_labels, none = train.drop_conditions(labels, None, 5, 1.0)
+    assert none is None and (only_labels == 5).all()
+
+
+@pytest.mark.parametrize("prediction_type, gamma", [("v", 5.0), ("epsilon", 0.0)])
+def test_diffusion_loss_is_the_weighted_mse_to_the_scheduler_target(prediction_type: str, gamma: float) -> None:
+    """A UNet that predicts the target plus a per-sample offset a gives loss mean(a² · weight(t)),
+    for noise and timesteps drawn from the given generator (or the global one)."""
+    scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type, min_snr_gamma=gamma))
+    torch.manual_seed(1)
+    latents, labels, slices = torch.randn(64, 2, 3, 3), torch.randint(0, 3, (64,)), torch.rand(64)
+    offsets = torch.linspace(0.5, 2.0, 64)
+    for generator in (torch.Generator().manual_seed(7), None):
+        replay = torch.Generator().manual_seed(7)
+        noise = torch.randn(latents.shape, generator=replay)
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (64,), generator=replay)
+        seen = []
+
+        def unet(noisy, t, given_labels, given_slices):
+            seen.append((noisy, t, given_labels, given_slices))
+            return scheduler.training_target(latents, noise, timesteps) + offsets.view(-1, 1, 1, 1)
+
+        if generator is None:
+            torch.manual_seed(7)
+        loss = train.diffusion_loss(unet, scheduler, latents, labels, slices, generator)
+        (noisy, t, given_labels, given_slices), = seen
+        assert torch.equal(t, timesteps) and given_labels is labels and given_slices is slices
+        torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
+        weights = scheduler.loss_weights(timesteps)
+        assert gamma == 0 or not torch.allclose(weights, torch.ones(64))
+        torch.testing.assert_close(loss, (offsets ** 2 * weights).mean())
+
+
+def test_prepare_for_training_wraps_as_configured(tmp_path: Path) -> None:
+    config = train.make_config("demo")
+    model = nn.Conv2d(2, 4, 3)
+    assert train.prepare_for_training(model, config, train.Runtime(torch.device("cpu"))) is model
+    assert model.weight.is_contiguous(), "channels-last is for CUDA only"
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = train.prepare_for_training(model, config, train.Runtime(torch.device("cpu"), rank=0, world_size=2))
+        assert isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model
+        assert wrapped.device_ids is None
+    finally:
+        torch.distributed.destroy_process_group()
+
+    config.run.compile = True
+    compiled = train.prepare_for_training(model, config, train.Runtime(torch.device("cpu")))
+    assert compiled is not model and compiled._orig_mod is model
