@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -249,7 +248,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"checkpoint {path} not found") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+    except OSError as error:
+        raise UsageError(f"cannot read {path} ({error.strerror}): check the file's permissions") from None
+    # Whatever a damaged or foreign file makes the unpickler raise (UnpicklingError, RuntimeError,
+    # EOFError, IndexError on plain text, ...), the file is not a checkpoint we can use.
+    except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{path} is not a readable brainLDM checkpoint ({first_line[:120]})") from None
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+import pipeline
 import train
-import utils
-from utils import UsageError, atomic_path, load_checkpoint, save_checkpoint
+from config import Config, config_to_dict, make_config
+from utils import Runtime, UsageError, atomic_path, load_checkpoint, save_checkpoint
 
 
 class Payload:
@@ -129,8 +130,6 @@ def test_load_checkpoint_errors_are_one_line(tmp_path: Path, monkeypatch) -> Non
         load_checkpoint(garbage)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="bug: torch.load raises IndexError on a plain-text file and load_checkpoint does not catch it")
 def test_load_checkpoint_refuses_a_text_file(tmp_path: Path) -> None:
     garbage = tmp_path / "notes.pt"
     garbage.write_bytes(b"this is not a checkpoint")
@@ -152,7 +151,7 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
 
 
-def trained_state(config: train.Config, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer, object, dict]:
+def trained_state(config: Config, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer, object, dict]:
     torch.manual_seed(0)
     model = tiny_model()
     optimizer, schedule = train.make_optimizer(model, config.vae_train, steps_per_epoch=10)
@@ -161,7 +160,7 @@ def trained_state(config: train.Config, steps: int = 3) -> tuple[nn.Module, torc
         model(torch.randn(5, 3)).square().mean().backward()
         optimizer.step()
         schedule.step()
-    state = train.checkpoint_state("vae", config, model, optimizer, schedule, 2, steps, [{"epoch": 1}, {"epoch": 2}], extra=7)
+    state = pipeline.checkpoint_state("vae", config, model, optimizer, schedule, 2, steps, [{"epoch": 1}, {"epoch": 2}], extra=7)
     return model, optimizer, schedule, state
 
 
@@ -181,11 +180,11 @@ def assert_same(a, b) -> None:
 
 
 def test_checkpoint_state_holds_everything_a_resume_needs() -> None:
-    config = train.make_config("demo")
+    config = make_config("demo")
     model, optimizer, schedule, state = trained_state(config)
     assert state.keys() == {"format", "stage", "config", "model", "optimizer", "lr_schedule", "epoch", "step", "history", "extra"}
-    assert (state["format"], state["stage"], state["epoch"], state["step"], state["extra"]) == (train.CHECKPOINT_FORMAT, "vae", 2, 3, 7)
-    assert state["config"] == train.config_to_dict(config)
+    assert (state["format"], state["stage"], state["epoch"], state["step"], state["extra"]) == (pipeline.CHECKPOINT_FORMAT, "vae", 2, 3, 7)
+    assert state["config"] == config_to_dict(config)
     assert_same(state["model"], model.state_dict())
     assert_same(state["optimizer"], optimizer.state_dict())
     assert state["lr_schedule"]["last_epoch"] == 3
@@ -193,8 +192,8 @@ def test_checkpoint_state_holds_everything_a_resume_needs() -> None:
 
 
 def test_restore_stage_loads_weights_optimizer_schedule_epoch_and_step(tmp_path: Path) -> None:
-    config = train.make_config("demo")
-    runtime = train.Runtime(torch.device("cpu"))
+    config = make_config("demo")
+    runtime = Runtime(torch.device("cpu"))
     _, _, _, state = trained_state(config)
     path = tmp_path / "vae.pt"
     save_checkpoint(state, path)
@@ -217,50 +216,50 @@ def test_restore_stage_loads_weights_optimizer_schedule_epoch_and_step(tmp_path:
 
 
 def test_load_stage_checkpoint_refuses_other_stage_format_config_and_payloads(tmp_path: Path) -> None:
-    config = train.make_config("demo")
+    config = make_config("demo")
     device = torch.device("cpu")
     _, _, _, state = trained_state(config)
     path = tmp_path / "vae.pt"
     save_checkpoint(state, path)
-    assert train.load_stage_checkpoint(path, "vae", config, device)["step"] == 3
+    assert pipeline.load_stage_checkpoint(path, "vae", config, device)["step"] == 3
     with pytest.raises(UsageError, match="is not a unet checkpoint of this brainLDM version"):
-        train.load_stage_checkpoint(path, "unet", config, device)
-    save_checkpoint({**state, "format": train.CHECKPOINT_FORMAT + 1}, path)
+        pipeline.load_stage_checkpoint(path, "unet", config, device)
+    save_checkpoint({**state, "format": pipeline.CHECKPOINT_FORMAT + 1}, path)
     with pytest.raises(UsageError, match="is not a vae checkpoint"):
-        train.load_stage_checkpoint(path, "vae", config, device)
+        pipeline.load_stage_checkpoint(path, "vae", config, device)
     save_checkpoint([1, 2], path)
     with pytest.raises(UsageError, match="is not a vae checkpoint"):
-        train.load_stage_checkpoint(path, "vae", config, device)
+        pipeline.load_stage_checkpoint(path, "vae", config, device)
     save_checkpoint(state, path)
-    other = train.make_config("demo")
+    other = make_config("demo")
     other.vae.channels = (8, 8, 16)
     other.data.image_size = 48
     with pytest.raises(UsageError, match=r"another config \(vae.channels: .*data.image_size: 64 → 48\)"):
-        train.load_stage_checkpoint(path, "vae", other, device)
-    other = train.make_config("demo")
+        pipeline.load_stage_checkpoint(path, "vae", other, device)
+    other = make_config("demo")
     other.vae_train.lr = 0.5  # optimisation settings may change on resume
-    assert train.load_stage_checkpoint(path, "vae", other, device)["epoch"] == 2
+    assert pipeline.load_stage_checkpoint(path, "vae", other, device)["epoch"] == 2
     marker = tmp_path / "pwned.txt"
     write_payload(path, marker)
     with pytest.raises(UsageError, match="not a readable brainLDM checkpoint"):
-        train.load_stage_checkpoint(path, "vae", config, device)
+        pipeline.load_stage_checkpoint(path, "vae", config, device)
     assert not marker.exists()
 
 
 def test_load_weights_mismatch_is_a_one_line_usage_error(monkeypatch) -> None:
     model = nn.Linear(3, 2)
-    train.load_weights(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, Path("x.pt"))
+    pipeline.load_weights(model, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, Path("x.pt"))
     assert torch.equal(model.weight, torch.ones(2, 3))
     with pytest.raises(UsageError, match=r"\(size mismatch for weight: .*\): start a new --run$"):  # one bad key: 2 lines
-        train.load_weights(model, {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, Path("x.pt"))
+        pipeline.load_weights(model, {"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, Path("x.pt"))
     with pytest.raises(UsageError) as info:
-        train.load_weights(model, nn.Linear(3, 4).state_dict(), Path("x.pt"))
+        pipeline.load_weights(model, nn.Linear(3, 4).state_dict(), Path("x.pt"))
     message = str(info.value)
     assert message.startswith("x.pt does not fit this model (size mismatch for weight:") and message.endswith(": start a new --run")
     assert "\n" not in message
     monkeypatch.setattr(model, "load_state_dict", lambda weights: (_ for _ in ()).throw(RuntimeError("  boom  ")))
     with pytest.raises(UsageError, match=r"^x.pt does not fit this model \(boom\): start a new --run$"):
-        train.load_weights(model, {}, Path("x.pt"))
+        pipeline.load_weights(model, {}, Path("x.pt"))
 
 
 def test_evil_checkpoint_in_a_run_is_refused_in_one_line(trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys) -> None:

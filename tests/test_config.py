@@ -3,7 +3,6 @@ before any work, with a message that names the field and the fix."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 

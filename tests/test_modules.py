@@ -736,3 +736,87 @@ def test_ema_state_dict_round_trip():
     restored.load_state_dict({**state, "num_updates": torch.tensor(7), "decay": torch.tensor(0.95, dtype=torch.float64)})
     assert type(restored.num_updates) is int and restored.num_updates == 7
     assert type(restored.decay) is float and restored.decay == 0.95
+
+
+# ------------------------------------------------------------------------------------------- conditions and the loss
+
+
+def test_condition_dropout_drops_labels_and_positions_together_at_rate_p() -> None:
+    torch.manual_seed(0)
+    conditions = Conditions(torch.randint(0, 2, (20000,)), torch.rand(20000))
+    originals = conditions.labels.clone(), conditions.slice_position.clone()
+    dropped_conditions = conditions.dropped(0.3)
+    assert torch.equal(conditions.labels, originals[0]) and torch.equal(conditions.slice_position, originals[1])
+    dropped = dropped_conditions.labels == Conditions.ABSENT
+    assert 0.28 < float(dropped.float().mean()) < 0.32
+    assert dropped_conditions.labels.dtype == torch.long
+    assert torch.equal(dropped_conditions.labels[~dropped], conditions.labels[~dropped])
+    assert (dropped_conditions.slice_position[dropped] == Conditions.ABSENT).all()
+    assert torch.equal(dropped_conditions.slice_position[~dropped], conditions.slice_position[~dropped])
+
+    kept = conditions.dropped(0.0)
+    assert torch.equal(kept.labels, conditions.labels) and torch.equal(kept.slice_position, conditions.slice_position)
+    gone = conditions.dropped(1.0)
+    assert (gone.labels == Conditions.ABSENT).all() and (gone.slice_position == Conditions.ABSENT).all()
+    labels_only = Conditions(conditions.labels).dropped(1.0)
+    assert labels_only.slice_position is None and (labels_only.labels == Conditions.ABSENT).all()
+    replay = torch.Generator().manual_seed(3)
+    expected = torch.rand(20000, generator=replay) < 0.5
+    assert torch.equal(conditions.dropped(0.5, torch.Generator().manual_seed(3)).labels == Conditions.ABSENT, expected)
+
+
+def test_conditions_index_move_and_concatenate() -> None:
+    conditions = Conditions(torch.tensor([0, 1, 1]), torch.tensor([0.1, 0.2, 0.3]))
+    picked = conditions[[2, 0]]
+    assert picked.labels.tolist() == [1, 0] and picked.slice_position.tolist() == pytest.approx([0.3, 0.1])
+    both = Conditions.cat(conditions, conditions.unconditional())
+    assert len(both) == 6 and both.labels.tolist() == [0, 1, 1, -1, -1, -1]
+    assert both.slice_position.tolist() == pytest.approx([0.1, 0.2, 0.3, -1, -1, -1])
+    assert Conditions.cat(Conditions(torch.tensor([0])), Conditions(torch.tensor([1]))).slice_position is None
+    assert conditions.to("meta").labels.device.type == "meta" and Conditions(torch.tensor([0])).to("cpu").slice_position is None
+
+
+@pytest.mark.parametrize("prediction_type, gamma", [("v", 5.0), ("epsilon", 0.0)])
+def test_training_loss_is_the_weighted_mse_to_the_scheduler_target(prediction_type: str, gamma: float) -> None:
+    """A UNet that predicts the target plus a per-sample offset a gives loss mean(a² · weight(t)),
+    for noise and timesteps drawn from the given generator (or the global one)."""
+    scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type, min_snr_gamma=gamma))
+    torch.manual_seed(1)
+    latents, conditions = torch.randn(64, 2, 3, 3), Conditions(torch.randint(0, 2, (64,)), torch.rand(64))
+    offsets = torch.linspace(0.5, 2.0, 64)
+    for generator in (torch.Generator().manual_seed(7), None):
+        replay = torch.Generator().manual_seed(7)
+        noise = torch.randn(latents.shape, generator=replay)
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (64,), generator=replay)
+        seen = []
+
+        def unet(noisy, t, given):
+            seen.append((noisy, t, given))
+            return scheduler.training_target(latents, noise, timesteps) + offsets.view(-1, 1, 1, 1)
+
+        if generator is None:
+            torch.manual_seed(7)
+        loss = scheduler.training_loss(unet, latents, conditions, generator=generator)
+        ((noisy, t, given),) = seen
+        assert torch.equal(t, timesteps) and given is conditions, "no dropout asked for: the conditions pass unopened"
+        torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
+        weights = scheduler.loss_weights(timesteps)
+        assert gamma == 0 or not torch.allclose(weights, torch.ones(64))
+        torch.testing.assert_close(loss, (offsets**2 * weights).mean())
+
+
+def test_training_loss_drops_conditions_first_then_draws_noise_and_timesteps() -> None:
+    """The draw order (dropout, noise, timesteps) is what makes a resumed run replay an uninterrupted one."""
+    scheduler = NoiseScheduler(SchedulerConfig())
+    latents, conditions = torch.randn(32, 2, 3, 3), Conditions(torch.randint(0, 2, (32,)))
+    seen = []
+    scheduler.training_loss(lambda x, t, given: seen.append((x, t, given)) or torch.zeros_like(x), latents, conditions,
+                            condition_dropout=0.5, generator=torch.Generator().manual_seed(4))
+    replay = torch.Generator().manual_seed(4)
+    dropped = torch.rand(32, generator=replay) < 0.5
+    noise = torch.randn(latents.shape, generator=replay)
+    timesteps = torch.randint(0, 1000, (32,), generator=replay)
+    ((noisy, t, given),) = seen
+    assert torch.equal(given.labels == Conditions.ABSENT, dropped) and dropped.any() and not dropped.all()
+    assert torch.equal(t, timesteps)
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))

@@ -18,8 +18,9 @@ from conftest import TINY, run_train
 from torch import nn
 
 import train
-from modules import NoiseScheduler, SchedulerConfig
-from utils import load_checkpoint
+from config import StageConfig, make_config, read_config
+from modules import Conditions, NoiseScheduler
+from utils import Runtime, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_end_to_end_writes_every_promised_file(trained_run: Path) -> None:
     history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
     assert [(h["stage"], h["epoch"]) for h in history] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2)]
     assert all(h["images_per_second"] > 0 and math.isfinite(h["train_loss"]) for h in history)
-    config = train.read_config(trained_run)
+    config = read_config(trained_run)
     assert config.data.image_size == 32 and config.vae.channels == (8, 16, 16)
     unet = load_checkpoint(trained_run / "unet.pt")
     assert {"model", "ema", "optimizer", "lr_schedule", "epoch", "step", "config", "slice_range"} <= unet.keys()
@@ -72,11 +73,12 @@ def test_checkpoint_from_another_config_is_refused(trained_run: Path, tiny_datas
 class EpochSpy:
     """Stands in for train.train_one_epoch: records every call's name, the model, optimizer and
     LR-schedule state it starts from, the UNet weights after every step (for the EMA arithmetic)
-    and, per training batch, the latents and conditions handed to diffusion_loss; `stop_at` names
-    the epoch during which the run is killed."""
+    and, per training batch, the latents handed to NoiseScheduler.training_loss and the conditions
+    the UNet then received (after guidance dropout); `stop_at` names the epoch during which the
+    run is killed."""
 
     def __init__(self, monkeypatch):
-        self.real_epoch, self.real_loss = train.train_one_epoch, train.diffusion_loss
+        self.real_epoch, self.real_loss = train.train_one_epoch, NoiseScheduler.training_loss
         self.calls: list[str] = []
         self.start: dict[str, dict] = {}
         self.steps: dict[str, list[dict]] = {}
@@ -84,7 +86,10 @@ class EpochSpy:
         self.stop_at: str | None = None
         self.batch = None
         monkeypatch.setattr(train, "train_one_epoch", self.train_one_epoch)
-        monkeypatch.setattr(train, "diffusion_loss", self.diffusion_loss)
+        spy = self
+        monkeypatch.setattr(NoiseScheduler, "training_loss",
+                            lambda scheduler, model, x0, conditions, **kwargs: spy.training_loss(scheduler, model, x0,
+                                                                                                 conditions, **kwargs))
 
     def train_one_epoch(self, name, model, batches, num_batches, compute_loss, optimizer, lr_schedule, *args, **kwargs):
         self.calls.append(name)
@@ -100,7 +105,12 @@ class EpochSpy:
             after_step()
 
         def recorded_loss(batch):
-            self.batch, self.seen = batch, seen
+            if isinstance(batch[-1], Conditions):  # a UNet batch: (mean, logvar, conditions)
+                mean, logvar, conditions = batch
+                self.batch = mean, logvar, conditions.labels, conditions.slice_position
+            else:
+                self.batch = batch
+            self.seen = seen
             try:
                 return compute_loss(batch)
             finally:
@@ -109,11 +119,20 @@ class EpochSpy:
         return self.real_epoch(name, model, batches, num_batches, recorded_loss, optimizer, lr_schedule, *args,
                                after_step=recorded_step, **kwargs)
 
-    def diffusion_loss(self, unet, scheduler, latents, labels, slice_position, generator=None):
-        if self.batch is not None:  # a training step, not validation
-            self.seen.append((self.batch, latents.detach().clone(), labels.clone(),
-                              None if slice_position is None else slice_position.clone()))
-        return self.real_loss(unet, scheduler, latents, labels, slice_position, generator)
+    def training_loss(self, scheduler, model, x0, conditions, **kwargs):
+        if self.batch is None:  # validation, not a training step
+            return self.real_loss(scheduler, model, x0, conditions, **kwargs)
+        received = []
+
+        def recording_model(x, t, used):
+            received.append(used)
+            return model(x, t, used)
+
+        loss = self.real_loss(scheduler, recording_model, x0, conditions, **kwargs)
+        (used,) = received
+        self.seen.append((self.batch, x0.detach().clone(), used.labels.clone(),
+                          None if used.slice_position is None else used.slice_position.clone()))
+        return loss
 
 
 def assert_same(a, b, path: str = "") -> None:
@@ -200,7 +219,7 @@ def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run:
     assert max(float((ema[k] - initial[k]).abs().max()) for k in initial) > 1e-4, "EMA weights never moved"
 
     # Stage 2 draws a fresh latent z = μ + σ·ε from the cached posterior every step, and drops
-    # labels (to the null label) and slice positions (to -1) together at the configured rate.
+    # labels and slice positions (to Conditions.ABSENT) together at the configured rate.
     scale = float(load_checkpoint(run_dir / "vae.pt")["model"]["scale_factor"])
     draws: dict[bytes, list[torch.Tensor]] = {}
     epsilons, dropped = [], 0
@@ -210,11 +229,11 @@ def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run:
             epsilons.append((latents / scale - mean) / torch.exp(0.5 * logvar))
             for i in range(len(mean)):
                 draws.setdefault(mean[i].numpy().tobytes(), []).append(latents[i])
-            kept = used_labels != 2
+            kept = used_labels != Conditions.ABSENT
             dropped += int((~kept).sum())
             assert torch.equal(used_labels[kept], labels[kept])
             if used_slices is not None:  # slice conditioning on
-                assert torch.equal(used_slices[kept], slices[kept]) and (used_slices[~kept] == -1).all()
+                assert torch.equal(used_slices[kept], slices[kept]) and (used_slices[~kept] == Conditions.ABSENT).all()
     # (the tiny set repeats images across scans, so equal posteriors also come from different items)
     assert sum(len(z) for z in draws.values()) == 2 * len(spy.batches["unet 1/2"]) * len(spy.batches["unet 1/2"][0][2])
     assert all(len({z.numpy().tobytes() for z in group}) == len(group) for group in draws.values()), \
@@ -390,7 +409,7 @@ def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) ->
     batches = [torch.tensor([[1.0, 2.0, 0.5], [0.1, -0.2, 0.3]]) * (k + 1) for k in range(5)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-    stage = train.StageConfig(grad_clip=0.3)
+    stage = StageConfig(grad_clip=0.3)
     after = []
 
     w = model.weight.detach().clone()
@@ -404,7 +423,7 @@ def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) ->
 
     loss, images_per_second = train.train_one_epoch(
         "unit 1/1", model, batches, 5, lambda x: (model(x).sum(), len(x)), optimizer, schedule, stage,
-        train.Runtime(torch.device("cpu")), 2, after_step=lambda: after.append(model.weight.detach().clone()))
+        Runtime(torch.device("cpu")), 2, after_step=lambda: after.append(model.weight.detach().clone()))
     assert model.training
     assert loss == pytest.approx(sum(expected_losses) / 5, rel=1e-6)
     assert images_per_second == 10 / 2.0
@@ -422,7 +441,7 @@ def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) ->
     FakeBar.made = []
     clock = iter([100.0] + [102.0] * 50)
     train.train_one_epoch("rank 1", model, batches[:1], 1, lambda x: (model(x).sum(), len(x)), optimizer, schedule,
-                          stage, train.Runtime(torch.device("cpu"), rank=1), 2)
+                          stage, Runtime(torch.device("cpu"), rank=1), 2)
     assert FakeBar.made[0].kwargs["disable"] is True
 
 
@@ -431,7 +450,7 @@ def test_train_one_epoch_stops_on_a_non_finite_loss(bad: float) -> None:
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    runtime, stage = train.Runtime(torch.device("cpu")), train.StageConfig()
+    runtime, stage = Runtime(torch.device("cpu")), StageConfig()
     batches = [torch.ones(1, 2) * k for k in range(5)]
 
     def loss_of(x):
@@ -450,7 +469,7 @@ def test_train_one_epoch_stops_on_a_non_finite_loss(bad: float) -> None:
 def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr_ratio() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     model[2].bias.requires_grad_(False)
-    stage = train.StageConfig(epochs=2, lr=2.0, weight_decay=0.05, warmup_steps=4, min_lr_ratio=0.1)
+    stage = StageConfig(epochs=2, lr=2.0, weight_decay=0.05, warmup_steps=4, min_lr_ratio=0.1)
     optimizer, schedule = train.make_optimizer(model, stage, steps_per_epoch=10)  # 20 steps, 4 of warm-up
     assert isinstance(optimizer, torch.optim.AdamW)
     decayed, plain = optimizer.param_groups
@@ -473,7 +492,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_min_lr_ratio() -> None:
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
 
     # warm-up is capped at half of all steps
-    stage = train.StageConfig(epochs=1, lr=2.0, warmup_steps=100, min_lr_ratio=0.1)
+    stage = StageConfig(epochs=1, lr=2.0, warmup_steps=100, min_lr_ratio=0.1)
     optimizer, schedule = train.make_optimizer(model, stage, steps_per_epoch=10)
     lrs = []
     for _ in range(11):
@@ -494,69 +513,20 @@ def test_seed_epoch_differs_by_seed_epoch_and_rank_and_repeats() -> None:
     assert len(draws) == 3 * 6 * 4
 
 
-def test_drop_conditions_drops_labels_and_positions_together_at_rate_p() -> None:
-    torch.manual_seed(0)
-    labels = torch.randint(0, 2, (20000,))
-    slices = torch.rand(20000)
-    originals = labels.clone(), slices.clone()
-    new_labels, new_slices = train.drop_conditions(labels, slices, 2, 0.3)
-    assert torch.equal(labels, originals[0]) and torch.equal(slices, originals[1]), "inputs changed in place"
-    dropped = new_labels == 2
-    assert 0.28 < float(dropped.float().mean()) < 0.32
-    assert new_labels.dtype == labels.dtype and torch.equal(new_labels[~dropped], labels[~dropped])
-    assert (new_slices[dropped] == -1.0).all() and torch.equal(new_slices[~dropped], slices[~dropped])
-
-    kept_labels, kept_slices = train.drop_conditions(labels, slices, 2, 0.0)
-    assert torch.equal(kept_labels, labels) and torch.equal(kept_slices, slices)
-    all_labels, all_slices = train.drop_conditions(labels, slices, 2, 1.0)
-    assert (all_labels == 2).all() and (all_slices == -1.0).all()
-    only_labels, none = train.drop_conditions(labels, None, 5, 1.0)
-    assert none is None and (only_labels == 5).all()
-
-
-@pytest.mark.parametrize("prediction_type, gamma", [("v", 5.0), ("epsilon", 0.0)])
-def test_diffusion_loss_is_the_weighted_mse_to_the_scheduler_target(prediction_type: str, gamma: float) -> None:
-    """A UNet that predicts the target plus a per-sample offset a gives loss mean(a² · weight(t)),
-    for noise and timesteps drawn from the given generator (or the global one)."""
-    scheduler = NoiseScheduler(SchedulerConfig(prediction_type=prediction_type, min_snr_gamma=gamma))
-    torch.manual_seed(1)
-    latents, labels, slices = torch.randn(64, 2, 3, 3), torch.randint(0, 3, (64,)), torch.rand(64)
-    offsets = torch.linspace(0.5, 2.0, 64)
-    for generator in (torch.Generator().manual_seed(7), None):
-        replay = torch.Generator().manual_seed(7)
-        noise = torch.randn(latents.shape, generator=replay)
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (64,), generator=replay)
-        seen = []
-
-        def unet(noisy, t, given_labels, given_slices):
-            seen.append((noisy, t, given_labels, given_slices))
-            return scheduler.training_target(latents, noise, timesteps) + offsets.view(-1, 1, 1, 1)
-
-        if generator is None:
-            torch.manual_seed(7)
-        loss = train.diffusion_loss(unet, scheduler, latents, labels, slices, generator)
-        (noisy, t, given_labels, given_slices), = seen
-        assert torch.equal(t, timesteps) and given_labels is labels and given_slices is slices
-        torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
-        weights = scheduler.loss_weights(timesteps)
-        assert gamma == 0 or not torch.allclose(weights, torch.ones(64))
-        torch.testing.assert_close(loss, (offsets ** 2 * weights).mean())
-
-
 def test_prepare_for_training_wraps_as_configured(tmp_path: Path) -> None:
-    config = train.make_config("demo")
+    config = make_config("demo")
     model = nn.Conv2d(2, 4, 3)
-    assert train.prepare_for_training(model, config, train.Runtime(torch.device("cpu"))) is model
+    assert train.prepare_for_training(model, config, Runtime(torch.device("cpu"))) is model
     assert model.weight.is_contiguous(), "channels-last is for CUDA only"
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        wrapped = train.prepare_for_training(model, config, train.Runtime(torch.device("cpu"), rank=0, world_size=2))
+        wrapped = train.prepare_for_training(model, config, Runtime(torch.device("cpu"), rank=0, world_size=2))
         assert isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model
         assert wrapped.device_ids is None
     finally:
         torch.distributed.destroy_process_group()
 
     config.run.compile = True
-    compiled = train.prepare_for_training(model, config, train.Runtime(torch.device("cpu")))
+    compiled = train.prepare_for_training(model, config, Runtime(torch.device("cpu")))
     assert compiled is not model and compiled._orig_mod is model
