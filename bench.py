@@ -48,12 +48,15 @@ if TYPE_CHECKING:  # diffusers is optional: imported for real only inside import
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="demo",
-                        help="model sizes and image size (default: demo; tiny is for tests)")
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default="demo", help="model sizes and image size (default: demo; tiny is for tests)"
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, help="training batch size of both stages (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (default: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (or 2-step sampling runs) first (default: 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed warm-up steps (or 2-step sampling runs) first (default: 2)"
+    )
     parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps in one timed training repeat (default: 10)")
     parser.add_argument("--sample-count", type=int, default=64, help="images sampled in one batch (default: 64)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default: 50)")
@@ -162,15 +165,24 @@ def time_vae_training(vae: AutoencoderKL, config: Config, runtime: Runtime, args
         return vae_loss(batch, recon, mean, logvar, config.vae)[0], len(batch)
 
     def train(steps: int) -> int:
-        train_one_epoch("vae", trained, [images] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime,
-                        log_every=steps)
+        train_one_epoch(
+            "vae", trained, [images] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime, log_every=steps
+        )
         return steps * stage.batch_size
 
     return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
 
 
-def time_unet_training(unet: nn.Module, trained: nn.Module, vae: AutoencoderKL, scheduler: NoiseScheduler, config: Config,
-                       runtime: Runtime, args: argparse.Namespace, on_the_fly: bool) -> Measurement:
+def time_unet_training(
+    unet: nn.Module,
+    trained: nn.Module,
+    vae: AutoencoderKL,
+    scheduler: NoiseScheduler,
+    config: Config,
+    runtime: Runtime,
+    args: argparse.Namespace,
+    on_the_fly: bool,
+) -> Measurement:
     """train.py's stage-2 step (label dropout, loss, backward, grad clip, AdamW, EMA update) for any
     denoiser with our UNet's call signature, on cached posteriors or on images the frozen encoder encodes.
 
@@ -195,16 +207,34 @@ def time_unet_training(unet: nn.Module, trained: nn.Module, vae: AutoencoderKL, 
         return scheduler.training_loss(trained, latents, conditions, condition_dropout=stage.label_dropout), len(latents)
 
     def train(steps: int) -> int:
-        train_one_epoch("unet", trained, [batch] * steps, steps, compute_loss, optimizer, lr_schedule, stage, runtime,
-                        log_every=steps, after_step=lambda: ema.update(unet))
+        train_one_epoch(
+            "unet",
+            trained,
+            [batch] * steps,
+            steps,
+            compute_loss,
+            optimizer,
+            lr_schedule,
+            stage,
+            runtime,
+            log_every=steps,
+            after_step=lambda: ema.update(unet),
+        )
         return steps * stage.batch_size
 
     return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
 
 
-def time_unet(unet: nn.Module, sample: Callable[..., torch.Tensor], sampling_scheduler: NoiseScheduler | DDIMScheduler,
-              vae: AutoencoderKL, scheduler: NoiseScheduler, config: Config, runtime: Runtime,
-              args: argparse.Namespace) -> dict[str, Measurement]:
+def time_unet(
+    unet: nn.Module,
+    sample: Callable[..., torch.Tensor],
+    sampling_scheduler: NoiseScheduler | DDIMScheduler,
+    vae: AutoencoderKL,
+    scheduler: NoiseScheduler,
+    config: Config,
+    runtime: Runtime,
+    args: argparse.Namespace,
+) -> dict[str, Measurement]:
     """Every UNet figure for one denoiser: training on cached and on freshly encoded latents, then
     sampling with `sample`, a function with sample_with_ours' signature, and its scheduler."""
     trained = prepare_for_training(unet, config, runtime)  # one compiled module for all three, so it compiles once
@@ -216,13 +246,22 @@ def time_unet(unet: nn.Module, sample: Callable[..., torch.Tensor], sampling_sch
     labels = torch.arange(args.sample_count, device=runtime.device) % config.unet.num_classes
 
     def run(steps: int) -> int:
-        sample(trained, sampling_scheduler, config, labels, runtime, steps=steps, guidance_scale=config.run.guidance_scale,
-               generator=torch.Generator(runtime.device).manual_seed(0))
+        sample(
+            trained,
+            sampling_scheduler,
+            config,
+            labels,
+            runtime,
+            steps=steps,
+            guidance_scale=config.run.guidance_scale,
+            generator=torch.Generator(runtime.device).manual_seed(0),
+        )
         return args.sample_count
 
     # A 2-step run exercises every shape and kernel of a full one, at a fraction of the cost on a CPU.
-    figures["sampling"] = measure(lambda: run(args.sample_steps), lambda: run(min(2, args.sample_steps)), runtime,
-                                  args.repeats, args.warmup)
+    figures["sampling"] = measure(
+        lambda: run(args.sample_steps), lambda: run(min(2, args.sample_steps)), runtime, args.repeats, args.warmup
+    )
     return figures
 
 
@@ -266,7 +305,9 @@ def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_channels:
         block_out_channels=config.channels,
         layers_per_block=config.num_res_blocks,
         down_block_types=tuple("CrossAttnDownBlock2D" if attention else "DownBlock2D" for attention in config.attention_levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if attention else "UpBlock2D" for attention in reversed(config.attention_levels)),
+        up_block_types=tuple(
+            "CrossAttnUpBlock2D" if attention else "UpBlock2D" for attention in reversed(config.attention_levels)
+        ),
         mid_block_type="UNetMidBlock2DCrossAttn",  # ours always has a transformer block in the middle
         cross_attention_dim=config.context_dim,
         # diffusers' attention_head_dim is, despite its name, the number of heads (its num_attention_heads is refused).
@@ -302,16 +343,34 @@ def build_peer_scheduler(diffusers: types.ModuleType, config: SchedulerConfig) -
 
 
 @torch.no_grad()
-def sample_with_ours(unet: nn.Module, scheduler: NoiseScheduler, config: Config, labels: torch.Tensor, runtime: Runtime, *,
-                     steps: int, guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+def sample_with_ours(
+    unet: nn.Module,
+    scheduler: NoiseScheduler,
+    config: Config,
+    labels: torch.Tensor,
+    runtime: Runtime,
+    *,
+    steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Our guided DDIM loop, as predict.py runs it (Pipeline.sample), on latents only."""
     pipe = Pipeline(config, None, unet, scheduler, runtime)
     return pipe.sample(pipe.conditions(labels), steps=steps, guidance_scale=guidance_scale, generator=generator)
 
 
 @torch.no_grad()
-def sample_with_peer(peer: nn.Module, ddim: DDIMScheduler, config: Config, labels: torch.Tensor, runtime: Runtime, *, steps: int,
-                     guidance_scale: float, generator: torch.Generator) -> torch.Tensor:
+def sample_with_peer(
+    peer: nn.Module,
+    ddim: DDIMScheduler,
+    config: Config,
+    labels: torch.Tensor,
+    runtime: Runtime,
+    *,
+    steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """diffusers' DDIM loop as its pipelines write it, with classifier-free guidance from one batched
     forward; the signature of sample_with_ours, with diffusers' DDIMScheduler in place of ours."""
     peer.eval()
@@ -351,8 +410,16 @@ def spread(measurement: Measurement) -> str:
 PEER_SKIPPED = "diffusers not installed: peer column skipped"
 
 
-def report(config: Config, args: argparse.Namespace, argv: list[str], runtime: Runtime, ours: dict[str, Measurement],
-           peer: dict[str, Measurement] | None, parameters: dict[str, int], diffusers_version: str | None) -> str:
+def report(
+    config: Config,
+    args: argparse.Namespace,
+    argv: list[str],
+    runtime: Runtime,
+    ours: dict[str, Measurement],
+    peer: dict[str, Measurement] | None,
+    parameters: dict[str, int],
+    diffusers_version: str | None,
+) -> str:
     """The Markdown page: one header line, the table (ours, diffusers, ours / diffusers), how it was measured."""
     side = config.data.image_size
     figures = {
@@ -373,27 +440,34 @@ def report(config: Config, args: argparse.Namespace, argv: list[str], runtime: R
     rows.append(("VAE parameters", f"{parameters['vae']:,}", "—", "—"))
     columns = ("measurement", "ours", f"diffusers {diffusers_version}", "ours / diffusers") if peer else ("measurement", "ours")
     cuda = runtime.device.type == "cuda"
-    header = " | ".join([
-        f"device {device_name(runtime.device)}",
-        f"torch {torch.__version__}",
-        f"preset {args.preset}",
-        f"batch size VAE {config.vae_train.batch_size}, UNet {config.unet_train.batch_size}",
-        f"threads {torch.get_num_threads()}",
-        f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
-        f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
-        f"compile {'on' if args.compile else 'off'}",
-        f"`{shlex.join(['python', 'bench.py', *argv])}`",
-    ])
-    memory = ("the largest CUDA allocation" if cuda
-              else "the largest resident set of the whole process (Python, torch and every model built so far)")
+    header = " | ".join(
+        [
+            f"device {device_name(runtime.device)}",
+            f"torch {torch.__version__}",
+            f"preset {args.preset}",
+            f"batch size VAE {config.vae_train.batch_size}, UNet {config.unet_train.batch_size}",
+            f"threads {torch.get_num_threads()}",
+            f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
+            f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
+            f"compile {'on' if args.compile else 'off'}",
+            f"`{shlex.join(['python', 'bench.py', *argv])}`",
+        ]
+    )
+    memory = (
+        "the largest CUDA allocation"
+        if cuda
+        else "the largest resident set of the whole process (Python, torch and every model built so far)"
+    )
     passes = "2 passes in the order ours, diffusers, diffusers, ours, each of " if peer is not None else ""
-    notes = (f"Throughput: median (min–max) of {passes}{args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
-             f"repeat is {args.train_steps} steps of train.py's loop (autocast, loss, backward, grad clip, AdamW; EMA update for "
-             f"the UNet); a sampling repeat is one batch of {args.sample_count} images, cond and uncond in one forward. Random "
-             f"tensors stand in for the data. Peak memory: {memory} during the measurement. The peer is diffusers' "
-             "UNet2DConditionModel matched to our UNet's widths, blocks, attention levels, heads and parameter count, trained "
-             "with the same loop (on-the-fly latents from our frozen VAE encoder in both columns) and sampled with its "
-             "DDIMScheduler (trailing spacing).")
+    notes = (
+        f"Throughput: median (min–max) of {passes}{args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
+        f"repeat is {args.train_steps} steps of train.py's loop (autocast, loss, backward, grad clip, AdamW; EMA update for "
+        f"the UNet); a sampling repeat is one batch of {args.sample_count} images, cond and uncond in one forward. Random "
+        f"tensors stand in for the data. Peak memory: {memory} during the measurement. The peer is diffusers' "
+        "UNet2DConditionModel matched to our UNet's widths, blocks, attention levels, heads and parameter count, trained "
+        "with the same loop (on-the-fly latents from our frozen VAE encoder in both columns) and sampled with its "
+        "DDIMScheduler (trailing spacing)."
+    )
     lines = [
         header,
         "",
@@ -435,8 +509,11 @@ def main(argv: list[str] | None = None) -> None:
         "ours": (build_unet(config), sample_with_ours, scheduler),
     }
     if diffusers is not None:
-        unets["diffusers"] = (build_peer(diffusers, config.unet, config.vae.latent_channels, side), sample_with_peer,
-                              build_peer_scheduler(diffusers, config.scheduler))
+        unets["diffusers"] = (
+            build_peer(diffusers, config.unet, config.vae.latent_channels, side),
+            sample_with_peer,
+            build_peer_scheduler(diffusers, config.scheduler),
+        )
     parameters = {name: count_parameters(unet) for name, (unet, _, _) in unets.items()}
     vae = AutoencoderKL(config.vae).to(device)
     parameters["vae"] = count_parameters(vae)
@@ -461,8 +538,16 @@ def main(argv: list[str] | None = None) -> None:
         earlier = figures.setdefault(name, {})
         earlier.update({key: earlier[key].pooled(m) if key in earlier else m for key, m in measured.items()})
 
-    page = report(config, args, argv, runtime, figures["ours"], figures.get("diffusers"), parameters,
-                  diffusers.__version__ if diffusers is not None else None)
+    page = report(
+        config,
+        args,
+        argv,
+        runtime,
+        figures["ours"],
+        figures.get("diffusers"),
+        parameters,
+        diffusers.__version__ if diffusers is not None else None,
+    )
     print(page)
     write_text_atomic(out, page)
     print(f"saved {out}")

@@ -347,14 +347,23 @@ def _problems(config: Config) -> Iterator[str]:
 
     data, vae, unet, scheduler, run = config.data, config.vae, config.unet, config.scheduler, config.run
     yield from need(bool(data.data_dir), "data.data_dir", "must name the dataset folder")
-    yield from need(data.image_size >= 8 and data.image_size % vae.downsample_factor == 0, "data.image_size",
-                    f"must be a positive multiple of the VAE's downsampling factor {vae.downsample_factor}")
+    yield from need(
+        data.image_size >= 8 and data.image_size % vae.downsample_factor == 0,
+        "data.image_size",
+        f"must be a positive multiple of the VAE's downsampling factor {vae.downsample_factor}",
+    )
     yield from need(finite(data.val_fraction) and 0 < data.val_fraction < 1, "data.val_fraction", "must lie in (0, 1)")
     yield from need(data.split_seed >= 0, "data.split_seed", "must be 0 or more")
     for key, widths in (("vae.channels", vae.channels), ("unet.channels", unet.channels)):
         yield from need(len(widths) >= 1 and all(w >= 4 for w in widths), key, "must be widths of at least 4, e.g. 32,64,128")
-    for key in ("vae.in_channels", "vae.latent_channels", "vae.num_res_blocks", "unet.num_res_blocks",
-                "unet.head_dim", "unet.context_dim"):
+    for key in (
+        "vae.in_channels",
+        "vae.latent_channels",
+        "vae.num_res_blocks",
+        "unet.num_res_blocks",
+        "unet.head_dim",
+        "unet.context_dim",
+    ):
         section, name = key.split(".")
         yield from need(getattr(getattr(config, section), name) >= 1, key, "must be at least 1")
     yield from need(vae.recon_loss in ("l1", "mse"), "vae.recon_loss", "must be l1 or mse")
@@ -363,18 +372,29 @@ def _problems(config: Config) -> Iterator[str]:
         value = getattr(getattr(config, section), name)
         yield from need(finite(value) and value >= 0, key, "must be a finite number, 0 or more")
     # Attention splits a width into max(1, width // head_dim) heads of equal size.
-    yield from need(unet.head_dim >= 1 and all(w % max(1, w // unet.head_dim) == 0 for w in unet.channels), "unet.head_dim",
-                    f"must split every unet.channels width ({','.join(map(str, unet.channels))}) into equal heads, e.g. 32")
-    yield from need(len(unet.attention_levels) == len(unet.channels), "unet.attention_levels",
-                    f"needs one true/false per unet.channels level ({len(unet.channels)})")
+    yield from need(
+        unet.head_dim >= 1 and all(w % max(1, w // unet.head_dim) == 0 for w in unet.channels),
+        "unet.head_dim",
+        f"must split every unet.channels width ({','.join(map(str, unet.channels))}) into equal heads, e.g. 32",
+    )
+    yield from need(
+        len(unet.attention_levels) == len(unet.channels),
+        "unet.attention_levels",
+        f"needs one true/false per unet.channels level ({len(unet.channels)})",
+    )
     yield from need(unet.num_classes == len(CLASS_NAMES), "unet.num_classes", f"must be {len(CLASS_NAMES)} (AD, NC)")
     yield from need(finite(unet.dropout) and 0 <= unet.dropout < 1, "unet.dropout", "must lie in [0, 1)")
     yield from need(1 <= scheduler.num_train_timesteps <= 100_000, "scheduler.num_train_timesteps", "must be 1 to 100000")
-    yield from need(scheduler.beta_schedule in ("linear", "scaled_linear", "cosine"), "scheduler.beta_schedule",
-                    "must be linear, scaled_linear or cosine")
-    yield from need(finite(scheduler.beta_start) and finite(scheduler.beta_end)
-                    and 0 < scheduler.beta_start < scheduler.beta_end < 1, "scheduler.beta_start",
-                    f"must be above 0 and below scheduler.beta_end ({scheduler.beta_end}), which must be below 1")
+    yield from need(
+        scheduler.beta_schedule in ("linear", "scaled_linear", "cosine"),
+        "scheduler.beta_schedule",
+        "must be linear, scaled_linear or cosine",
+    )
+    yield from need(
+        finite(scheduler.beta_start) and finite(scheduler.beta_end) and 0 < scheduler.beta_start < scheduler.beta_end < 1,
+        "scheduler.beta_start",
+        f"must be above 0 and below scheduler.beta_end ({scheduler.beta_end}), which must be below 1",
+    )
     yield from need(scheduler.prediction_type in ("v", "epsilon"), "scheduler.prediction_type", "must be v or epsilon")
     for name in ("vae_train", "unet_train"):
         stage = getattr(config, name)
@@ -391,10 +411,16 @@ def _problems(config: Config) -> Iterator[str]:
     yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
     for name in ("log_every", "sample_every", "grid_samples"):
         yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
-    yield from need(1 <= run.sample_steps <= scheduler.num_train_timesteps, "run.sample_steps",
-                    f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})")
-    yield from need(finite(run.guidance_scale) and run.guidance_scale >= 0, "run.guidance_scale",
-                    "must be a finite number, 0 or more (1 = no guidance)")
+    yield from need(
+        1 <= run.sample_steps <= scheduler.num_train_timesteps,
+        "run.sample_steps",
+        f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})",
+    )
+    yield from need(
+        finite(run.guidance_scale) and run.guidance_scale >= 0,
+        "run.guidance_scale",
+        "must be a finite number, 0 or more (1 = no guidance)",
+    )
 
 
 def check_fields(config: Config) -> None:

@@ -19,6 +19,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageFile
@@ -123,8 +124,7 @@ def index_dataset(root: str | os.PathLike) -> DatasetIndex:
             folder = root / split / class_name
             if not _is_folder(folder):
                 raise DatasetError(
-                    f"class folder {display_path(folder)} is missing: "
-                    f"the layout must be {shown}/{{train,test}}/{{AD,NC}}/"
+                    f"class folder {display_path(folder)} is missing: the layout must be {shown}/{{train,test}}/{{AD,NC}}/"
                 )
             for path, is_file in _list_folder(folder):
                 parsed = parse_image_name(path.name) if is_file else None
@@ -134,9 +134,7 @@ def index_dataset(root: str | os.PathLike) -> DatasetIndex:
                 scan_id, slice_index = parsed
                 records.append(ImageRecord(path, split, label, scan_id, slice_index))
     if not records:
-        raise DatasetError(
-            f"no images named <scanID>_<slice>.jpeg found under {shown}/{{train,test}}/{{AD,NC}}/"
-        )
+        raise DatasetError(f"no images named <scanID>_<slice>.jpeg found under {shown}/{{train,test}}/{{AD,NC}}/")
     records.sort(key=lambda r: (SPLITS.index(r.split), r.label, r.scan_id, r.slice_index))
     return DatasetIndex(root, records, skipped)
 
@@ -218,9 +216,7 @@ def prepare_image(pixels: np.ndarray, image_size: int) -> np.ndarray:
     height, width = pixels.shape
     scale = image_size / max(height, width)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = np.asarray(
-        Image.fromarray(pixels).resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.uint8
-    )
+    resized = np.asarray(Image.fromarray(pixels).resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.uint8)
     canvas = np.zeros((image_size, image_size), dtype=np.uint8)
     top, left = (image_size - new_height) // 2, (image_size - new_width) // 2
     canvas[top : top + new_height, left : left + new_width] = resized
@@ -370,9 +366,7 @@ def _decode_one(path: Path, image_size: int) -> tuple[np.ndarray | None, str | N
         return None, str(error)
 
 
-def decode_images(
-    records: list[ImageRecord], image_size: int, cache_dir: str | os.PathLike | None = None
-) -> DecodedImages:
+def decode_images(records: list[ImageRecord], image_size: int, cache_dir: str | os.PathLike | None = None) -> DecodedImages:
     """Decode and transform `records` (threads: PIL decodes without the GIL); reuse a disk cache.
 
     The cache file is named by a hash of the paths, sizes, mtimes and transform, so any change to
@@ -406,8 +400,9 @@ def decode_images(
                     np.savez(handle, pixels=pixels, readable=readable, unreadable=np.array(unreadable, dtype=str))
         # The cache only saves time: a full disk or a read-only cache folder must not stop a run.
         except OSError as error:
-            print(f"could not write the decode cache {display_path(cache_file)} ({error.strerror or error}): "
-                  "continuing without it")
+            print(
+                f"could not write the decode cache {display_path(cache_file)} ({error.strerror or error}): continuing without it"
+            )
     return DecodedImages(pixels, readable, unreadable)
 
 
@@ -511,9 +506,7 @@ def make_loader(
     uninterrupted one: call `set_loader_epoch(loader, epoch)` before each epoch. With
     `world_size > 1` each rank gets its own shard.
     """
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(
         dataset,
         sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last),

@@ -101,8 +101,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real))
 
 
-def kernel_inception_distance(features_a: np.ndarray, features_b: np.ndarray, subsets: int = KID_SUBSETS,
-                              subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    features_a: np.ndarray, features_b: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+) -> tuple[float, float]:
     """Unbiased MMD² with the cubic polynomial kernel k(x, y) = (x·y / D + 1)³ over random subsets
     (size capped at the smaller set): (mean, std). KID's estimator on any features, not only Inception's."""
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
@@ -212,8 +213,12 @@ class SliceClassifier(nn.Module):
         super().__init__()
         layers, previous = [], 1
         for width in channels:
-            layers += [nn.Conv2d(previous, width, 3, padding=1, bias=False), nn.GroupNorm(math.gcd(8, width), width), nn.SiLU(),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                nn.GroupNorm(math.gcd(8, width), width),
+                nn.SiLU(),
+                nn.MaxPool2d(2),
+            ]
             previous = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(previous, len(CLASS_NAMES))
@@ -244,8 +249,9 @@ def classify(model: SliceClassifier, pixels: torch.Tensor, device: torch.device)
     return torch.cat(predictions).numpy(), torch.cat(features).numpy()
 
 
-def train_classifier(train: SliceDataset, val: SliceDataset, settings: ClassifierSettings,
-                     device: torch.device) -> tuple[SliceClassifier, float]:
+def train_classifier(
+    train: SliceDataset, val: SliceDataset, settings: ClassifierSettings, device: torch.device
+) -> tuple[SliceClassifier, float]:
     """Train on position-balanced draws of `train` with random left-right flips (a brain is nearly
     symmetric) and random blur; keep the epoch with the best val accuracy. Returns the model and that accuracy."""
     torch.manual_seed(settings.seed)
@@ -283,9 +289,15 @@ def classifier_fingerprint(splits: dict[str, list[str]], image_size: int, settin
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def load_or_train_classifier(run_dir: Path, datasets: dict[str, SliceDataset], splits: dict[str, list[str]],
-                             image_size: int, device: torch.device, retrain: bool,
-                             settings: ClassifierSettings = ClassifierSettings()) -> tuple[SliceClassifier, dict]:
+def load_or_train_classifier(
+    run_dir: Path,
+    datasets: dict[str, SliceDataset],
+    splits: dict[str, list[str]],
+    image_size: int,
+    device: torch.device,
+    retrain: bool,
+    settings: ClassifierSettings = ClassifierSettings(),
+) -> tuple[SliceClassifier, dict]:
     """The run's cached classifier when its fingerprint matches (and not `retrain`); else train and cache one."""
     path = run_dir / CLASSIFIER_FILE
     fingerprint = classifier_fingerprint(splits, image_size, settings)
@@ -297,11 +309,16 @@ def load_or_train_classifier(run_dir: Path, datasets: dict[str, SliceDataset], s
         if state.get("fingerprint") == fingerprint:
             model = SliceClassifier(settings.channels).to(device)
             model.load_state_dict(state["model"])
-            return model.eval(), {"source": f"reused {path.name}", "val_accuracy": state["val_accuracy"],
-                                  "settings": asdict(settings)}
+            return model.eval(), {
+                "source": f"reused {path.name}",
+                "val_accuracy": state["val_accuracy"],
+                "settings": asdict(settings),
+            }
     model, val_accuracy = train_classifier(datasets["train"], datasets["val"], settings, device)
-    save_checkpoint({"fingerprint": fingerprint, "settings": asdict(settings), "model": model.state_dict(),
-                     "val_accuracy": val_accuracy}, path)
+    save_checkpoint(
+        {"fingerprint": fingerprint, "settings": asdict(settings), "model": model.state_dict(), "val_accuracy": val_accuracy},
+        path,
+    )
     return model, {"source": f"trained, saved as {path.name}", "val_accuracy": val_accuracy, "settings": asdict(settings)}
 
 
@@ -316,9 +333,15 @@ def classifier_controls(test_predictions: np.ndarray, train: SliceDataset, test:
     for part in range(3):
         here = tercile == part
         if here.any():
-            terciles.append({"slices": f"{slices[here].min()}-{slices[here].max()}", "images": int(here.sum()),
-                             "AD_share": float(np.mean(labels[here] == 0)), "classifier_accuracy": float(correct[here].mean()),
-                             "slice_position_only_accuracy": float(position_correct[here].mean())})
+            terciles.append(
+                {
+                    "slices": f"{slices[here].min()}-{slices[here].max()}",
+                    "images": int(here.sum()),
+                    "AD_share": float(np.mean(labels[here] == 0)),
+                    "classifier_accuracy": float(correct[here].mean()),
+                    "slice_position_only_accuracy": float(position_correct[here].mean()),
+                }
+            )
     return {
         "test_accuracy": float(correct.mean()),
         "test_accuracy_position_balanced": float(np.average(correct, weights=position_balancing_weights(labels, slices))),
@@ -343,8 +366,9 @@ class ImageSet:
 
     def where(self, keep: np.ndarray) -> ImageSet:
         nearest = None if self.nearest_train is None else self.nearest_train[keep]
-        return ImageSet(self.pixels[torch.from_numpy(keep)], self.labels[keep], self.predictions[keep],
-                        self.features[keep], nearest)
+        return ImageSet(
+            self.pixels[torch.from_numpy(keep)], self.labels[keep], self.predictions[keep], self.features[keep], nearest
+        )
 
     def of_label(self, label: int | None) -> ImageSet:
         return self if label is None else self.where(self.labels == label)
@@ -356,8 +380,16 @@ def measured(model: SliceClassifier, pixels: torch.Tensor, labels: np.ndarray, d
 
 def generate_images(pipe: Pipeline, label: int, args) -> torch.Tensor:
     """`args.num_samples` generated images of one label as uint8 (N, S, S), in predict.py's seeded batches."""
-    latents = pipe.generate(label, args.num_samples, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
-                            guidance_scale=args.guidance, sampler=args.sampler, progress="generating")
+    latents = pipe.generate(
+        label,
+        args.num_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        progress="generating",
+    )
     return torch.cat([torch.from_numpy(to_uint8(pipe.decode(chunk))) for chunk in latents.split(args.batch_size)])
 
 
@@ -372,8 +404,10 @@ def reconstruct(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
 
 def per_label_positions(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted positions of up to `count` random images of each label."""
-    chosen = [rng.choice(np.flatnonzero(labels == label), min(count, int(np.sum(labels == label))), replace=False)
-              for label in range(len(CLASS_NAMES))]
+    chosen = [
+        rng.choice(np.flatnonzero(labels == label), min(count, int(np.sum(labels == label))), replace=False)
+        for label in range(len(CLASS_NAMES))
+    ]
     return np.sort(np.concatenate(chosen))
 
 
@@ -381,8 +415,16 @@ def distribution(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "p1": float(np.percentile(values, 1)), "median": float(np.median(values))}
 
 
-def group_metrics(generated: ImageSet, real_test: ImageSet, reconstructed_test: ImageSet, train_sample: ImageSet,
-                  real_sample: ImageSet, near_copy_threshold: float, seed: int, device: torch.device) -> dict:
+def group_metrics(
+    generated: ImageSet,
+    real_test: ImageSet,
+    reconstructed_test: ImageSet,
+    train_sample: ImageSet,
+    real_sample: ImageSet,
+    near_copy_threshold: float,
+    seed: int,
+    device: torch.device,
+) -> dict:
     """Every generated-vs-real metric for one group of images (all, or one label)."""
     kid = kernel_inception_distance(generated.features, real_test.features, seed=seed)
     kid_floor = kernel_inception_distance(train_sample.features, real_test.features, seed=seed)
@@ -418,7 +460,9 @@ def anatomy(generated: ImageSet, real_test: ImageSet) -> dict:
             report[name][f"{CLASS_NAMES[label]}_std"] = float(values.std(ddof=1)) if len(values) >= 2 else math.nan
         report[name]["cohens_d_AD_minus_NC"] = cohens_d(*by_label) if min(map(len, by_label)) >= 2 else math.nan
     d_generated, d_real = report["generated"]["cohens_d_AD_minus_NC"], report["real_test"]["cohens_d_AD_minus_NC"]
-    report["directions_agree"] = None if math.isnan(d_generated) or math.isnan(d_real) else bool(np.sign(d_generated) == np.sign(d_real))
+    report["directions_agree"] = (
+        None if math.isnan(d_generated) or math.isnan(d_real) else bool(np.sign(d_generated) == np.sign(d_real))
+    )
     return report
 
 
@@ -439,7 +483,10 @@ def number(value: float | None, digits: int = 4) -> str:
 
 
 GROUP_ROWS = (
-    ("conditioning accuracy: generated images classified as the asked-for label", lambda g: number(g["conditioning_accuracy"], 3)),
+    (
+        "conditioning accuracy: generated images classified as the asked-for label",
+        lambda g: number(g["conditioning_accuracy"], 3),
+    ),
     ("classifier accuracy on real test images (the ceiling)", lambda g: number(g["real_test_accuracy"], 3)),
     ("classifier accuracy on VAE reconstructions of real test images", lambda g: number(g["reconstructed_test_accuracy"], 3)),
     ("Fréchet distance, generated vs real test", lambda g: number(g["frechet_distance"])),
@@ -448,12 +495,18 @@ GROUP_ROWS = (
     ("KID floor, real train vs real test", lambda g: f"{number(g['kid_floor'])} ± {number(g['kid_floor_std'], 2)}"),
     ("MS-SSIM of random generated pairs (match real; higher = less diverse)", lambda g: number(g["ms_ssim_generated"], 3)),
     ("MS-SSIM of random real test pairs", lambda g: number(g["ms_ssim_real"], 3)),
-    ("nearest-training-image distance, generated: median (1st percentile)",
-     lambda g: f"{number(g['nearest_train_generated']['median'], 3)} ({number(g['nearest_train_generated']['p1'], 3)})"),
-    ("nearest-training-image distance, real test: median (1st percentile)",
-     lambda g: f"{number(g['nearest_train_real']['median'], 3)} ({number(g['nearest_train_real']['p1'], 3)})"),
-    ("near-copies: share closer than 99% of real test images (real: about 0.01)",
-     lambda g: f"{number(g['near_copy_share_generated'], 3)} (real {number(g['near_copy_share_real'], 3)})"),
+    (
+        "nearest-training-image distance, generated: median (1st percentile)",
+        lambda g: f"{number(g['nearest_train_generated']['median'], 3)} ({number(g['nearest_train_generated']['p1'], 3)})",
+    ),
+    (
+        "nearest-training-image distance, real test: median (1st percentile)",
+        lambda g: f"{number(g['nearest_train_real']['median'], 3)} ({number(g['nearest_train_real']['p1'], 3)})",
+    ),
+    (
+        "near-copies: share closer than 99% of real test images (real: about 0.01)",
+        lambda g: f"{number(g['near_copy_share_generated'], 3)} (real {number(g['near_copy_share_real'], 3)})",
+    ),
 )
 
 
@@ -462,8 +515,10 @@ def markdown_report(metrics: dict) -> str:
     lines = [
         f"# Sample quality: {metrics['run']} (UNet epoch {metrics['run_epoch']})",
         "",
-        (f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, guidance {settings['guidance']}, "
-         f"seed {settings['seed']}; {metrics['real_test_images']} real test images."),
+        (
+            f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, guidance {settings['guidance']}, "
+            f"seed {settings['seed']}; {metrics['real_test_images']} real test images."
+        ),
         "",
         "| metric | " + " | ".join(groups) + " |",
         "|---|" + "---:|" * len(groups),
@@ -473,16 +528,21 @@ def markdown_report(metrics: dict) -> str:
         "",
         f"## The classifier and slice position ({controls['source']})",
         "",
-        (f"Real test accuracy {number(controls['test_accuracy'], 3)}; weighted so every slice index is half AD, half NC: "
-         f"{number(controls['test_accuracy_position_balanced'], 3)}. Slice-position-only accuracy (logistic regression "
-         f"from slice index alone, fit on train): {number(controls['slice_position_only_test_accuracy'], 3)}. "
-         f"Val accuracy {number(controls['val_accuracy'], 3)}."),
+        (
+            f"Real test accuracy {number(controls['test_accuracy'], 3)}; weighted so every slice index is half AD, half NC: "
+            f"{number(controls['test_accuracy_position_balanced'], 3)}. Slice-position-only accuracy (logistic regression "
+            f"from slice index alone, fit on train): {number(controls['slice_position_only_test_accuracy'], 3)}. "
+            f"Val accuracy {number(controls['val_accuracy'], 3)}."
+        ),
         "",
         "| slice tercile | test images | AD share | classifier accuracy | slice-position-only accuracy |",
         "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {t['slices']} | {t['images']} | {number(t['AD_share'], 3)} | {number(t['classifier_accuracy'], 3)} | "
-              f"{number(t['slice_position_only_accuracy'], 3)} |" for t in controls["slice_terciles"]]
+    lines += [
+        f"| {t['slices']} | {t['images']} | {number(t['AD_share'], 3)} | {number(t['classifier_accuracy'], 3)} | "
+        f"{number(t['slice_position_only_accuracy'], 3)} |"
+        for t in controls["slice_terciles"]
+    ]
     agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
     lines += [
         "",
@@ -493,16 +553,20 @@ def markdown_report(metrics: dict) -> str:
     ]
     for name in ("generated", "real_test"):
         row = csf[name]
-        lines.append(f"| {name.replace('_', ' ')} | {number(row['AD_mean'], 3)} ± {number(row['AD_std'], 2)} | "
-                     f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} |")
+        lines.append(
+            f"| {name.replace('_', ' ')} | {number(row['AD_mean'], 3)} ± {number(row['AD_std'], 2)} | "
+            f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} |"
+        )
     lines += [
         "",
         f"Directions agree: {agree}.",
         "",
-        ("Fréchet distance and KID are measured in the penultimate features of the run's own AD/NC classifier, so they "
-         "compare only within this table (against their floors). ImageNet-FID is not computed: no Inception weights "
-         f"can be downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px; "
-         "the training images searched include both labels."),
+        (
+            "Fréchet distance and KID are measured in the penultimate features of the run's own AD/NC classifier, so they "
+            "compare only within this table (against their floors). ImageNet-FID is not computed: no Inception weights "
+            f"can be downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px; "
+            "the training images searched include both labels."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -528,8 +592,9 @@ def build_parser() -> ArgumentParser:
 def check_arguments(args) -> None:
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
-    check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
-                           batch_size=args.batch_size)
+    check_sampling_options(
+        steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -539,23 +604,33 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
         args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
-        check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
-                               batch_size=args.batch_size, num_train_timesteps=pipe.scheduler.num_train_timesteps)
+        check_sampling_options(
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            num_train_timesteps=pipe.scheduler.num_train_timesteps,
+        )
         outputs = {"json": pipe.run_dir / "metrics.json", "md": pipe.run_dir / "metrics.md"}
         existing = [path for path in outputs.values() if path.exists()]
         if existing and not args.overwrite:
             raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
         if not (pipe.run_dir / "splits.json").is_file():
             raise UsageError(f"{pipe.run_dir} has no splits.json: it is not a finished brainLDM run")
-        datasets, splits = load_split_datasets(pipe.config.data, load_splits(pipe.run_dir / "splits.json"),
-                                               return_slice=True, verbose=False)
+        datasets, splits = load_split_datasets(
+            pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
+        )
         train, test = datasets["train"], datasets["test"]
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
-        print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
+        print(
+            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}"
+        )
 
-        classifier, classifier_info = load_or_train_classifier(pipe.run_dir, datasets, splits, pipe.config.data.image_size,
-                                                               device, args.retrain_classifier)
+        classifier, classifier_info = load_or_train_classifier(
+            pipe.run_dir, datasets, splits, pipe.config.data.image_size, device, args.retrain_classifier
+        )
         real_test = measured(classifier, test.pixels, test.labels.numpy(), device)
         reconstructed_test = measured(classifier, reconstruct(pipe, test.pixels), test.labels.numpy(), device)
         controls = classifier_controls(real_test.predictions, train, test) | classifier_info
@@ -577,22 +652,37 @@ def main(argv: list[str] | None = None) -> None:
 
         groups = {}
         for label, name in [(None, "all")] + list(enumerate(CLASS_NAMES)):
-            groups[name] = group_metrics(generated.of_label(label), real_test.of_label(label),
-                                         reconstructed_test.of_label(label), train_sample.of_label(label),
-                                         real_sample.of_label(label), near_copy_threshold, args.seed, device)
-        metrics = without_nan({
-            "run": str(pipe.run_dir),
-            "run_epoch": pipe.epoch,
-            "image_size": pipe.config.data.image_size,
-            "settings": {"num_samples": args.num_samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-                         "sampler": args.sampler, "batch_size": args.batch_size},
-            "generation_seconds": round(seconds, 3),
-            "real_test_images": len(test),
-            "near_copy_threshold": near_copy_threshold,
-            "classifier": controls,
-            "groups": groups,
-            "anatomy": anatomy(generated, real_test),
-        })
+            groups[name] = group_metrics(
+                generated.of_label(label),
+                real_test.of_label(label),
+                reconstructed_test.of_label(label),
+                train_sample.of_label(label),
+                real_sample.of_label(label),
+                near_copy_threshold,
+                args.seed,
+                device,
+            )
+        metrics = without_nan(
+            {
+                "run": str(pipe.run_dir),
+                "run_epoch": pipe.epoch,
+                "image_size": pipe.config.data.image_size,
+                "settings": {
+                    "num_samples": args.num_samples,
+                    "steps": args.steps,
+                    "guidance": args.guidance,
+                    "seed": args.seed,
+                    "sampler": args.sampler,
+                    "batch_size": args.batch_size,
+                },
+                "generation_seconds": round(seconds, 3),
+                "real_test_images": len(test),
+                "near_copy_threshold": near_copy_threshold,
+                "classifier": controls,
+                "groups": groups,
+                "anatomy": anatomy(generated, real_test),
+            }
+        )
         report = markdown_report(metrics)
         write_json_atomic(outputs["json"], metrics)
         write_text_atomic(outputs["md"], report)

@@ -252,8 +252,9 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 
-def vae_loss(x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-             config: VAEConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def vae_loss(
+    x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, config: VAEConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM).
 
     Returns the total and its parts, detached; a patch discriminator would add one more part here."""
@@ -365,8 +366,12 @@ class Conditions:
 
     def where(self, absent: torch.Tensor) -> Conditions:
         """Every field set to ABSENT where the (B,) mask `absent` is true."""
-        return Conditions(*(None if value is None else torch.where(absent, torch.full_like(value, self.ABSENT), value)
-                            for value in self._fields()))
+        return Conditions(
+            *(
+                None if value is None else torch.where(absent, torch.full_like(value, self.ABSENT), value)
+                for value in self._fields()
+            )
+        )
 
     def unconditional(self) -> Conditions:
         return self.where(torch.ones(len(self), dtype=torch.bool, device=self.labels.device))
@@ -400,8 +405,9 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
         if config.slice_conditioning:
-            self.slice_mlp = nn.Sequential(nn.Linear(config.context_dim, config.context_dim), nn.SiLU(),
-                                           nn.Linear(config.context_dim, config.context_dim))
+            self.slice_mlp = nn.Sequential(
+                nn.Linear(config.context_dim, config.context_dim), nn.SiLU(), nn.Linear(config.context_dim, config.context_dim)
+            )
             self.null_slice = nn.Parameter(torch.zeros(config.context_dim))
         self.conv_in = nn.Conv2d(latent_channels, widths[0], 3, padding=1)
 
@@ -423,9 +429,13 @@ class UNet(nn.Module):
             if level < len(widths) - 1:
                 self.downsamples.append(Downsample(width))
                 skip_widths.append(width)
-        self.middle = nn.ModuleList([ResBlock(previous, previous, time_dim, config.dropout),
-                                     TransformerBlock(previous, config.head_dim, config.context_dim),
-                                     ResBlock(previous, previous, time_dim, config.dropout)])
+        self.middle = nn.ModuleList(
+            [
+                ResBlock(previous, previous, time_dim, config.dropout),
+                TransformerBlock(previous, config.head_dim, config.context_dim),
+                ResBlock(previous, previous, time_dim, config.dropout),
+            ]
+        )
         self.up_blocks = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         for level, (width, attention) in reversed(list(enumerate(zip(widths, config.attention_levels)))):
@@ -571,8 +581,9 @@ class NoiseScheduler:
 
     # -- reverse steps
 
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                    t_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def q_posterior(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t_prev} | x_t, x_0) (Ho et al. eqs. 6-7); t_prev defaults to t - 1.
 
         With t_prev < t - 1 the step uses beta = 1 - ᾱ_t / ᾱ_{t_prev}, i.e. the respaced chain of
@@ -581,27 +592,44 @@ class NoiseScheduler:
         a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         alpha = a_t / a_prev
         beta = 1 - alpha
-        mean = (self._per_sample(a_prev.sqrt() * beta / (1 - a_t), x0) * x0
-                + self._per_sample(alpha.sqrt() * (1 - a_prev) / (1 - a_t), x_t) * x_t)
+        mean = (
+            self._per_sample(a_prev.sqrt() * beta / (1 - a_t), x0) * x0
+            + self._per_sample(alpha.sqrt() * (1 - a_prev) / (1 - a_t), x_t) * x_t
+        )
         variance = self._per_sample(beta * (1 - a_prev) / (1 - a_t), x_t)
         return mean, variance
 
-    def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                  noise: torch.Tensor | None = None, eta: float = 1.0) -> torch.Tensor:
+    def ddpm_step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        eta: float = 1.0,
+    ) -> torch.Tensor:
         """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x0-estimate); the last step adds no
         noise. Its variance is fixed by the schedule, so `eta` is accepted only to share the signature."""
         mean, variance = self.q_posterior(x0, x_t, t, t_prev)
         return mean if noise is None else mean + variance.sqrt() * noise
 
-    def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Song et al. 2021 eq. 12: x_{t_prev} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
         σ = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev); eta = 0 is deterministic."""
         a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         eps = self.predict_noise(x_t, x0, t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_prev = (self._per_sample(a_prev.sqrt(), x0) * x0
-                  + self._per_sample((1 - a_prev - sigma**2).clamp_min(0).sqrt(), x0) * eps)
+        x_prev = (
+            self._per_sample(a_prev.sqrt(), x0) * x0 + self._per_sample((1 - a_prev - sigma**2).clamp_min(0).sqrt(), x0) * eps
+        )
         if eta > 0 and noise is not None:
             x_prev = x_prev + self._per_sample(sigma, x0) * noise
         return x_prev
@@ -616,8 +644,15 @@ class NoiseScheduler:
 
     # -- training
 
-    def training_loss(self, model: nn.Module, x0: torch.Tensor, conditions: Conditions, *,
-                      condition_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def training_loss(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        conditions: Conditions,
+        *,
+        condition_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Ho et al.'s simple loss at one random timestep per sample, with the min-SNR weighting and
         classifier-free guidance's condition dropout; x0 (B, C_z, h, w) are scaled latents."""
         if condition_dropout > 0:
@@ -631,8 +666,9 @@ class NoiseScheduler:
 
     # -- sampling
 
-    def guided_prediction(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: Conditions,
-                          guidance_scale: float) -> torch.Tensor:
+    def guided_prediction(
+        self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: Conditions, guidance_scale: float
+    ) -> torch.Tensor:
         """Classifier-free guidance: null + w (cond - null) from one batched forward; w = 1 is the
         conditional model alone, w = 0 the unconditional one."""
         if guidance_scale == 1.0:
@@ -642,10 +678,20 @@ class NoiseScheduler:
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @torch.no_grad()
-    def sample_steps(self, model: nn.Module, shape: tuple[int, ...], conditions: Conditions, *, sampler: str = "ddim",
-                     num_steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0,
-                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                     x_T: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def sample_steps(
+        self,
+        model: nn.Module,
+        shape: tuple[int, ...],
+        conditions: Conditions,
+        *,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        x_T: torch.Tensor | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Reverse diffusion from x_T ~ N(0, I) with one of SAMPLERS: yields (t, x_{t_prev}, x̂_0)
         after every step. `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic)."""
         if sampler not in SAMPLERS:
@@ -669,10 +715,8 @@ class NoiseScheduler:
     @torch.no_grad()
     def sample(self, model: nn.Module, shape: tuple[int, ...], conditions: Conditions, **kwargs) -> torch.Tensor:
         """The final x_0 of `sample_steps` (same arguments)."""
-        x = None
-        for _, x, _ in self.sample_steps(model, shape, conditions, **kwargs):
-            pass
-        return x
+        *_, (_, x_0, _) = self.sample_steps(model, shape, conditions, **kwargs)
+        return x_0
 
 
 # Sampler name → one reverse step (scheduler, x_t, x̂_0, t, t_prev, *, eta, noise) → x_{t_prev}.

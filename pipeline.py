@@ -27,6 +27,7 @@ from config import (
     latent_shape,
     read_config,
 )
+from dataset import SliceDataset
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet
 from utils import Runtime, UsageError, load_checkpoint
 
@@ -37,8 +38,9 @@ DEFAULT_SLICE_POSITION = 0.5  # mid-range of the training slices, for slice-cond
 # ============================================================================ checkpoints
 
 
-def checkpoint_state(stage: str, config: Config, model: nn.Module, optimizer, lr_schedule, epoch: int, step: int,
-                     history: list[dict], **extra) -> dict:
+def checkpoint_state(
+    stage: str, config: Config, model: nn.Module, optimizer, lr_schedule, epoch: int, step: int, history: list[dict], **extra
+) -> dict:
     """What vae.pt / unet.pt hold: state dicts, the config, progress and history, never a pickled module."""
     return {
         "format": CHECKPOINT_FORMAT,
@@ -73,7 +75,9 @@ def load_weights(model: nn.Module, weights: dict, path: Path) -> None:
         model.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).strip().splitlines()
-        raise UsageError(f"{path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): start a new --run") from None
+        raise UsageError(
+            f"{path} does not fit this model ({first[1].strip() if len(first) > 1 else first[0]}): start a new --run"
+        ) from None
 
 
 def load_trained_vae(config: Config, run_dir: Path, device: torch.device) -> AutoencoderKL:
@@ -83,8 +87,10 @@ def load_trained_vae(config: Config, run_dir: Path, device: torch.device) -> Aut
         raise UsageError(f"{run_dir} has no vae.pt: train stage 1 first (python train.py --run {run_dir} --stage vae)")
     state = load_stage_checkpoint(path, "vae", config, device)
     if state["epoch"] < config.vae_train.epochs:
-        raise UsageError(f"the VAE in {path} stopped at epoch {state['epoch']} of {config.vae_train.epochs}: "
-                         f"finish it with python train.py --run {run_dir} --stage vae --resume")
+        raise UsageError(
+            f"the VAE in {path} stopped at epoch {state['epoch']} of {config.vae_train.epochs}: "
+            f"finish it with python train.py --run {run_dir} --stage vae --resume"
+        )
     vae = AutoencoderKL(config.vae).to(device)
     load_weights(vae, state["model"], path)
     vae.eval().requires_grad_(False)
@@ -105,8 +111,10 @@ def check_trained_on(state: dict, vae: AutoencoderKL, path: Path) -> None:
     Checkpoints written before fingerprints existed carry none and are taken on trust."""
     recorded = state.get("vae_fingerprint")
     if recorded is not None and recorded != fingerprint(vae):
-        raise UsageError(f"{path} was trained on another VAE than the vae.pt beside it (was a stage retrained by "
-                         "another process?): train stage 2 again with --stage unet in a new --run")
+        raise UsageError(
+            f"{path} was trained on another VAE than the vae.pt beside it (was a stage retrained by "
+            "another process?): train stage 2 again with --stage unet in a new --run"
+        )
 
 
 def build_unet(config: Config) -> UNet:
@@ -130,12 +138,16 @@ def validate(config: Config) -> None:
             conditions = Conditions(labels, torch.zeros(1) if config.unet.slice_conditioning else None)
             prediction = build_unet(config)(latents, labels, conditions)
     except (RuntimeError, ValueError) as error:
-        raise UsageError(f"the model config does not fit together ({str(error).splitlines()[0][:160]}): "
-                         "check --vae.* and --unet.* against --data.image_size") from None
+        raise UsageError(
+            f"the model config does not fit together ({str(error).splitlines()[0][:160]}): "
+            "check --vae.* and --unet.* against --data.image_size"
+        ) from None
     if reconstruction.shape != images.shape or prediction.shape != latents.shape:
-        raise UsageError(f"--data.image_size {side} does not survive the VAE's {config.vae.downsample_factor}x "
-                         "downsampling and the UNet's levels: choose a multiple of "
-                         f"{config.vae.downsample_factor * 2 ** (len(config.unet.channels) - 1)}")
+        raise UsageError(
+            f"--data.image_size {side} does not survive the VAE's {config.vae.downsample_factor}x "
+            "downsampling and the UNet's levels: choose a multiple of "
+            f"{config.vae.downsample_factor * 2 ** (len(config.unet.channels) - 1)}"
+        )
 
 
 def normalise_slices(slice_indices: torch.Tensor, slice_range: tuple[int, int]) -> torch.Tensor:
@@ -144,12 +156,51 @@ def normalise_slices(slice_indices: torch.Tensor, slice_range: tuple[int, int]) 
     return ((slice_indices.float() - low) / max(1, high - low)).clamp(0, 1)
 
 
+class LatentDataset(torch.utils.data.Dataset):
+    """Encoder posteriors of a split with their conditions, kept on the device: a fresh latent is
+    drawn every step (z = μ + σ·ε), as on-the-fly encoding would, without running the encoder again.
+    Indexed by a list of positions, it returns a whole batch (mean, logvar, Conditions)."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, conditions: Conditions):
+        self.mean, self.logvar, self.conditions = mean, logvar, conditions
+
+    def __len__(self) -> int:
+        return len(self.conditions)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
+        return self.mean[index], self.logvar[index], self.conditions[index]
+
+
+def encode_split(
+    vae: AutoencoderKL, images: SliceDataset, config: Config, runtime: Runtime, slice_range: tuple[int, int]
+) -> LatentDataset:
+    """A split's encoder posteriors and conditions, computed once before the UNet trains on them."""
+    vae.eval()
+    means, logvars = [], []
+    with torch.no_grad(), runtime.autocast():
+        for chunk in torch.arange(len(images)).split(config.unet_train.batch_size * 4):
+            mean, logvar = vae.encode(images[chunk.tolist()][0].to(runtime.device))
+            means.append(mean.float())
+            logvars.append(logvar.float())
+    slice_position = None
+    if config.unet.slice_conditioning:
+        slice_position = normalise_slices(images.slice_indices, slice_range).to(runtime.device)
+    return LatentDataset(torch.cat(means), torch.cat(logvars), Conditions(images.labels.to(runtime.device), slice_position))
+
+
 MAX_SEED = 2**32 - 1  # batch seeds are seed * 1_000_003 + ..., which must stay inside torch's 64-bit seed
 MAX_IMAGES = 1_000_000  # per label: a typo's extra zeros should not fill the disk for hours
 
 
-def check_sampling_options(*, steps: int | None, guidance: float | None, seed: int, num_samples: int, batch_size: int,
-                           num_train_timesteps: int | None = None) -> None:
+def check_sampling_options(
+    *,
+    steps: int | None,
+    guidance: float | None,
+    seed: int,
+    num_samples: int,
+    batch_size: int,
+    num_train_timesteps: int | None = None,
+) -> None:
     """The sampling options predict.py and evaluate.py share, as one-line UsageErrors; `steps` is
     checked against the run's T once the run is loaded (pass num_train_timesteps then)."""
     if steps is not None and steps < 1:
@@ -223,19 +274,46 @@ class Pipeline:
         return images.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def sample(self, conditions: Conditions, *, steps: int, guidance_scale: float, sampler: str = "ddim",
-               eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        conditions: Conditions,
+        *,
+        steps: int,
+        guidance_scale: float,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion."""
         self.unet.eval()
         with self.runtime.autocast():
-            latents = self.scheduler.sample(self.unet, (len(conditions), *latent_shape(self.config)), conditions,
-                                            sampler=sampler, num_steps=steps, eta=eta, guidance_scale=guidance_scale,
-                                            generator=generator, device=self.runtime.device)
+            latents = self.scheduler.sample(
+                self.unet,
+                (len(conditions), *latent_shape(self.config)),
+                conditions,
+                sampler=sampler,
+                num_steps=steps,
+                eta=eta,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                device=self.runtime.device,
+            )
         return latents.float()
 
-    def generate(self, label: int, count: int, *, seed: int, batch_size: int = 64, steps: int = 50,
-                 guidance_scale: float | None = None, sampler: str = "ddim", eta: float = 0.0,
-                 slice_position: float | None = None, progress: str = "sampling") -> torch.Tensor:
+    def generate(
+        self,
+        label: int,
+        count: int,
+        *,
+        seed: int,
+        batch_size: int = 64,
+        steps: int = 50,
+        guidance_scale: float | None = None,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        slice_position: float | None = None,
+        progress: str = "sampling",
+    ) -> torch.Tensor:
         """`count` latents of one label (count, C_z, h, w), in batches seeded by `batch_generator`,
         so the same (seed, label, batch_size) gives the same images on any call."""
         guidance_scale = self.config.run.guidance_scale if guidance_scale is None else guidance_scale
@@ -243,9 +321,16 @@ class Pipeline:
         batches = range(0, count, batch_size)
         for batch_index, start in enumerate(tqdm(batches, desc=f"{progress} {CLASS_NAMES[label]}", leave=False)):
             labels = torch.full((min(batch_size, count - start),), label, dtype=torch.long)
-            latents.append(self.sample(self.conditions(labels, slice_position), steps=steps, guidance_scale=guidance_scale,
-                                       sampler=sampler, eta=eta,
-                                       generator=batch_generator(seed, label, batch_index, self.runtime.device)))
+            latents.append(
+                self.sample(
+                    self.conditions(labels, slice_position),
+                    steps=steps,
+                    guidance_scale=guidance_scale,
+                    sampler=sampler,
+                    eta=eta,
+                    generator=batch_generator(seed, label, batch_index, self.runtime.device),
+                )
+            )
         return torch.cat(latents)
 
 
@@ -274,5 +359,6 @@ def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
     ema.load_state_dict(state["ema"])
     ema.copy_to(unet)
     unet.eval().requires_grad_(False)
-    return Pipeline(config, vae, unet, NoiseScheduler(config.scheduler), runtime, tuple(state["slice_range"]),
-                    run_dir, state["epoch"])
+    return Pipeline(
+        config, vae, unet, NoiseScheduler(config.scheduler), runtime, tuple(state["slice_range"]), run_dir, state["epoch"]
+    )

@@ -73,8 +73,9 @@ def build_parser() -> ArgumentParser:
 
 def check_arguments(args) -> list[int]:
     labels = list(dict.fromkeys(label for text in args.label for label in parse_label(text)))
-    check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
-                           batch_size=args.batch_size)
+    check_sampling_options(
+        steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size
+    )
     if not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
     if args.umap_count < 1:
@@ -107,15 +108,26 @@ def clear_single_images(out: Path, labels: list[int]) -> int:
     return len(stale)
 
 
-def save_denoising_sequence(pipe: Pipeline, labels: list[int], args, path: Path, slice_position: float | None,
-                            columns: int = 8) -> None:
+def save_denoising_sequence(
+    pipe: Pipeline, labels: list[int], args, path: Path, slice_position: float | None, columns: int = 8
+) -> None:
     """Rows: a few samples per label; columns: decoded x0-estimates from pure noise to the final image."""
     per_label = 2
     conditions = pipe.conditions(torch.tensor([label for label in labels for _ in range(per_label)]), slice_position)
     generator = batch_generator(args.seed, len(CLASS_NAMES), 0, pipe.runtime.device)
-    steps = list(pipe.scheduler.sample_steps(pipe.unet, (len(conditions), *latent_shape(pipe.config)), conditions,
-                                             sampler=args.sampler, num_steps=args.steps, eta=args.eta,
-                                             guidance_scale=args.guidance, generator=generator, device=pipe.runtime.device))
+    steps = list(
+        pipe.scheduler.sample_steps(
+            pipe.unet,
+            (len(conditions), *latent_shape(pipe.config)),
+            conditions,
+            sampler=args.sampler,
+            num_steps=args.steps,
+            eta=args.eta,
+            guidance_scale=args.guidance,
+            generator=generator,
+            device=pipe.runtime.device,
+        )
+    )
     shown = np.unique(np.linspace(0, len(steps) - 1, columns).round().astype(int))
     frames = [pipe.decode(steps[i][2].float()) for i in shown]  # x0-estimates
     frames[-1] = pipe.decode(steps[-1][1].float())  # the final sample itself
@@ -146,8 +158,10 @@ def real_test_slices(config: Config, label: int, count: int, seed: int) -> torch
         except UnreadableImageError as error:
             print(f"skipped an unreadable test slice: {error}")
     if not pixels:
-        raise UsageError(f"no readable {CLASS_NAMES[label]} test slices in {config.data.data_dir}: "
-                         f"check the dataset with python project_setup.py --data-dir {config.data.data_dir}")
+        raise UsageError(
+            f"no readable {CLASS_NAMES[label]} test slices in {config.data.data_dir}: "
+            f"check the dataset with python project_setup.py --data-dir {config.data.data_dir}"
+        )
     return to_model_range(torch.from_numpy(np.stack(pixels)).unsqueeze(1))
 
 
@@ -162,8 +176,7 @@ def bottleneck_features(pipe: Pipeline, latents: torch.Tensor, labels: torch.Ten
         noise = torch.randn(z.shape, generator=generator, device=device)
         t = torch.full((len(z),), UMAP_TIMESTEP, device=device, dtype=torch.long)
         with pipe.runtime.autocast():
-            _, feature = pipe.unet(pipe.scheduler.add_noise(z, noise, t), t, pipe.conditions(labels[chunk]),
-                                   return_features=True)
+            _, feature = pipe.unet(pipe.scheduler.add_noise(z, noise, t), t, pipe.conditions(labels[chunk]), return_features=True)
         features.append(feature.float().cpu())
     return torch.cat(features)
 
@@ -229,8 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
         pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
         args.steps = args.steps or (50 if args.sampler == "ddim" else pipe.scheduler.num_train_timesteps)
-        check_sampling_options(steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples,
-                               batch_size=args.batch_size, num_train_timesteps=pipe.scheduler.num_train_timesteps)
+        check_sampling_options(
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            num_train_timesteps=pipe.scheduler.num_train_timesteps,
+        )
         args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
         slice_position = None
         if args.slice is not None:
@@ -243,38 +262,68 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or pipe.run_dir / "generated"
         existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
         if existing and not args.overwrite:
-            raise UsageError(f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out")
+            raise UsageError(
+                f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out"
+            )
         if args.real or args.umap:
             index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
 
     if args.overwrite and clear_single_images(out, labels):
         print(f"--overwrite: removed the earlier single images of {', '.join(CLASS_NAMES[label] for label in labels)} in {out}")
     torch.manual_seed(args.seed)
-    print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}")
+    print(
+        f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}"
+    )
     generated, records = {}, []
     started = time.perf_counter()
     for label in labels:
-        latents = pipe.generate(label, args.num_samples, seed=args.seed, batch_size=args.batch_size, steps=args.steps,
-                                guidance_scale=args.guidance, sampler=args.sampler, eta=args.eta,
-                                slice_position=slice_position)
+        latents = pipe.generate(
+            label,
+            args.num_samples,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            sampler=args.sampler,
+            eta=args.eta,
+            slice_position=slice_position,
+        )
         images = pipe.decode(latents).cpu()
         generated[label] = latents.cpu()
         name = CLASS_NAMES[label]
         save_image_grid(images[:64], out / f"samples_{name}.png", ncols=8)
         for index, image in enumerate(to_uint8(images)):
             save_png(image, out / name / f"{name}_{index:04d}.png")
-            records.append({"file": f"{name}/{name}_{index:04d}.png", "label": label, "class": name,
-                            "index": index, "batch": index // args.batch_size})
+            records.append(
+                {
+                    "file": f"{name}/{name}_{index:04d}.png",
+                    "label": label,
+                    "class": name,
+                    "index": index,
+                    "batch": index // args.batch_size,
+                }
+            )
     elapsed = time.perf_counter() - started
     total = args.num_samples * len(labels)
     print(f"generated {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s, decoding included) → {out}")
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    write_json_atomic(out / "samples.json", {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "settings": settings,
-                                             "seconds": round(elapsed, 3), "images": records})
+    write_json_atomic(
+        out / "samples.json",
+        {
+            "run": str(pipe.run_dir),
+            "run_epoch": pipe.epoch,
+            "settings": settings,
+            "seconds": round(elapsed, 3),
+            "images": records,
+        },
+    )
     if args.real:
         for label in labels:
-            save_image_grid(real_test_slices(pipe.config, label, min(args.num_samples, 64), args.seed),
-                            out / f"real_{CLASS_NAMES[label]}.png", ncols=8)
+            save_image_grid(
+                real_test_slices(pipe.config, label, min(args.num_samples, 64), args.seed),
+                out / f"real_{CLASS_NAMES[label]}.png",
+                ncols=8,
+            )
     if args.sequence:
         save_denoising_sequence(pipe, labels, args, out / "denoising_sequence.png", slice_position)
     if args.umap:

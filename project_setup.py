@@ -187,9 +187,7 @@ def _to_image_size(coarse: np.ndarray) -> np.ndarray:
     return rows[..., lower] * (1 - weight) + rows[..., lower + 1] * weight
 
 
-def _smooth_noise(
-    rng: np.random.Generator, shape: tuple[int, ...], control: tuple[int, ...], scale: float
-) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], control: tuple[int, ...], scale: float) -> np.ndarray:
     """A smooth random field of `shape`: Gaussian values on a `control` grid, cubic-interpolated."""
     coarse = rng.normal(0.0, scale, size=control)
     return ndimage.zoom(coarse, np.divide(shape, control), order=3, mode="nearest", grid_mode=True)
@@ -324,9 +322,7 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
     """
     root = Path(root)
     if num_scans < 2 * len(CLASS_NAMES):
-        raise UsageError(
-            f"--scans {num_scans} is too few: the demo needs at least 4 (a train and a test scan per class)"
-        )
+        raise UsageError(f"--scans {num_scans} is too few: the demo needs at least 4 (a train and a test scan per class)")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not empty: delete it or choose another --data-dir for the demo")
     scans = plan_demo(num_scans, seed)
@@ -428,12 +424,7 @@ def _find_layout_root(folder: Path) -> Path | None:
         for candidate in level:
             if all((candidate / split).is_dir() for split in SPLITS):
                 return candidate
-        level = [
-            child
-            for parent in level
-            for child in sorted(parent.iterdir())
-            if child.is_dir() and child.name != "__MACOSX"
-        ]
+        level = [child for parent in level for child in sorted(parent.iterdir()) if child.is_dir() and child.name != "__MACOSX"]
     return None
 
 
@@ -576,9 +567,7 @@ def check_dataset(root: str | os.PathLike) -> DatasetReport:
     paths = [record.path for record in index.records]
     # Threads are enough: PIL decodes without holding the GIL.
     with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:
-        facts = list(
-            tqdm(pool.map(inspect_image, paths), total=len(paths), desc="checking images", unit="img", disable=None)
-        )
+        facts = list(tqdm(pool.map(inspect_image, paths), total=len(paths), desc="checking images", unit="img", disable=None))
     return DatasetReport(index, facts, scans_in_both(index), scans_in_both_classes(index))
 
 
@@ -716,16 +705,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--data-dir", type=Path, help=f"dataset folder (default: {DEFAULT_ROOT}, or {DEMO_ROOT} with --demo)"
-    )
+    parser.add_argument("--data-dir", type=Path, help=f"dataset folder (default: {DEFAULT_ROOT}, or {DEMO_ROOT} with --demo)")
     parser.add_argument(
         "--demo", action="store_true", help="build the demo dataset into --data-dir first (it must not exist yet)"
     )
     parser.add_argument("--seed", type=int, help="demo: random seed; the same seed gives the same bytes (default 0)")
-    parser.add_argument(
-        "--scans", type=int, help=f"demo: number of scans, AD and NC alternating (default {DEMO_SCANS})"
-    )
+    parser.add_argument("--scans", type=int, help=f"demo: number of scans, AD and NC alternating (default {DEMO_SCANS})")
     parser.add_argument("--zip", type=Path, help=f"zip to unpack when --data-dir is missing (default {DEFAULT_ZIP})")
     parser.add_argument(
         "--figures",
@@ -762,9 +747,7 @@ def make_work_folders() -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UsageError(
-                f"cannot create the working folder {folder} ({error}): run from a writable folder"
-            ) from None
+            raise UsageError(f"cannot create the working folder {folder} ({error}): run from a writable folder") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -784,9 +767,7 @@ def main(argv: list[str] | None = None) -> None:
             scans = DEMO_SCANS if args.scans is None else args.scans
             started = time.perf_counter()
             build_demo(root, scans, args.seed or 0)
-            print(
-                f"built the demo: {scans} scans x {SLICES_PER_SCAN} slices in {root} ({time.perf_counter() - started:.0f} s)"
-            )
+            print(f"built the demo: {scans} scans x {SLICES_PER_SCAN} slices in {root} ({time.perf_counter() - started:.0f} s)")
         else:
             prepare_folder(root, args.zip)
         report = check_dataset(root)

@@ -21,13 +21,17 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import (
@@ -45,17 +49,18 @@ from config import (
     read_config,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, ms_ssim, vae_loss
+from modules import EMA, AutoencoderKL, NoiseScheduler, ms_ssim, vae_loss
 from pipeline import (
+    LatentDataset,
     Pipeline,
     build_unet,
     check_trained_on,
     checkpoint_state,
+    encode_split,
     fingerprint,
     load_stage_checkpoint,
     load_trained_vae,
     load_weights,
-    normalise_slices,
     validate,
 )
 from utils import (
@@ -74,7 +79,6 @@ from utils import (
     write_text_atomic,
 )
 
-
 # ============================================================================ command line
 
 
@@ -87,8 +91,12 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--preset", choices=tuple(PRESETS), help="config preset for a new run (default: demo)")
     parser.add_argument("--data-dir", help="dataset root with {train,test}/{AD,NC}/ (sets data.data_dir)")
-    parser.add_argument("--run", "--run-dir", dest="run",
-                        help="run folder (default: runs/<preset>); under torchrun write --run-dir, as torchrun claims --run")
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        help="run folder (default: runs/<preset>); under torchrun write --run-dir, as torchrun claims --run",
+    )
     parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
     parser.add_argument("--epochs", type=int, help="epochs of the stage(s) being trained")
     parser.add_argument("--batch-size", type=int, help="per-process batch size of the stage(s) being trained")
@@ -160,7 +168,7 @@ def prepare_for_training(model: nn.Module, config: Config, runtime: Runtime) -> 
     return trained
 
 
-def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:
     """AdamW (no decay on norms and biases) with linear warm-up and cosine decay over all epochs."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -180,7 +188,7 @@ def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return optimizer, LambdaLR(optimizer, lr_factor)
 
 
 # ============================================================================ the shared epoch loop
@@ -196,8 +204,8 @@ def train_one_epoch(
     batches: typing.Iterable,
     num_batches: int,
     compute_loss: Callable[[object], tuple[torch.Tensor, int]],
-    optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LambdaLR,
+    optimizer: Optimizer,
+    lr_schedule: LambdaLR,
     stage: StageConfig,
     runtime: Runtime,
     log_every: int,
@@ -239,8 +247,16 @@ def train_one_epoch(
 # ============================================================================ checkpoints and history
 
 
-def restore_stage(path: Path, stage: str, resume: bool, config: Config, runtime: Runtime, model: nn.Module,
-                  optimizer: torch.optim.Optimizer, lr_schedule: torch.optim.lr_scheduler.LambdaLR) -> tuple[int, int, list[dict], dict]:
+def restore_stage(
+    path: Path,
+    stage: str,
+    resume: bool,
+    config: Config,
+    runtime: Runtime,
+    model: nn.Module,
+    optimizer: Optimizer,
+    lr_schedule: LambdaLR,
+) -> tuple[int, int, list[dict], dict]:
     """With --resume and a checkpoint at `path`: load model, optimizer and LR schedule, and return
     (epochs done, steps done, history, the checkpoint); otherwise a fresh start (0, 0, [], {})."""
     if not (resume and path.is_file()):
@@ -250,6 +266,91 @@ def restore_stage(path: Path, stage: str, resume: bool, config: Config, runtime:
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
     return state["epoch"], state["step"], state["history"], state
+
+
+@dataclass
+class Stage:
+    """One stage's training state: the plain model (what checkpoints save), the module the step calls
+    (channels-last, DDP, compiled), the loader, optimizer and LR schedule, and the progress restored
+    from the stage's checkpoint (`restored`, {} on a fresh start)."""
+
+    name: str  # "vae" or "unet"
+    settings: StageConfig
+    model: nn.Module
+    trained: nn.Module
+    loader: DataLoader
+    optimizer: Optimizer
+    lr_schedule: LambdaLR
+    start_epoch: int
+    step: int
+    history: list[dict]
+    restored: dict
+
+    def checkpoint(self, config: Config, epoch: int, **extra) -> dict:
+        return checkpoint_state(
+            self.name, config, self.model, self.optimizer, self.lr_schedule, epoch, self.step, self.history, **extra
+        )
+
+
+def start_stage(
+    name: str, model: nn.Module, train_set: Dataset, config: Config, runtime: Runtime, resume: bool, path: Path
+) -> Stage:
+    """The loader, optimizer and schedule of stage `name`, restored from `path` with --resume."""
+    settings = getattr(config, f"{name}_train")
+    loader = make_loader(
+        train_set,
+        settings.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=config.run.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        pin_memory=runtime.device.type == "cuda" and isinstance(train_set, SliceDataset),
+    )
+    optimizer, lr_schedule = make_optimizer(model, settings, len(loader))
+    start_epoch, step, history, state = restore_stage(path, name, resume, config, runtime, model, optimizer, lr_schedule)
+    trained = prepare_for_training(model, config, runtime)
+    return Stage(name, settings, model, trained, loader, optimizer, lr_schedule, start_epoch, step, history, state)
+
+
+def run_epochs(
+    stage: Stage,
+    config: Config,
+    runtime: Runtime,
+    compute_loss: Callable[[object], tuple[torch.Tensor, int]],
+    after_step: Callable[[], None] = lambda: None,
+) -> Iterator[dict]:
+    """Train the stage's remaining epochs; after each, yield its history entry for the caller to
+    complete (validation), append, log and checkpoint, then wait for all ranks."""
+    for epoch in range(stage.start_epoch, stage.settings.epochs):
+        seed_epoch(config.run.seed, epoch, runtime.rank)
+        set_loader_epoch(stage.loader, epoch)
+        name = f"{stage.name} {epoch + 1}/{stage.settings.epochs}"
+        train_loss, images_per_second = train_one_epoch(
+            name,
+            stage.trained,
+            stage.loader,
+            len(stage.loader),
+            compute_loss,
+            stage.optimizer,
+            stage.lr_schedule,
+            stage.settings,
+            runtime,
+            config.run.log_every,
+            after_step=after_step,
+        )
+        stage.step += len(stage.loader)
+        yield {
+            "stage": stage.name,
+            "epoch": epoch + 1,
+            "step": stage.step,
+            "train_loss": train_loss,
+            "lr": stage.lr_schedule.get_last_lr()[0],
+            "images_per_second": images_per_second,
+        }
+        runtime.barrier()
+    if stage.start_epoch == stage.settings.epochs and runtime.is_main:
+        print(f"{stage.name}: already trained for {stage.settings.epochs} epochs")
 
 
 def write_history(run_dir: Path, vae_history: list[dict], unet_history: list[dict]) -> None:
@@ -290,52 +391,41 @@ def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -
 
 
 def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool) -> AutoencoderKL:
-    stage = config.vae_train
-    path = run_dir / "vae.pt"
     torch.manual_seed(config.run.seed)
     vae = AutoencoderKL(config.vae).to(runtime.device)
-    train_loader = make_loader(datasets["train"], stage.batch_size, shuffle=True, drop_last=True, seed=config.run.seed,
-                               rank=runtime.rank, world_size=runtime.world_size, pin_memory=runtime.device.type == "cuda")
-    val_loader = make_loader(datasets["val"], stage.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size)
-    optimizer, lr_schedule = make_optimizer(vae, stage, len(train_loader))
-    start_epoch, step, history, _ = restore_stage(path, "vae", resume, config, runtime, vae, optimizer, lr_schedule)
-    trained = prepare_for_training(vae, config, runtime)
+    stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt")
+    val_loader = make_loader(
+        datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
+    )
     preview = datasets["val"][torch.linspace(0, len(datasets["val"]) - 1, 8).long().tolist()][0]
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         images = batch[0].to(runtime.device, non_blocking=True)
-        recon, mean, logvar = trained(images)
+        recon, mean, logvar = stage.trained(images)
         return vae_loss(images, recon, mean, logvar, config.vae)[0], len(images)
 
-    for epoch in range(start_epoch, stage.epochs):
-        seed_epoch(config.run.seed, epoch, runtime.rank)
-        set_loader_epoch(train_loader, epoch)
-        name = f"vae {epoch + 1}/{stage.epochs}"
-        train_loss, images_per_second = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss,
-                                                        optimizer, lr_schedule, stage, runtime, config.run.log_every)
-        step += len(train_loader)
-        val_loss, val_ms_ssim = evaluate_vae(vae, val_loader, config, runtime)
-        history.append({"stage": "vae", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                        "val_loss": val_loss, "val_ms_ssim": val_ms_ssim, "lr": lr_schedule.get_last_lr()[0],
-                        "images_per_second": images_per_second})
+    for entry in run_epochs(stage, config, runtime, compute_loss):
+        entry["val_loss"], entry["val_ms_ssim"] = evaluate_vae(vae, val_loader, config, runtime)
+        stage.history.append(entry)
         if runtime.is_main:
-            print(f"{name}: train {train_loss:.4f}  val {val_loss:.4f}  val MS-SSIM {val_ms_ssim:.4f}  "
-                  f"{images_per_second:.0f} images/s")
-            if epoch + 1 == stage.epochs:
-                set_latent_scale(vae, datasets["train"], stage.batch_size, runtime)
-            save_checkpoint(checkpoint_state("vae", config, vae, optimizer, lr_schedule, epoch + 1, step, history), path)
-            write_history(run_dir, history, [])
-            plot_history(history, run_dir / "vae_loss.png", "VAE loss")
+            print(
+                f"vae {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  val {entry['val_loss']:.4f}  "
+                f"val MS-SSIM {entry['val_ms_ssim']:.4f}  {entry['images_per_second']:.0f} images/s"
+            )
+            if entry["epoch"] == stage.settings.epochs:
+                set_latent_scale(vae, datasets["train"], stage.settings.batch_size, runtime)
+            save_checkpoint(stage.checkpoint(config, entry["epoch"]), run_dir / "vae.pt")
+            write_history(run_dir, stage.history, [])
+            plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
             save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
-        runtime.barrier()
-    if start_epoch == stage.epochs and runtime.is_main:
-        print(f"vae: already trained for {stage.epochs} epochs in {path}")
     if runtime.world_size > 1:
         dist.broadcast(vae.scale_factor, src=0)
     return vae
 
 
-def set_latent_scale(vae: AutoencoderKL, train_set: SliceDataset, batch_size: int, runtime: Runtime, max_images: int = 4096) -> None:
+def set_latent_scale(
+    vae: AutoencoderKL, train_set: SliceDataset, batch_size: int, runtime: Runtime, max_images: int = 4096
+) -> None:
     """Scale latents to unit variance (Rombach et al. 2022), from up to `max_images` training images."""
     vae.eval()
     count = min(len(train_set), max_images)
@@ -359,38 +449,9 @@ def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, r
 # ============================================================================ stage 2: latent UNet
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Encoder posteriors of a split with their conditions, kept on the device: a fresh latent is
-    drawn every step (z = μ + σ·ε), as on-the-fly encoding would, without running the encoder again.
-    Indexed by a list of positions, it returns a whole batch (mean, logvar, Conditions)."""
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, conditions: Conditions):
-        self.mean, self.logvar, self.conditions = mean, logvar, conditions
-
-    def __len__(self) -> int:
-        return len(self.conditions)
-
-    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
-        return self.mean[index], self.logvar[index], self.conditions[index]
-
-
-def encode_split(vae: AutoencoderKL, images: SliceDataset, config: Config, runtime: Runtime,
-                 slice_range: tuple[int, int]) -> LatentDataset:
-    vae.eval()
-    means, logvars = [], []
-    with torch.no_grad(), runtime.autocast():
-        for chunk in torch.arange(len(images)).split(config.unet_train.batch_size * 4):
-            mean, logvar = vae.encode(images[chunk.tolist()][0].to(runtime.device))
-            means.append(mean.float())
-            logvars.append(logvar.float())
-    slice_position = None
-    if config.unet.slice_conditioning:
-        slice_position = normalise_slices(images.slice_indices, slice_range).to(runtime.device)
-    return LatentDataset(torch.cat(means), torch.cat(logvars), Conditions(images.labels.to(runtime.device), slice_position))
-
-
-def evaluate_unet(unet: nn.Module, scheduler: NoiseScheduler, latents: LatentDataset, scale: float, config: Config,
-                  runtime: Runtime) -> float:
+def evaluate_unet(
+    unet: nn.Module, scheduler: NoiseScheduler, latents: LatentDataset, scale: float, config: Config, runtime: Runtime
+) -> float:
     """Validation loss with a fixed draw of latents, timesteps and noise, so epochs compare fairly."""
     unet.eval()
     generator = torch.Generator(runtime.device).manual_seed(1234 + runtime.rank)
@@ -416,58 +477,48 @@ def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> None:
 
 
 def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool) -> None:
-    stage = config.unet_train
-    path = run_dir / "unet.pt"
     vae = load_trained_vae(config, run_dir, runtime.device)
-    vae_fingerprint = fingerprint(vae)
-    scale = float(vae.scale_factor)
+    vae_fingerprint, scale = fingerprint(vae), float(vae.scale_factor)
     scheduler = NoiseScheduler(config.scheduler)
     torch.manual_seed(config.run.seed)
     unet = build_unet(config).to(runtime.device)
-    ema = EMA(unet, decay=stage.ema_decay)
-    grids = Pipeline(config, vae, ema.model, scheduler, runtime)
+    ema = EMA(unet, decay=config.unet_train.ema_decay)
     train_slices = datasets["train"].slice_indices
     slice_range = (int(train_slices.min()), int(train_slices.max()))
     train_latents = encode_split(vae, datasets["train"], config, runtime, slice_range)
     val_latents = encode_split(vae, datasets["val"], config, runtime, slice_range)
-    train_loader = make_loader(train_latents, stage.batch_size, shuffle=True, drop_last=True, seed=config.run.seed,
-                               rank=runtime.rank, world_size=runtime.world_size)
-    optimizer, lr_schedule = make_optimizer(unet, stage, len(train_loader))
-    start_epoch, step, history, state = restore_stage(path, "unet", resume, config, runtime, unet, optimizer, lr_schedule)
-    if state:
-        check_trained_on(state, vae, path)
-        ema.load_state_dict(state["ema"])
+    stage = start_stage("unet", unet, train_latents, config, runtime, resume, run_dir / "unet.pt")
+    if stage.restored:
+        check_trained_on(stage.restored, vae, run_dir / "unet.pt")
+        ema.load_state_dict(stage.restored["ema"])
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
-    trained = prepare_for_training(unet, config, runtime)
+    grids = Pipeline(config, vae, ema.model, scheduler, runtime)
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         mean, logvar, conditions = batch
         latents = AutoencoderKL.sample_latent(mean, logvar) * scale
-        return scheduler.training_loss(trained, latents, conditions, condition_dropout=stage.label_dropout), len(latents)
+        dropout = stage.settings.label_dropout
+        return scheduler.training_loss(stage.trained, latents, conditions, condition_dropout=dropout), len(latents)
 
-    for epoch in range(start_epoch, stage.epochs):
-        seed_epoch(config.run.seed, epoch, runtime.rank)
-        set_loader_epoch(train_loader, epoch)
-        name = f"unet {epoch + 1}/{stage.epochs}"
-        train_loss, images_per_second = train_one_epoch(name, trained, train_loader, len(train_loader), compute_loss,
-                                                        optimizer, lr_schedule, stage, runtime, config.run.log_every,
-                                                        after_step=lambda: ema.update(unet))
-        step += len(train_loader)
-        val_loss = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
-        history.append({"stage": "unet", "epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                        "val_loss": val_loss, "lr": lr_schedule.get_last_lr()[0], "images_per_second": images_per_second})
+    for entry in run_epochs(stage, config, runtime, compute_loss, after_step=lambda: ema.update(unet)):
+        entry["val_loss"] = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
+        stage.history.append(entry)
         if runtime.is_main:
-            print(f"{name}: train {train_loss:.4f}  val (EMA) {val_loss:.4f}  {images_per_second:.0f} images/s")
-            save_checkpoint(checkpoint_state("unet", config, unet, optimizer, lr_schedule, epoch + 1, step, history,
-                                             ema=ema.state_dict(), slice_range=list(slice_range), latent_scale=scale,
-                                             vae_fingerprint=vae_fingerprint), path)
-            write_history(run_dir, vae_history, history)
-            plot_history(history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
-            if (epoch + 1) % config.run.sample_every == 0 or epoch + 1 == stage.epochs:
-                save_sample_grids(grids, run_dir / "samples", f"epoch{epoch + 1:03d}")
-        runtime.barrier()
-    if start_epoch == stage.epochs and runtime.is_main:
-        print(f"unet: already trained for {stage.epochs} epochs in {path}")
+            print(
+                f"unet {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  "
+                f"val (EMA) {entry['val_loss']:.4f}  {entry['images_per_second']:.0f} images/s"
+            )
+            extra = {
+                "ema": ema.state_dict(),
+                "slice_range": list(slice_range),
+                "latent_scale": scale,
+                "vae_fingerprint": vae_fingerprint,
+            }
+            save_checkpoint(stage.checkpoint(config, entry["epoch"], **extra), run_dir / "unet.pt")
+            write_history(run_dir, vae_history, stage.history)
+            plot_history(stage.history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
+            if entry["epoch"] % config.run.sample_every == 0 or entry["epoch"] == stage.settings.epochs:
+                save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}")
 
 
 # ============================================================================ command line
@@ -485,8 +536,10 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
         apply_overrides(config, overrides)
         changed = config_differences(stored, config)
         if changed:
-            raise UsageError(f"{run_dir} was made with {'; '.join(changed[:3])}: these define the model and cannot "
-                             "change in an existing run; choose a new --run")
+            raise UsageError(
+                f"{run_dir} was made with {'; '.join(changed[:3])}: these define the model and cannot "
+                "change in an existing run; choose a new --run"
+            )
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"{run_dir} exists and is not a brainLDM run folder: choose another --run")
@@ -497,13 +550,17 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
     stages = ("vae", "unet") if args.stage == "all" else (args.stage,)
     for stage in stages:
         if (run_dir / f"{stage}.pt").is_file() and not args.resume:
-            raise UsageError(f"{run_dir / (stage + '.pt')} exists: add --resume to continue it (or raise "
-                             f"--{stage}_train.epochs to train longer), or choose a new --run")
+            raise UsageError(
+                f"{run_dir / (stage + '.pt')} exists: add --resume to continue it (or raise "
+                f"--{stage}_train.epochs to train longer), or choose a new --run"
+            )
     if "vae" in stages and (run_dir / "unet.pt").is_file():
         vae_epochs = load_checkpoint(run_dir / "vae.pt")["epoch"] if (run_dir / "vae.pt").is_file() else 0
         if vae_epochs < config.vae_train.epochs:
-            raise UsageError(f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
-                             "invalidate it: choose a new --run")
+            raise UsageError(
+                f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
+                "invalidate it: choose a new --run"
+            )
     validate(config)
     return config
 
@@ -515,8 +572,10 @@ def check_classes(datasets: dict[str, SliceDataset]) -> None:
         present = set(datasets[name].labels.tolist())
         missing = [class_name for label, class_name in enumerate(CLASS_NAMES) if label not in present]
         if missing:
-            raise UsageError(f"the {name} split has no {' or '.join(missing)} images: a conditional model needs both "
-                             "classes; add them to the dataset's train folder (or raise --data.val_fraction)")
+            raise UsageError(
+                f"the {name} split has no {' or '.join(missing)} images: a conditional model needs both "
+                "classes; add them to the dataset's train folder (or raise --data.val_fraction)"
+            )
 
 
 def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> None:

@@ -158,8 +158,9 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise UsageError(f"{folder} is in use by process {holder}: wait for it to finish (or stop it), "
-                             "or choose another --run") from None
+            raise UsageError(
+                f"{folder} is in use by process {holder}: wait for it to finish (or stop it), or choose another --run"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -194,9 +195,7 @@ def image_grid(images: np.ndarray | torch.Tensor, ncols: int = 8, padding: int =
     count, height, width = tiles.shape
     ncols = max(1, min(ncols, count))
     nrows = -(-count // ncols)
-    grid = np.zeros(
-        (nrows * height + (nrows + 1) * padding, ncols * width + (ncols + 1) * padding), dtype=np.uint8
-    )
+    grid = np.zeros((nrows * height + (nrows + 1) * padding, ncols * width + (ncols + 1) * padding), dtype=np.uint8)
     for index, tile in enumerate(tiles):
         row, col = divmod(index, ncols)
         top = padding + row * (height + padding)

@@ -71,8 +71,12 @@ def run_script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     """project_setup.py in a fresh interpreter whose stdout is strict UTF-8, as under an en_US.UTF-8 locale."""
     return subprocess.run(
         [sys.executable, str(REPO / "project_setup.py"), *map(str, args)],
-        cwd=cwd, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-        capture_output=True, text=True, timeout=120, check=False,
+        cwd=cwd,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -135,8 +139,18 @@ def test_bomb_is_skipped_counted_and_reported(tiny_root: Path, tmp_path: Path, c
 
 @pytest.mark.parametrize(
     "name",
-    ["9_².jpeg", "١٢_3.jpeg", "12_٣.jpeg", "1_\u2075.png", "123_99999999999999999999999.jpeg", "1_1000001.jpeg",
-     "a b_1.jpeg", "x\n_1.jpeg", "abc_\udcff.jpeg", "\udcff_1.jpeg"],
+    [
+        "9_².jpeg",
+        "١٢_3.jpeg",
+        "12_٣.jpeg",
+        "1_\u2075.png",
+        "123_99999999999999999999999.jpeg",
+        "1_1000001.jpeg",
+        "a b_1.jpeg",
+        "x\n_1.jpeg",
+        "abc_\udcff.jpeg",
+        "\udcff_1.jpeg",
+    ],
 )
 def test_non_ascii_and_huge_names_are_not_images(name: str) -> None:
     assert parse_image_name(name) is None
@@ -338,9 +352,7 @@ def unpack_refused(run_setup, tmp_path: Path, zip_path: Path, *fragments: str) -
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")
-@pytest.mark.parametrize(
-    "second", ["AD_NC/train/AD/10_1.jpeg", "AD_NC\\train\\AD\\10_1.jpeg", "AD_NC/train/./AD/10_1.jpeg"]
-)
+@pytest.mark.parametrize("second", ["AD_NC/train/AD/10_1.jpeg", "AD_NC\\train\\AD\\10_1.jpeg", "AD_NC/train/./AD/10_1.jpeg"])
 def test_zip_with_duplicate_paths_is_refused(tmp_path: Path, run_setup, second: str) -> None:
     zip_path = write_zip(tmp_path / "d.zip", SLICES)
     with zipfile.ZipFile(zip_path, "a") as archive:

@@ -12,11 +12,30 @@ import bench
 from modules import Conditions, NoiseScheduler
 from pipeline import build_unet
 
-TINY = ["--preset", "tiny", "--batch-size", "4", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--train-steps", "1",
-        "--sample-count", "2", "--sample-steps", "2"]
-THROUGHPUT_ROWS = ("VAE training, 32 px (images/s)", "UNet training, cached latents (images/s)",
-                   "UNet training, latents encoded on the fly (images/s)",
-                   "DDIM sampling, 2 images × 2 steps, guidance 3 (images/s)")
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--device",
+    "cpu",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--train-steps",
+    "1",
+    "--sample-count",
+    "2",
+    "--sample-steps",
+    "2",
+]
+THROUGHPUT_ROWS = (
+    "VAE training, 32 px (images/s)",
+    "UNet training, cached latents (images/s)",
+    "UNet training, latents encoded on the fly (images/s)",
+    "DDIM sampling, 2 images × 2 steps, guidance 3 (images/s)",
+)
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
 
 
@@ -117,8 +136,15 @@ def test_peer_scheduler_samples_as_ours(prediction_type: str, beta_schedule: str
     assert ddim.timesteps.tolist() == ours.timesteps(10)
     labels = torch.tensor([0, 1, 0])
     runtime = bench.Runtime(torch.device("cpu"))
-    theirs = bench.sample_with_peer(peer, ddim, config, labels, runtime, steps=10, guidance_scale=3.0,
-                                    generator=torch.Generator().manual_seed(1))
-    mine = ours.sample(peer, (3, *bench.latent_shape(config)), Conditions(labels), num_steps=10, guidance_scale=3.0,
-                       generator=torch.Generator().manual_seed(1))
+    theirs = bench.sample_with_peer(
+        peer, ddim, config, labels, runtime, steps=10, guidance_scale=3.0, generator=torch.Generator().manual_seed(1)
+    )
+    mine = ours.sample(
+        peer,
+        (3, *bench.latent_shape(config)),
+        Conditions(labels),
+        num_steps=10,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)

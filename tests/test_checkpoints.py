@@ -115,6 +115,7 @@ def test_load_checkpoint_errors_are_one_line(tmp_path: Path, monkeypatch) -> Non
     def raising(error):
         def load(*args, **kwargs):
             raise error
+
         return load
 
     monkeypatch.setattr(torch, "load", raising(EOFError()))
@@ -183,7 +184,13 @@ def test_checkpoint_state_holds_everything_a_resume_needs() -> None:
     config = make_config("demo")
     model, optimizer, schedule, state = trained_state(config)
     assert state.keys() == {"format", "stage", "config", "model", "optimizer", "lr_schedule", "epoch", "step", "history", "extra"}
-    assert (state["format"], state["stage"], state["epoch"], state["step"], state["extra"]) == (pipeline.CHECKPOINT_FORMAT, "vae", 2, 3, 7)
+    assert (state["format"], state["stage"], state["epoch"], state["step"], state["extra"]) == (
+        pipeline.CHECKPOINT_FORMAT,
+        "vae",
+        2,
+        3,
+        7,
+    )
     assert state["config"] == config_to_dict(config)
     assert_same(state["model"], model.state_dict())
     assert_same(state["optimizer"], optimizer.state_dict())
@@ -255,7 +262,9 @@ def test_load_weights_mismatch_is_a_one_line_usage_error(monkeypatch) -> None:
     with pytest.raises(UsageError) as info:
         pipeline.load_weights(model, nn.Linear(3, 4).state_dict(), Path("x.pt"))
     message = str(info.value)
-    assert message.startswith("x.pt does not fit this model (size mismatch for weight:") and message.endswith(": start a new --run")
+    assert message.startswith("x.pt does not fit this model (size mismatch for weight:") and message.endswith(
+        ": start a new --run"
+    )
     assert "\n" not in message
     monkeypatch.setattr(model, "load_state_dict", lambda weights: (_ for _ in ()).throw(RuntimeError("  boom  ")))
     with pytest.raises(UsageError, match=r"^x.pt does not fit this model \(boom\): start a new --run$"):

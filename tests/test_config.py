@@ -43,19 +43,33 @@ def test_unknown_preset_names_the_choices() -> None:
 
 def test_overrides_parse_every_field_type() -> None:
     config = make_config("demo")
-    overrides = collect_overrides(["--unet.channels", "8,16", "--unet.attention_levels=false,true", "--vae_train.lr", "3e-4",
-                                   "--data.cache_dir", "none", "--run.bf16", "off"])
+    overrides = collect_overrides(
+        [
+            "--unet.channels",
+            "8,16",
+            "--unet.attention_levels=false,true",
+            "--vae_train.lr",
+            "3e-4",
+            "--data.cache_dir",
+            "none",
+            "--run.bf16",
+            "off",
+        ]
+    )
     apply_overrides(config, overrides)
     assert config.unet.channels == (8, 16) and config.unet.attention_levels == (False, True)
     assert config.vae_train.lr == 3e-4 and config.data.cache_dir is None and config.run.bf16 is False
     assert "unet_train.label_dropout" in override_keys() and "preset" not in override_keys()
 
 
-@pytest.mark.parametrize("tokens, message", [
-    (["--vae.nonsense", "3"], "unknown option --vae.nonsense"),
-    (["--vae_train.epochs"], "needs a value"),
-    (["stray"], "unknown option stray"),
-])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (["--vae.nonsense", "3"], "unknown option --vae.nonsense"),
+        (["--vae_train.epochs"], "needs a value"),
+        (["stray"], "unknown option stray"),
+    ],
+)
 def test_bad_override_tokens(tokens: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         collect_overrides(tokens)
@@ -78,32 +92,35 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         read_config(tmp_path)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("data.image_size", "63", "--data.image_size 63: must be a positive multiple of the VAE's downsampling factor 8"),
-    ("data.image_size", "0", "--data.image_size 0"),
-    ("data.val_fraction", "0", "--data.val_fraction 0.0: must lie in (0, 1)"),
-    ("data.val_fraction", "nan", "--data.val_fraction nan"),
-    ("vae.channels", ",", "--vae.channels : must be widths of at least 4"),
-    ("unet.channels", "64,0", "--unet.channels 64,0: must be widths of at least 4"),
-    ("unet.attention_levels", "true", "--unet.attention_levels true: needs one true/false per unet.channels level (3)"),
-    ("unet.head_dim", "24", "--unet.head_dim 24: must split every unet.channels width (128,256,256) into equal heads"),
-    ("unet.num_classes", "3", "--unet.num_classes 3: must be 2 (AD, NC)"),
-    ("vae.recon_loss", "l3", "--vae.recon_loss l3: must be l1 or mse"),
-    ("vae.kl_weight", "-1", "--vae.kl_weight -1.0: must be a finite number, 0 or more"),
-    ("scheduler.prediction_type", "x0", "--scheduler.prediction_type x0: must be v or epsilon"),
-    ("scheduler.beta_schedule", "quadratic", "--scheduler.beta_schedule quadratic"),
-    ("scheduler.beta_start", "0.5", "--scheduler.beta_start 0.5: must be above 0 and below scheduler.beta_end"),
-    ("vae_train.epochs", "0", "--vae_train.epochs 0: must be at least 1"),
-    ("unet_train.batch_size", "0", "--unet_train.batch_size 0: must be at least 1"),
-    ("vae_train.lr", "-1", "--vae_train.lr -1.0: must be a finite number above 0"),
-    ("unet_train.lr", "nan", "--unet_train.lr nan: must be a finite number above 0"),
-    ("unet_train.label_dropout", "1", "--unet_train.label_dropout 1.0: must lie in [0, 1)"),
-    ("unet_train.ema_decay", "inf", "--unet_train.ema_decay inf"),
-    ("run.sample_every", "0", "--run.sample_every 0: must be at least 1"),
-    ("run.sample_steps", "1001", "--run.sample_steps 1001: must be 1 to scheduler.num_train_timesteps (1000)"),
-    ("run.guidance_scale", "nan", "--run.guidance_scale nan"),
-    ("run.seed", "-1", "--run.seed -1: must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.image_size", "63", "--data.image_size 63: must be a positive multiple of the VAE's downsampling factor 8"),
+        ("data.image_size", "0", "--data.image_size 0"),
+        ("data.val_fraction", "0", "--data.val_fraction 0.0: must lie in (0, 1)"),
+        ("data.val_fraction", "nan", "--data.val_fraction nan"),
+        ("vae.channels", ",", "--vae.channels : must be widths of at least 4"),
+        ("unet.channels", "64,0", "--unet.channels 64,0: must be widths of at least 4"),
+        ("unet.attention_levels", "true", "--unet.attention_levels true: needs one true/false per unet.channels level (3)"),
+        ("unet.head_dim", "24", "--unet.head_dim 24: must split every unet.channels width (128,256,256) into equal heads"),
+        ("unet.num_classes", "3", "--unet.num_classes 3: must be 2 (AD, NC)"),
+        ("vae.recon_loss", "l3", "--vae.recon_loss l3: must be l1 or mse"),
+        ("vae.kl_weight", "-1", "--vae.kl_weight -1.0: must be a finite number, 0 or more"),
+        ("scheduler.prediction_type", "x0", "--scheduler.prediction_type x0: must be v or epsilon"),
+        ("scheduler.beta_schedule", "quadratic", "--scheduler.beta_schedule quadratic"),
+        ("scheduler.beta_start", "0.5", "--scheduler.beta_start 0.5: must be above 0 and below scheduler.beta_end"),
+        ("vae_train.epochs", "0", "--vae_train.epochs 0: must be at least 1"),
+        ("unet_train.batch_size", "0", "--unet_train.batch_size 0: must be at least 1"),
+        ("vae_train.lr", "-1", "--vae_train.lr -1.0: must be a finite number above 0"),
+        ("unet_train.lr", "nan", "--unet_train.lr nan: must be a finite number above 0"),
+        ("unet_train.label_dropout", "1", "--unet_train.label_dropout 1.0: must lie in [0, 1)"),
+        ("unet_train.ema_decay", "inf", "--unet_train.ema_decay inf"),
+        ("run.sample_every", "0", "--run.sample_every 0: must be at least 1"),
+        ("run.sample_steps", "1001", "--run.sample_steps 1001: must be 1 to scheduler.num_train_timesteps (1000)"),
+        ("run.guidance_scale", "nan", "--run.guidance_scale nan"),
+        ("run.seed", "-1", "--run.seed -1: must be 0 or more"),
+    ],
+)
 def test_every_field_is_range_checked(key: str, value: str, message: str) -> None:
     config = make_config("adni")
     apply_overrides(config, {key: value})

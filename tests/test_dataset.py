@@ -29,9 +29,7 @@ from dataset import (
 
 @pytest.fixture()
 def tiny_root(tmp_path: Path) -> Path:
-    return make_tiny_dataset(
-        tmp_path / "AD_NC", {"train/AD": 10, "train/NC": 10, "test/AD": 3, "test/NC": 3}
-    )
+    return make_tiny_dataset(tmp_path / "AD_NC", {"train/AD": 10, "train/NC": 10, "test/AD": 3, "test/NC": 3})
 
 
 def test_parse_image_name() -> None:
@@ -67,7 +65,10 @@ def test_label_mapping_does_not_depend_on_listing_order(tiny_root: Path, monkeyp
     "damage, message",
     [
         (lambda root: None, None),
-        (lambda root: [p.unlink() for p in (root / "test" / "NC").iterdir()] and (root / "test" / "NC").rmdir(), "test/NC is missing"),
+        (
+            lambda root: [p.unlink() for p in (root / "test" / "NC").iterdir()] and (root / "test" / "NC").rmdir(),
+            "test/NC is missing",
+        ),
         (lambda root: [p.unlink() for p in root.rglob("*.jpeg")], "no images"),
     ],
 )
@@ -167,7 +168,9 @@ def test_datasets_and_loader(tiny_root: Path) -> None:
     config = DataConfig(data_dir=str(tiny_root), image_size=32, val_fraction=0.2, cache_dir=None)
     datasets, _ = load_split_datasets(config, return_slice=True, verbose=False)
     assert {name: len(d) for name, d in datasets.items()} == {
-        "train": 16 * SLICES_PER_SCAN, "val": 4 * SLICES_PER_SCAN, "test": 6 * SLICES_PER_SCAN
+        "train": 16 * SLICES_PER_SCAN,
+        "val": 4 * SLICES_PER_SCAN,
+        "test": 6 * SLICES_PER_SCAN,
     }
     images, labels, slices = next(iter(make_loader(datasets["train"], 8, shuffle=True, drop_last=True)))
     assert images.shape == (8, 1, 32, 32) and images.dtype == torch.float32
@@ -192,9 +195,7 @@ def test_loader_order_depends_only_on_seed_and_epoch(tiny_root: Path) -> None:
 def test_ranks_get_disjoint_shards(tiny_root: Path) -> None:
     config = DataConfig(data_dir=str(tiny_root), image_size=16, cache_dir=None)
     train = load_split_datasets(config, verbose=False)[0]["train"]
-    shards = [
-        set(make_loader(train, 4, shuffle=True, rank=rank, world_size=2).sampler.sampler) for rank in range(2)
-    ]
+    shards = [set(make_loader(train, 4, shuffle=True, rank=rank, world_size=2).sampler.sampler) for rank in range(2)]
     assert not shards[0] & shards[1]
     assert shards[0] | shards[1] == set(range(len(train)))
 
@@ -205,8 +206,11 @@ def test_import_has_no_side_effects(tmp_path: Path) -> None:
 
     result = subprocess.run(
         [sys.executable, "-c", "import dataset, os; print(sorted(os.listdir('.')))"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(dataset.__file__).parent)},
-        capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(dataset.__file__).parent)},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip() == "[]"
 
@@ -272,8 +276,9 @@ def change_one_file(root: Path, change: str) -> None:
 
 
 @pytest.mark.parametrize("change", ["file added", "file removed", "file modified", "image_size"])
-def test_cache_is_rebuilt_when_the_dataset_or_size_changes(tiny_root: Path, tmp_path: Path, decoded_paths: list[Path],
-                                                            change: str) -> None:
+def test_cache_is_rebuilt_when_the_dataset_or_size_changes(
+    tiny_root: Path, tmp_path: Path, decoded_paths: list[Path], change: str
+) -> None:
     cache = tmp_path / "cache"
     old = decode_images(index_dataset(tiny_root).records, 32, cache)
     size = 48 if change == "image_size" else 32
@@ -303,6 +308,8 @@ def test_default_cache_is_written_outside_the_dataset_folder(tiny_root: Path, tm
     assert config.cache_dir == "data/cache"
     load_split_datasets(config, verbose=False)
     load_split_datasets(config, verbose=False)
-    assert [p.name for p in (work / "data" / "cache").iterdir()] == [f"images_{dataset._cache_key(index_dataset(tiny_root).records, 32)}.npz"]
+    assert [p.name for p in (work / "data" / "cache").iterdir()] == [
+        f"images_{dataset._cache_key(index_dataset(tiny_root).records, 32)}.npz"
+    ]
     assert tree_fingerprint(tiny_root) == before
     assert not list(tiny_root.rglob("*.npz"))

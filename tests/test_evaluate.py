@@ -47,6 +47,7 @@ def test_frechet_distance_of_a_scaled_set_is_its_covariance_trace() -> None:
 
 def reference_kid(x: np.ndarray, y: np.ndarray) -> float:
     """The unbiased MMD² with k(p, q) = (p·q / D + 1)³, written out term by term."""
+
     def kernel(p: np.ndarray, q: np.ndarray) -> float:
         return (p @ q / x.shape[1] + 1) ** 3
 
@@ -160,15 +161,29 @@ def test_anatomy_means_cohens_d_and_direction_on_known_shares() -> None:
     # generated: AD shares 0.2, 0.3 and NC 0.1, 0.2 → means 0.25 / 0.15, sd √0.005 each, d = 0.1 / √0.005 = √2.
     # real: the reverse (d = −√2), plus one blank NC image (no brain: left out, not counted as 0).
     generated = image_set(torch.stack([csf_image(4), csf_image(6), csf_image(2), csf_image(4)]), [0, 0, 1, 1], [0] * 4, 0)
-    real = image_set(torch.stack([csf_image(2), csf_image(4), csf_image(4), csf_image(6), torch.zeros(20, 20, dtype=torch.uint8)]),
-                     [0, 0, 1, 1, 1], [0] * 5, 1)
+    real = image_set(
+        torch.stack([csf_image(2), csf_image(4), csf_image(4), csf_image(6), torch.zeros(20, 20, dtype=torch.uint8)]),
+        [0, 0, 1, 1, 1],
+        [0] * 5,
+        1,
+    )
     report = evaluate.anatomy(generated, real)
     assert set(report) == {"generated", "real_test", "directions_agree"}
     expected_sd = pytest.approx(np.sqrt(0.005))
-    assert report["generated"] == {"AD_mean": pytest.approx(0.25), "AD_std": expected_sd, "NC_mean": pytest.approx(0.15),
-                                   "NC_std": expected_sd, "cohens_d_AD_minus_NC": pytest.approx(np.sqrt(2))}
-    assert report["real_test"] == {"AD_mean": pytest.approx(0.15), "AD_std": expected_sd, "NC_mean": pytest.approx(0.25),
-                                   "NC_std": expected_sd, "cohens_d_AD_minus_NC": pytest.approx(-np.sqrt(2))}
+    assert report["generated"] == {
+        "AD_mean": pytest.approx(0.25),
+        "AD_std": expected_sd,
+        "NC_mean": pytest.approx(0.15),
+        "NC_std": expected_sd,
+        "cohens_d_AD_minus_NC": pytest.approx(np.sqrt(2)),
+    }
+    assert report["real_test"] == {
+        "AD_mean": pytest.approx(0.15),
+        "AD_std": expected_sd,
+        "NC_mean": pytest.approx(0.25),
+        "NC_std": expected_sd,
+        "cohens_d_AD_minus_NC": pytest.approx(-np.sqrt(2)),
+    }
     assert report["directions_agree"] is False
     assert evaluate.anatomy(generated, generated)["directions_agree"] is True
     # One image of a label: no spread, no d, no verdict (null in metrics.json).
@@ -191,8 +206,9 @@ def test_position_balancing_makes_every_slice_half_ad() -> None:
 
 
 def test_classifier_learns_the_tiny_dataset(tiny_dataset: Path) -> None:
-    datasets, _ = load_split_datasets(DataConfig(data_dir=str(tiny_dataset), image_size=32, cache_dir=None),
-                                      return_slice=True, verbose=False)
+    datasets, _ = load_split_datasets(
+        DataConfig(data_dir=str(tiny_dataset), image_size=32, cache_dir=None), return_slice=True, verbose=False
+    )
     model, val_accuracy = evaluate.train_classifier(datasets["train"], datasets["val"], evaluate.ClassifierSettings(), CPU)
     predictions, features = evaluate.classify(model, datasets["test"].pixels, CPU)
     assert np.mean(predictions == datasets["test"].labels.numpy()) >= 0.9 and val_accuracy >= 0.9
@@ -210,9 +226,22 @@ def run_evaluate(run_dir: Path, *extra: str) -> None:
 
 
 GROUP_KEYS = {
-    "generated_images", "conditioning_accuracy", "real_test_accuracy", "reconstructed_test_accuracy", "frechet_distance",
-    "frechet_floor", "kid", "kid_std", "kid_floor", "kid_floor_std", "ms_ssim_generated", "ms_ssim_real", "nearest_train_generated", "nearest_train_real",
-    "near_copy_share_generated", "near_copy_share_real",
+    "generated_images",
+    "conditioning_accuracy",
+    "real_test_accuracy",
+    "reconstructed_test_accuracy",
+    "frechet_distance",
+    "frechet_floor",
+    "kid",
+    "kid_std",
+    "kid_floor",
+    "kid_floor_std",
+    "ms_ssim_generated",
+    "ms_ssim_real",
+    "nearest_train_generated",
+    "nearest_train_real",
+    "near_copy_share_generated",
+    "near_copy_share_real",
 }
 
 
@@ -230,7 +259,10 @@ def test_end_to_end_writes_both_files_and_reuses_the_classifier(run_copy: Path, 
         assert group["near_copy_share_real"] == 0.0
     assert metrics["near_copy_threshold"] == 0.0
     # "all" pools AD and NC: 4 + 4 images asked for, 8 + 8 real test images.
-    assert groups["all"]["conditioning_accuracy"] == (groups["AD"]["conditioning_accuracy"] + groups["NC"]["conditioning_accuracy"]) / 2
+    assert (
+        groups["all"]["conditioning_accuracy"]
+        == (groups["AD"]["conditioning_accuracy"] + groups["NC"]["conditioning_accuracy"]) / 2
+    )
     assert groups["all"]["real_test_accuracy"] == (groups["AD"]["real_test_accuracy"] + groups["NC"]["real_test_accuracy"]) / 2
     assert metrics["settings"] == {"num_samples": 4, "steps": 2, "guidance": 3.0, "seed": 0, "sampler": "ddim", "batch_size": 3}
     classifier = metrics["classifier"]
@@ -269,8 +301,11 @@ def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: P
 
     monkeypatch.setattr(evaluate, "generate_images", real_as_generated)
     quick = evaluate.train_classifier  # a 2-epoch yardstick is enough here: the figures are compared, not judged
-    monkeypatch.setattr(evaluate, "train_classifier",
-                        lambda train, val, settings, device: quick(train, val, dataclasses.replace(settings, epochs=2), device))
+    monkeypatch.setattr(
+        evaluate,
+        "train_classifier",
+        lambda train, val, settings, device: quick(train, val, dataclasses.replace(settings, epochs=2), device),
+    )
     evaluate.main(["--run", str(run_copy), "--num-samples", "8", "--steps", "2", "--device", "cpu"])
     assert asked == [0, 1]
     metrics = json.loads((run_copy / "metrics.json").read_text())
@@ -303,7 +338,12 @@ def test_bad_input_exits_2(trained_run: Path, argv: list[str], message: str, cap
 
 
 def test_bad_input_is_one_line_from_the_command_line(trained_run: Path) -> None:
-    result = subprocess.run([sys.executable, "evaluate.py", "--run", str(trained_run), "--num-samples", "1"],
-                            check=False, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", "--run", str(trained_run), "--num-samples", "1"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--num-samples" in result.stderr

@@ -32,15 +32,52 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_run.json"
 # Frozen here rather than taken from conftest.TINY, so that retuning the shared tiny config for speed
 # never changes what this record means. Slice conditioning is on, so that path is pinned too.
 GOLDEN_CONFIG = [
-    "--preset", "demo",
-    "--data.image_size", "32", "--data.cache_dir", "none",
-    "--vae.channels", "8,16,16", "--vae.num_res_blocks", "1",
-    "--unet.channels", "16,32", "--unet.attention_levels", "false,true", "--unet.num_res_blocks", "1",
-    "--unet.head_dim", "8", "--unet.context_dim", "16", "--unet.slice_conditioning", "true",
-    "--vae_train.epochs", "2", "--vae_train.batch_size", "8", "--vae_train.warmup_steps", "2",
-    "--unet_train.epochs", "2", "--unet_train.batch_size", "8", "--unet_train.warmup_steps", "2",
-    "--run.sample_every", "2", "--run.grid_samples", "2", "--run.sample_steps", "3", "--run.log_every", "2",
-    "--run.seed", "7", "--device", "cpu",
+    "--preset",
+    "demo",
+    "--data.image_size",
+    "32",
+    "--data.cache_dir",
+    "none",
+    "--vae.channels",
+    "8,16,16",
+    "--vae.num_res_blocks",
+    "1",
+    "--unet.channels",
+    "16,32",
+    "--unet.attention_levels",
+    "false,true",
+    "--unet.num_res_blocks",
+    "1",
+    "--unet.head_dim",
+    "8",
+    "--unet.context_dim",
+    "16",
+    "--unet.slice_conditioning",
+    "true",
+    "--vae_train.epochs",
+    "2",
+    "--vae_train.batch_size",
+    "8",
+    "--vae_train.warmup_steps",
+    "2",
+    "--unet_train.epochs",
+    "2",
+    "--unet_train.batch_size",
+    "8",
+    "--unet_train.warmup_steps",
+    "2",
+    "--run.sample_every",
+    "2",
+    "--run.grid_samples",
+    "2",
+    "--run.sample_steps",
+    "3",
+    "--run.log_every",
+    "2",
+    "--run.seed",
+    "7",
+    "--device",
+    "cpu",
 ]
 
 
@@ -88,8 +125,7 @@ def produce(root: Path) -> dict:
     common = ["--run", str(run_dir), "--device", "cpu", "--num-samples", "3", "--batch-size", "2", "--seed", "11"]
     predict.main([*common, "--label", "both", "--steps", "4", "--out", str(root / "ddim"), "--sequence"])
     predict.main([*common, "--label", "AD", "--sampler", "ddpm", "--steps", "5", "--out", str(root / "ddpm")])
-    predict.main([*common, "--label", "NC", "--steps", "3", "--guidance", "1.5", "--slice", "71",
-                  "--out", str(root / "slice")])
+    predict.main([*common, "--label", "NC", "--steps", "3", "--guidance", "1.5", "--slice", "71", "--out", str(root / "slice")])
     for name in ("ddim", "ddpm", "slice"):
         record[f"predict_{name}"] = image_digests(root / name)
     evaluate.main(["--run", str(run_dir), "--device", "cpu", "--num-samples", "4", "--steps", "2", "--batch-size", "3"])

@@ -91,7 +91,7 @@ def reference_ssim(x: torch.Tensor, y: torch.Tensor, size: int = 11, sigma: floa
     """Wang et al. 2004 directly, per 11x11 window ('valid'), in float64: (mean SSIM, mean contrast-structure)."""
     x, y = (x.double() + 1) / 2, (y.double() + 1) / 2
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
     window = (g[:, None] * g[None, :]).flatten() / g.sum() ** 2
     px, py = F.unfold(x, size), F.unfold(y, size)  # (B, size², windows)
     mu_x, mu_y = (window[:, None] * px).sum(1), (window[:, None] * py).sum(1)
@@ -203,8 +203,9 @@ def test_presets_are_consistent():
     assert make_config("adni").vae.downsample_factor == 8
 
 
-@pytest.mark.parametrize("name, vae_parameters, unet_parameters",
-                         [("demo", 680_857, 3_909_220), ("adni", 15_477_321, 37_283_588)])
+@pytest.mark.parametrize(
+    "name, vae_parameters, unet_parameters", [("demo", 680_857, 3_909_220), ("adni", 15_477_321, 37_283_588)]
+)
 def test_preset_parameter_counts_match_the_readme(name, vae_parameters, unet_parameters):
     """The README's Model and Benchmarks tables quote these counts; a size change must be deliberate."""
     config = make_config(name)
@@ -276,8 +277,9 @@ def test_make_betas_and_alpha_bar_closed_forms(schedule, start, end, T):
     config = SchedulerConfig(num_train_timesteps=T, beta_schedule=schedule, beta_start=start, beta_end=end)
     betas = make_betas(config)
     assert betas.dtype == torch.float64 and betas.shape == (T,)
-    torch.testing.assert_close(betas, torch.tensor(reference_betas(schedule, start, end, T), dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        betas, torch.tensor(reference_betas(schedule, start, end, T), dtype=torch.float64), rtol=1e-12, atol=0
+    )
     scheduler = NoiseScheduler(config)
     torch.testing.assert_close(scheduler.betas, betas, rtol=0, atol=0)
     torch.testing.assert_close(scheduler.alphas, 1 - betas, rtol=0, atol=0)
@@ -333,12 +335,17 @@ def test_everything_stays_on_the_requested_device():
     assert NoiseScheduler(SchedulerConfig()).loss_weights(t).device == meta
     assert set(scheduler._alpha_bar_tables) == {torch.device("cpu"), meta}
     for sampler in ("ddim", "ddpm"):
-        for labels, kwargs in ((torch.tensor([0, 1]), {"device": "meta"}),
-                               (torch.tensor([0, 1]), {"device": meta, "x_T": torch.zeros(2, 1, 2, 2)}),
-                               (torch.tensor([0, 1], device=meta), {})):
+        for labels, kwargs in (
+            (torch.tensor([0, 1]), {"device": "meta"}),
+            (torch.tensor([0, 1]), {"device": meta, "x_T": torch.zeros(2, 1, 2, 2)}),
+            (torch.tensor([0, 1], device=meta), {}),
+        ):
             model = DeviceRecorder()
-            states = list(scheduler.sample_steps(model, (2, 1, 2, 2), Conditions(labels), sampler=sampler, num_steps=3, eta=0.5,
-                                                 guidance_scale=3.0, **kwargs))
+            states = list(
+                scheduler.sample_steps(
+                    model, (2, 1, 2, 2), Conditions(labels), sampler=sampler, num_steps=3, eta=0.5, guidance_scale=3.0, **kwargs
+                )
+            )
             assert {(x.device.type, x0.device.type) for _, x, x0 in states} == {("meta", "meta")}
             assert model.devices == {("meta", "meta")}
 
@@ -444,17 +451,30 @@ def test_ddim_oracle_every_state_lies_on_the_forward_process(num_steps, predicti
     generator = torch.Generator().manual_seed(num_steps)
     x0, noise = torch.randn(2, 4, 5, 5, generator=generator), torch.randn(2, 4, 5, 5, generator=generator)
     x_T = reference_add_noise(abar, x0, noise, [999, 999])
-    states = list(scheduler.sample_steps(ReferenceOracle(abar, x0, prediction_type), x0.shape, Conditions(torch.tensor([0, 1])),
-                                         num_steps=num_steps, sampler="ddim", eta=0.0, x_T=x_T.double(),
-                                         generator=torch.Generator().manual_seed(5)))
+    states = list(
+        scheduler.sample_steps(
+            ReferenceOracle(abar, x0, prediction_type),
+            x0.shape,
+            Conditions(torch.tensor([0, 1])),
+            num_steps=num_steps,
+            sampler="ddim",
+            eta=0.0,
+            x_T=x_T.double(),
+            generator=torch.Generator().manual_seed(5),
+        )
+    )
     steps = scheduler.timesteps(num_steps)
     assert [step for step, _, _ in states] == steps
     atol = 1e-5 if prediction_type == "v" else 1e-4  # ε: x̂0 divides by sqrt(ᾱ_T) = 0.012
-    for (step, x_prev, x0_hat), previous in zip(states, steps[1:] + [-1]):
+    for (_step, x_prev, x0_hat), previous in zip(states, steps[1:] + [-1]):
         close(x0_hat, x0, atol=atol)
         close(x_prev, reference_add_noise(abar, x0, noise, [previous, previous]), atol=atol)
-    assert torch.equal(states[-1][1], scheduler.sample(ReferenceOracle(abar, x0, prediction_type), x0.shape,
-                                                       Conditions(torch.tensor([0, 1])), num_steps=num_steps, x_T=x_T))
+    assert torch.equal(
+        states[-1][1],
+        scheduler.sample(
+            ReferenceOracle(abar, x0, prediction_type), x0.shape, Conditions(torch.tensor([0, 1])), num_steps=num_steps, x_T=x_T
+        ),
+    )
 
 
 def test_ddim_step_closed_form_with_eta():
@@ -519,8 +539,17 @@ def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
     scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
     x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(num_steps))
     oracle = ReferenceOracle(abar, x0, "v")
-    states = list(scheduler.sample_steps(oracle, x0.shape, Conditions(torch.tensor([0, 1])), sampler="ddpm", num_steps=num_steps,
-                                         eta=0.0, generator=torch.Generator().manual_seed(7)))
+    states = list(
+        scheduler.sample_steps(
+            oracle,
+            x0.shape,
+            Conditions(torch.tensor([0, 1])),
+            sampler="ddpm",
+            num_steps=num_steps,
+            eta=0.0,
+            generator=torch.Generator().manual_seed(7),
+        )
+    )
     draws = torch.Generator().manual_seed(7)
     x = torch.randn(x0.shape, generator=draws)
     steps = scheduler.timesteps(num_steps)
@@ -533,8 +562,15 @@ def test_ddpm_oracle_chain_is_ancestral_sampling(num_steps):
         x = x_prev
     close(states[-1][1], x0, atol=1e-5)
     # DDIM with eta = 1 draws the same noise in the same order: the same chain, state by state.
-    ddim = scheduler.sample_steps(oracle, x0.shape, Conditions(torch.tensor([0, 1])), sampler="ddim", num_steps=num_steps, eta=1.0,
-                                  generator=torch.Generator().manual_seed(7))
+    ddim = scheduler.sample_steps(
+        oracle,
+        x0.shape,
+        Conditions(torch.tensor([0, 1])),
+        sampler="ddim",
+        num_steps=num_steps,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(7),
+    )
     for (_, x_ddim, _), (_, x_ddpm, _) in zip(ddim, states, strict=True):
         close(x_ddim, x_ddpm, atol=1e-5)
 
@@ -546,8 +582,15 @@ def test_ddim_eta_zero_is_deterministic_and_ddpm_is_stochastic():
 
     def run(sampler: str, seed_for_noise: int) -> torch.Tensor:
         x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        return scheduler.sample(model, (2, 4, 8, 8), labels, sampler=sampler, num_steps=5, x_T=x_T,
-                                generator=torch.Generator().manual_seed(seed_for_noise))
+        return scheduler.sample(
+            model,
+            (2, 4, 8, 8),
+            labels,
+            sampler=sampler,
+            num_steps=5,
+            x_T=x_T,
+            generator=torch.Generator().manual_seed(seed_for_noise),
+        )
 
     assert torch.equal(run("ddim", 1), run("ddim", 2)), "DDIM eta=0 must not use fresh noise"
     assert not torch.allclose(run("ddpm", 1), run("ddpm", 2)), "DDPM is ancestral"
@@ -615,8 +658,9 @@ def test_sample_steps_passes_guidance_and_slices_to_the_model():
     scheduler = NoiseScheduler(SchedulerConfig())
     model = RecordingModel()
     conditions = Conditions(torch.tensor([1, 0]), torch.tensor([0.5, 0.25]))
-    out = scheduler.sample(model, (2, 1, 2, 2), conditions, num_steps=3, guidance_scale=3.0,
-                           x_T=torch.ones(2, 1, 2, 2, dtype=torch.float64))
+    out = scheduler.sample(
+        model, (2, 1, 2, 2), conditions, num_steps=3, guidance_scale=3.0, x_T=torch.ones(2, 1, 2, 2, dtype=torch.float64)
+    )
     assert out.dtype == torch.float32 and out.shape == (2, 1, 2, 2)
     assert [call[1].tolist() for call in model.calls] == [[999] * 4, [666] * 4, [332] * 4]
     assert all(call[2].tolist() == [1, 0, -1, -1] and call[3].tolist() == [0.5, 0.25, -1.0, -1.0] for call in model.calls)
@@ -628,8 +672,9 @@ def test_sample_steps_passes_guidance_and_slices_to_the_model():
 
 def test_sampling_builds_no_autograd_graph():
     model = nn.Conv2d(1, 1, 1)
-    out = NoiseScheduler(SchedulerConfig()).sample(lambda x, t, conditions: model(x), (1, 1, 2, 2),
-                                                   Conditions(torch.tensor([0])), num_steps=2)
+    out = NoiseScheduler(SchedulerConfig()).sample(
+        lambda x, t, conditions: model(x), (1, 1, 2, 2), Conditions(torch.tensor([0])), num_steps=2
+    )
     assert not out.requires_grad
 
 
@@ -790,7 +835,7 @@ def test_training_loss_is_the_weighted_mse_to_the_scheduler_target(prediction_ty
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (64,), generator=replay)
         seen = []
 
-        def unet(noisy, t, given):
+        def unet(noisy, t, given, seen=seen, noise=noise, timesteps=timesteps):
             seen.append((noisy, t, given))
             return scheduler.training_target(latents, noise, timesteps) + offsets.view(-1, 1, 1, 1)
 
@@ -810,8 +855,13 @@ def test_training_loss_drops_conditions_first_then_draws_noise_and_timesteps() -
     scheduler = NoiseScheduler(SchedulerConfig())
     latents, conditions = torch.randn(32, 2, 3, 3), Conditions(torch.randint(0, 2, (32,)))
     seen = []
-    scheduler.training_loss(lambda x, t, given: seen.append((x, t, given)) or torch.zeros_like(x), latents, conditions,
-                            condition_dropout=0.5, generator=torch.Generator().manual_seed(4))
+    scheduler.training_loss(
+        lambda x, t, given: seen.append((x, t, given)) or torch.zeros_like(x),
+        latents,
+        conditions,
+        condition_dropout=0.5,
+        generator=torch.Generator().manual_seed(4),
+    )
     replay = torch.Generator().manual_seed(4)
     dropped = torch.rand(32, generator=replay) < 0.5
     noise = torch.randn(latents.shape, generator=replay)

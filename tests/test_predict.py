@@ -23,8 +23,23 @@ CPU = torch.device("cpu")
 
 
 def run_predict(run_dir: Path, out: Path, *extra: str) -> None:
-    predict.main(["--run", str(run_dir), "--out", str(out), "--steps", "3", "--num-samples", "3",
-                  "--batch-size", "2", "--device", "cpu", *extra])
+    predict.main(
+        [
+            "--run",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--num-samples",
+            "3",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,7 +117,10 @@ def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
         assert set(group) == {"silhouette_umap", "silhouette_features", "count"}
     # The tiny test split has 8 slices per label (all taken), and 3 samples per label were generated.
     assert {name: group["count"] for name, group in scores.items()} == {
-        "real (true label)": 16, "generated (asked-for label)": 6, "control: real, labels swapped": 16}
+        "real (true label)": 16,
+        "generated (asked-for label)": 6,
+        "control: real, labels swapped": 16,
+    }
 
     # Recompute the feature-space silhouettes: the real group is the real test latents passed with their
     # true labels, the control the *same* latents passed to the UNet with the labels swapped. Silhouette is
@@ -114,7 +132,9 @@ def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
     latents = pipe.encode(torch.cat(images))
     for name, passed in (("real (true label)", labels), ("control: real, labels swapped", 1 - labels)):
         features = predict.bottleneck_features(pipe, latents, passed, 0).numpy()
-        assert scores[name]["silhouette_features"] == pytest.approx(silhouette_score(features, passed.numpy()), rel=1e-4, abs=1e-6)
+        assert scores[name]["silhouette_features"] == pytest.approx(
+            silhouette_score(features, passed.numpy()), rel=1e-4, abs=1e-6
+        )
 
 
 @pytest.mark.parametrize(
@@ -130,8 +150,13 @@ def test_umap_writes_plot_and_scores(trained_run: Path, tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_one_line_exit_2(trained_run: Path, tmp_path: Path, argv: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "predict.py", "--run", str(trained_run), "--out", str(tmp_path / "o"), *argv],
-                            check=False, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "predict.py", "--run", str(trained_run), "--out", str(tmp_path / "o"), *argv],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -162,8 +187,10 @@ def test_out_that_is_a_file_is_refused(trained_run: Path, tmp_path: Path, capsys
 def perturbed(weights: dict) -> dict:
     """Every floating-point tensor moved by unit Gaussian noise (a deliberately different set of weights)."""
     generator = torch.Generator().manual_seed(123)
-    return {key: value + torch.randn(value.shape, generator=generator, dtype=value.dtype) if value.is_floating_point() else value
-            for key, value in weights.items()}
+    return {
+        key: value + torch.randn(value.shape, generator=generator, dtype=value.dtype) if value.is_floating_point() else value
+        for key, value in weights.items()
+    }
 
 
 def run_with_unet_state(trained_run: Path, folder: Path, edit) -> Path:
@@ -195,8 +222,24 @@ def test_sampling_uses_the_ema_weights(trained_run: Path, tmp_path: Path) -> Non
     assert all(torch.equal(loaded[key], ema[key]) for key in ema)
 
     for run_dir, out in ((trained_run, "original"), (raw_changed, "raw_changed"), (ema_changed, "ema_changed")):
-        predict.main(["--run", str(run_dir), "--out", str(tmp_path / out), "--steps", "2", "--num-samples", "2",
-                      "--device", "cpu", "--label", "AD", "--seed", "3"])
+        predict.main(
+            [
+                "--run",
+                str(run_dir),
+                "--out",
+                str(tmp_path / out),
+                "--steps",
+                "2",
+                "--num-samples",
+                "2",
+                "--device",
+                "cpu",
+                "--label",
+                "AD",
+                "--seed",
+                "3",
+            ]
+        )
     original, with_raw_changed, with_ema_changed = (pixels(tmp_path / out) for out in ("original", "raw_changed", "ema_changed"))
     assert len(original) == 2
     # Changing the raw weights changes nothing; changing the EMA weights changes the images.
@@ -230,8 +273,25 @@ def test_slice_conditioning_end_to_end(slice_run: Path, tmp_path: Path, monkeypa
         out = tmp_path / tag.replace(" ", "_")
         calls.clear()
         extra = ("--sequence",) if tag == "70" else ()  # the sequence samples with the slice token too
-        predict.main(["--run", str(slice_run), "--out", str(out), "--steps", "3", "--num-samples", "2", "--device", "cpu",
-                      "--label", "AD", "--slice", str(slice_index), *extra])
+        predict.main(
+            [
+                "--run",
+                str(slice_run),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--num-samples",
+                "2",
+                "--device",
+                "cpu",
+                "--label",
+                "AD",
+                "--slice",
+                str(slice_index),
+                *extra,
+            ]
+        )
         ((positions, latents[tag]),) = calls  # one batch
         # --slice is normalised over the training slices' range (70-73) and passed for every image.
         assert positions.tolist() == pytest.approx([(slice_index - 70) / 3] * 2)

@@ -53,11 +53,7 @@ def run_setup(tmp_path: Path, monkeypatch, capsys):
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -319,9 +315,7 @@ def test_zip_is_unpacked_when_the_folder_is_missing(demo: Path, tmp_path: Path, 
         "\\evil.txt",
     ],
 )
-def test_zip_with_escaping_names_is_refused_and_nothing_is_written(
-    demo: Path, tmp_path: Path, run_setup, evil_name: str
-) -> None:
+def test_zip_with_escaping_names_is_refused_and_nothing_is_written(demo: Path, tmp_path: Path, run_setup, evil_name: str) -> None:
     zip_folder(demo, tmp_path / "data" / "ADNI.zip", extra={evil_name: b"gotcha"})
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     code, _, err = run_setup()

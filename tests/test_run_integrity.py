@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_tiny_dataset, run_train
 from PIL import Image
 
 import evaluate
 import predict
+from conftest import TINY, make_tiny_dataset, run_train
 from utils import folder_lock, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,19 +38,22 @@ def copy_run(trained_run: Path, tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- train.py, before any work
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--vae_train.epochs", "0"], "--vae_train.epochs 0: must be at least 1"),
-    (["--epochs", "0"], "--vae_train.epochs 0: must be at least 1"),
-    (["--batch-size", "0"], "--vae_train.batch_size 0"),
-    (["--lr", "nan"], "--vae_train.lr nan"),
-    (["--unet.attention_levels", "true"], "--unet.attention_levels true: needs one true/false per unet.channels level"),
-    (["--unet.channels", ","], "--unet.channels : must be widths"),
-    (["--scheduler.prediction_type", "x0"], "--scheduler.prediction_type x0"),
-    (["--run.sample_every", "0"], "--run.sample_every 0"),
-    (["--data.image_size", "63"], "--data.image_size 63"),
-    (["--device", "bogus"], "--device bogus"),
-    (["--device", "tpu"], "--device tpu"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vae_train.epochs", "0"], "--vae_train.epochs 0: must be at least 1"),
+        (["--epochs", "0"], "--vae_train.epochs 0: must be at least 1"),
+        (["--batch-size", "0"], "--vae_train.batch_size 0"),
+        (["--lr", "nan"], "--vae_train.lr nan"),
+        (["--unet.attention_levels", "true"], "--unet.attention_levels true: needs one true/false per unet.channels level"),
+        (["--unet.channels", ","], "--unet.channels : must be widths"),
+        (["--scheduler.prediction_type", "x0"], "--scheduler.prediction_type x0"),
+        (["--run.sample_every", "0"], "--run.sample_every 0"),
+        (["--data.image_size", "63"], "--data.image_size 63"),
+        (["--device", "bogus"], "--device bogus"),
+        (["--device", "tpu"], "--device tpu"),
+    ],
+)
 def test_invalid_settings_write_nothing(tiny_dataset: Path, tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     """Refused before the dataset is read or a run folder exists, so the corrected retry just works."""
     err = exits_2(capsys, run_train, tiny_dataset, tmp_path / "bad", *argv)
@@ -77,9 +80,17 @@ def test_a_second_writer_is_refused_with_the_holders_pid(trained_run: Path, tiny
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
     """flock dies with its process, even on kill -9: no stale lock blocks the next run."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils import folder_lock\n"
-                               f"with folder_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True); time.sleep(60)"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from utils import folder_lock\n"
+            f"with folder_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(Exception, match=f"in use by process {holder.pid}"), folder_lock(tmp_path / "run"):
@@ -91,8 +102,9 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
         pass
 
 
-def test_temporary_files_of_a_killed_run_are_removed_on_the_next_start(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
-                                                                       capsys) -> None:
+def test_temporary_files_of_a_killed_run_are_removed_on_the_next_start(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys
+) -> None:
     run_dir = copy_run(trained_run, tmp_path)
     leftovers = [run_dir / ".unet.pt.x1y2z3.tmp", run_dir / "samples" / ".epoch002_AD.png.abc.tmp"]
     for path in leftovers:
@@ -110,9 +122,11 @@ def test_a_unet_paired_with_another_vae_is_refused(trained_run: Path, tiny_datas
     state = load_checkpoint(run_dir / "vae.pt")
     state["model"] = {key: value + 0.01 if value.is_floating_point() else value for key, value in state["model"].items()}
     save_checkpoint(state, run_dir / "vae.pt")
-    for call, args in ((predict.main, ["--run", str(run_dir), "--label", "AD", "--device", "cpu"]),
-                       (evaluate.main, ["--run", str(run_dir), "--device", "cpu"]),
-                       (run_train, (tiny_dataset, run_dir, "--resume", "--unet_train.epochs", "3"))):
+    for call, args in (
+        (predict.main, ["--run", str(run_dir), "--label", "AD", "--device", "cpu"]),
+        (evaluate.main, ["--run", str(run_dir), "--device", "cpu"]),
+        (run_train, (tiny_dataset, run_dir, "--resume", "--unet_train.epochs", "3")),
+    ):
         err = exits_2(capsys, call, *(args if isinstance(args, tuple) else (args,)))
         assert "unet.pt was trained on another VAE than the vae.pt beside it" in err
 
@@ -120,18 +134,22 @@ def test_a_unet_paired_with_another_vae_is_refused(trained_run: Path, tiny_datas
 # ----------------------------------------------------------------------------- predict.py and evaluate.py options
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--guidance", "nan"], "--guidance must be 0 or more (1 = no guidance), got nan"),
-    (["--guidance", "inf"], "--guidance must be 0 or more (1 = no guidance), got inf"),
-    (["--steps", "1001"], "--steps 1001: the run has 1000 diffusion steps"),
-    (["--seed", "-1"], "--seed must be 0 to"),
-    (["--seed", str(2**40)], "--seed must be 0 to"),
-    (["--num-samples", "10000000"], "--num-samples must be at most 1,000,000 per label"),
-    (["--device", "cuda:7x"], "--device cuda:7x"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--guidance", "nan"], "--guidance must be 0 or more (1 = no guidance), got nan"),
+        (["--guidance", "inf"], "--guidance must be 0 or more (1 = no guidance), got inf"),
+        (["--steps", "1001"], "--steps 1001: the run has 1000 diffusion steps"),
+        (["--seed", "-1"], "--seed must be 0 to"),
+        (["--seed", str(2**40)], "--seed must be 0 to"),
+        (["--num-samples", "10000000"], "--num-samples must be at most 1,000,000 per label"),
+        (["--device", "cuda:7x"], "--device cuda:7x"),
+    ],
+)
 @pytest.mark.parametrize("script", ["predict", "evaluate"])
-def test_sampling_options_are_checked(trained_run: Path, tmp_path: Path, capsys, script: str, argv: list[str],
-                                      message: str) -> None:
+def test_sampling_options_are_checked(
+    trained_run: Path, tmp_path: Path, capsys, script: str, argv: list[str], message: str
+) -> None:
     if script == "predict":
         err = exits_2(capsys, predict.main, ["--run", str(trained_run), "--label", "AD", "--out", str(tmp_path / "out"), *argv])
     else:

@@ -14,20 +14,30 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, run_train
 from torch import nn
 
 import train
 from config import StageConfig, make_config, read_config
+from conftest import TINY, run_train
 from modules import Conditions, NoiseScheduler
 from utils import Runtime, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def test_end_to_end_writes_every_promised_file(trained_run: Path) -> None:
-    for name in ("config.json", "splits.json", "vae.pt", "unet.pt", "history.jsonl", "vae_loss.png",
-                 "diffusion_loss.png", "vae_reconstructions.png", "samples/epoch001_AD.png",
-                 "samples/epoch002_NC.png"):
+    for name in (
+        "config.json",
+        "splits.json",
+        "vae.pt",
+        "unet.pt",
+        "history.jsonl",
+        "vae_loss.png",
+        "diffusion_loss.png",
+        "vae_reconstructions.png",
+        "samples/epoch001_AD.png",
+        "samples/epoch002_NC.png",
+    ):
         assert (trained_run / name).is_file(), name
     assert not list(trained_run.rglob("*.tmp")), "a temporary file was left behind"
     history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
@@ -87,14 +97,19 @@ class EpochSpy:
         self.batch = None
         monkeypatch.setattr(train, "train_one_epoch", self.train_one_epoch)
         spy = self
-        monkeypatch.setattr(NoiseScheduler, "training_loss",
-                            lambda scheduler, model, x0, conditions, **kwargs: spy.training_loss(scheduler, model, x0,
-                                                                                                 conditions, **kwargs))
+        monkeypatch.setattr(
+            NoiseScheduler,
+            "training_loss",
+            lambda scheduler, model, x0, conditions, **kwargs: spy.training_loss(scheduler, model, x0, conditions, **kwargs),
+        )
 
     def train_one_epoch(self, name, model, batches, num_batches, compute_loss, optimizer, lr_schedule, *args, **kwargs):
         self.calls.append(name)
-        self.start[name] = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                            "lr_step": lr_schedule.last_epoch}
+        self.start[name] = {
+            "model": copy.deepcopy(model.state_dict()),
+            "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "lr_step": lr_schedule.last_epoch,
+        }
         if name == self.stop_at:
             raise KeyboardInterrupt
         after_step = kwargs.pop("after_step", lambda: None)
@@ -116,8 +131,9 @@ class EpochSpy:
             finally:
                 self.batch = None
 
-        return self.real_epoch(name, model, batches, num_batches, recorded_loss, optimizer, lr_schedule, *args,
-                               after_step=recorded_step, **kwargs)
+        return self.real_epoch(
+            name, model, batches, num_batches, recorded_loss, optimizer, lr_schedule, *args, after_step=recorded_step, **kwargs
+        )
 
     def training_loss(self, scheduler, model, x0, conditions, **kwargs):
         if self.batch is None:  # validation, not a training step
@@ -130,8 +146,14 @@ class EpochSpy:
 
         loss = self.real_loss(scheduler, recording_model, x0, conditions, **kwargs)
         (used,) = received
-        self.seen.append((self.batch, x0.detach().clone(), used.labels.clone(),
-                          None if used.slice_position is None else used.slice_position.clone()))
+        self.seen.append(
+            (
+                self.batch,
+                x0.detach().clone(),
+                used.labels.clone(),
+                None if used.slice_position is None else used.slice_position.clone(),
+            )
+        )
         return loss
 
 
@@ -161,11 +183,14 @@ def ema_arithmetic(start: dict, steps: list[dict], done: int, decay: float) -> d
     return shadow
 
 
-def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
-                                                                   monkeypatch) -> None:
+def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
     """Killed during VAE epoch 2, then during UNet epoch 2: each resume trains only the remaining
     epochs, from the checkpoint's weights, optimizer and step, and ends bit-identical to an
     uninterrupted run (EMA included); the EMA follows its arithmetic over the recorded steps."""
+    # The uninterrupted run is trained here, beside the resumed one, rather than taken from the session's
+    # fixture: libraries other tests import (UMAP's numba) can change how later float sums round.
+    trained_run = tmp_path / "straight"
+    run_train(tiny_dataset, trained_run)
     run_dir = tmp_path / "resumed"
     spy = EpochSpy(monkeypatch)
     spy.stop_at = "vae 2/2"
@@ -199,9 +224,13 @@ def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run:
         assert resumed["epoch"] == straight["epoch"] == 2
         for key in ("model", "optimizer", "lr_schedule", "step") + (("ema",) if name == "unet.pt" else ()):
             assert_same(resumed[key], straight[key], key)
-    drop_speed = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]
-    assert drop_speed((run_dir / "history.jsonl").read_text().splitlines()) == \
-        drop_speed((trained_run / "history.jsonl").read_text().splitlines())
+
+    def drop_speed(lines):
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]
+
+    assert drop_speed((run_dir / "history.jsonl").read_text().splitlines()) == drop_speed(
+        (trained_run / "history.jsonl").read_text().splitlines()
+    )
 
     # EMA: starts as the initial UNet, is updated after every optimizer step, and survives the resume.
     unet_final = load_checkpoint(run_dir / "unet.pt")
@@ -236,8 +265,9 @@ def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(trained_run:
                 assert torch.equal(used_slices[kept], slices[kept]) and (used_slices[~kept] == Conditions.ABSENT).all()
     # (the tiny set repeats images across scans, so equal posteriors also come from different items)
     assert sum(len(z) for z in draws.values()) == 2 * len(spy.batches["unet 1/2"]) * len(spy.batches["unet 1/2"][0][2])
-    assert all(len({z.numpy().tobytes() for z in group}) == len(group) for group in draws.values()), \
+    assert all(len({z.numpy().tobytes() for z in group}) == len(group) for group in draws.values()), (
         "an item's latent was reused instead of drawn afresh"
+    )
     epsilon = torch.cat([e.flatten() for e in epsilons])
     assert abs(float(epsilon.mean())) < 0.1 and 0.9 < float(epsilon.std()) < 1.1
     assert 0 < dropped < 0.3 * sum(len(z) for z in draws.values())
@@ -250,8 +280,9 @@ def one_vae_epoch(tiny_dataset: Path, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path,
-                                                                monkeypatch) -> None:
+def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(
+    one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(one_vae_epoch, run_dir)
     good = (run_dir / "vae.pt").read_bytes()
@@ -269,8 +300,9 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(one_vae_epoch: P
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"], "temporary file left behind"
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path,
-                                                       monkeypatch, capsys) -> None:
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    one_vae_epoch: Path, tiny_dataset: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     run_dir = tmp_path / "nan"
     shutil.copytree(one_vae_epoch, run_dir)
     good = (run_dir / "vae.pt").read_bytes()
@@ -301,7 +333,9 @@ def test_bad_arguments(tiny_dataset: Path, tmp_path: Path, argv, message, capsys
 def test_missing_dataset_is_one_line_exit_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "train.py", "--data-dir", str(tmp_path / "none"), "--run", str(tmp_path / "run")],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "project_setup.py --demo" in result.stderr
@@ -352,16 +386,37 @@ def test_torchrun_two_cpu_processes_only_rank0_writes(tiny_dataset: Path, tmp_pa
         "def _logged(src, dst, *a, **k):\n"
         f"    with open({str(log)!r}, 'a') as f: f.write(os.environ.get('RANK', '?') + ' ' + str(dst) + '\\n')\n"
         "    return _replace(src, dst, *a, **k)\n"
-        "os.replace = _logged\n"
-        + DDP_PROBE.replace("DUMP", repr(str(tmp_path / "rank")))
+        "os.replace = _logged\n" + DDP_PROBE.replace("DUMP", repr(str(tmp_path / "rank")))
     )
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
-         "--preset", "demo", "--data-dir", str(tiny_dataset), "--run-dir", str(run_dir), "--device", "cpu", *TINY,
-         "--vae_train.epochs", "1", "--unet_train.epochs", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "train.py",
+            "--preset",
+            "demo",
+            "--data-dir",
+            str(tiny_dataset),
+            "--run-dir",
+            str(run_dir),
+            "--device",
+            "cpu",
+            *TINY,
+            "--vae_train.epochs",
+            "1",
+            "--unet_train.epochs",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     writers = {line.split()[0] for line in log.read_text().splitlines() if str(run_dir) in line}
@@ -422,8 +477,18 @@ def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) ->
         expected_weights.append(w)
 
     loss, images_per_second = train.train_one_epoch(
-        "unit 1/1", model, batches, 5, lambda x: (model(x).sum(), len(x)), optimizer, schedule, stage,
-        Runtime(torch.device("cpu")), 2, after_step=lambda: after.append(model.weight.detach().clone()))
+        "unit 1/1",
+        model,
+        batches,
+        5,
+        lambda x: (model(x).sum(), len(x)),
+        optimizer,
+        schedule,
+        stage,
+        Runtime(torch.device("cpu")),
+        2,
+        after_step=lambda: after.append(model.weight.detach().clone()),
+    )
     assert model.training
     assert loss == pytest.approx(sum(expected_losses) / 5, rel=1e-6)
     assert images_per_second == 10 / 2.0
@@ -440,8 +505,18 @@ def test_train_one_epoch_steps_clips_schedules_logs_and_averages(monkeypatch) ->
 
     FakeBar.made = []
     clock = iter([100.0] + [102.0] * 50)
-    train.train_one_epoch("rank 1", model, batches[:1], 1, lambda x: (model(x).sum(), len(x)), optimizer, schedule,
-                          stage, Runtime(torch.device("cpu"), rank=1), 2)
+    train.train_one_epoch(
+        "rank 1",
+        model,
+        batches[:1],
+        1,
+        lambda x: (model(x).sum(), len(x)),
+        optimizer,
+        schedule,
+        stage,
+        Runtime(torch.device("cpu"), rank=1),
+        2,
+    )
     assert FakeBar.made[0].kwargs["disable"] is True
 
 
