@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         diffusers.__version__ if diffusers is not None else None,
     )
     print(page)
-    write_text_atomic(out, page)
+    with usage_errors_exit():
+        write_text_atomic(out, page)
     print(f"saved {out}")
 
 

@@ -240,7 +240,7 @@ def config_to_dict(config: Config) -> dict:
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from config.json; unknown fields mean another version."""
-    config = make_config(data.get("preset", "adni"))
+    config = make_config(str(data.get("preset", "adni")))
     for section_name, values in data.items():
         if section_name == "preset":
             continue
@@ -262,9 +262,16 @@ def read_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UsageError(f"{run_dir} has no config.json: it is not a brainLDM run folder")
     try:
-        return config_from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise UsageError(f"{path} is not a valid brainLDM config ({error})") from None
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return config_from_dict(data)
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as error:
+        raise UsageError(
+            f"{path} is not a valid brainLDM config ({error}): use the run's own config.json or a new --run"
+        ) from None
 
 
 def config_differences(old: Config, new: Config) -> list[str]:

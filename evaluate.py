@@ -60,13 +60,11 @@ from dataset import (
     to_model_range,
 )
 from modules import SAMPLERS, ms_ssim
-from pipeline import Pipeline, check_sampling_options, latest_run, load_run
+from pipeline import Pipeline, check_sampling_options, load_run_for, sampling_options
 from utils import (
     ArgumentParser,
-    Runtime,
     UsageError,
     load_checkpoint,
-    pick_device,
     save_checkpoint,
     seed_everything,
     to_uint8,
@@ -380,16 +378,7 @@ def measured(model: SliceClassifier, pixels: torch.Tensor, labels: np.ndarray, d
 
 def generate_images(pipe: Pipeline, label: int, args) -> torch.Tensor:
     """`args.num_samples` generated images of one label as uint8 (N, S, S), in predict.py's seeded batches."""
-    latents = pipe.generate(
-        label,
-        args.num_samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        sampler=args.sampler,
-        progress="generating",
-    )
+    latents = pipe.generate(label, args.num_samples, **sampling_options(args), progress="generating")
     return torch.cat([torch.from_numpy(to_uint8(pipe.decode(chunk))) for chunk in latents.split(args.batch_size)])
 
 
@@ -592,26 +581,15 @@ def build_parser() -> ArgumentParser:
 def check_arguments(args) -> None:
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
-    check_sampling_options(
-        steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size
-    )
+    check_sampling_options(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with usage_errors_exit():
         check_arguments(args)
-        device = pick_device(args.device)
-        pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
-        args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
-        check_sampling_options(
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            num_train_timesteps=pipe.scheduler.num_train_timesteps,
-        )
+        pipe = load_run_for(args)
+        device = pipe.runtime.device
         outputs = {"json": pipe.run_dir / "metrics.json", "md": pipe.run_dir / "metrics.md"}
         existing = [path for path in outputs.values() if path.exists()]
         if existing and not args.overwrite:

@@ -8,6 +8,7 @@ scale factor, and the one seeded generation loop that predict.py, evaluate.py an
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ from config import (
 )
 from dataset import SliceDataset
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet
-from utils import Runtime, UsageError, load_checkpoint
+from utils import Runtime, UsageError, load_checkpoint, pick_device
 
 CHECKPOINT_FORMAT = 1
+_COMMON_KEYS = ("config", "model", "optimizer", "lr_schedule", "epoch", "step", "history")
+STAGE_KEYS = {"vae": _COMMON_KEYS, "unet": (*_COMMON_KEYS, "ema", "slice_range")}  # what each stage's checkpoint holds
 DEFAULT_SLICE_POSITION = 0.5  # mid-range of the training slices, for slice-conditioned runs sampled without --slice
 
 
@@ -61,6 +64,9 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
     state = load_checkpoint(path, map_location=device)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage:
         raise UsageError(f"{path} is not a {stage} checkpoint of this brainLDM version: start a new --run")
+    missing = [key for key in STAGE_KEYS[stage] if key not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise UsageError(f"{path} is damaged (no {', '.join(missing) or 'config'}): resume from a copy or start a new --run")
     changed = config_differences(config_from_dict(state["config"]), config)
     if changed:
         raise UsageError(
@@ -192,17 +198,11 @@ MAX_SEED = 2**32 - 1  # batch seeds are seed * 1_000_003 + ..., which must stay 
 MAX_IMAGES = 1_000_000  # per label: a typo's extra zeros should not fill the disk for hours
 
 
-def check_sampling_options(
-    *,
-    steps: int | None,
-    guidance: float | None,
-    seed: int,
-    num_samples: int,
-    batch_size: int,
-    num_train_timesteps: int | None = None,
-) -> None:
-    """The sampling options predict.py and evaluate.py share, as one-line UsageErrors; `steps` is
-    checked against the run's T once the run is loaded (pass num_train_timesteps then)."""
+def check_sampling_options(args: argparse.Namespace, num_train_timesteps: int | None = None) -> None:
+    """The sampling options predict.py and evaluate.py share (--steps, --guidance, --seed,
+    --num-samples, --batch-size), as one-line UsageErrors; --steps is checked against the run's T
+    once the run is loaded (pass num_train_timesteps then)."""
+    steps, guidance, seed, num_samples = args.steps, args.guidance, args.seed, args.num_samples
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if steps is not None and num_train_timesteps is not None and steps > num_train_timesteps:
@@ -215,8 +215,29 @@ def check_sampling_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
     if num_samples > MAX_IMAGES:
         raise UsageError(f"--num-samples must be at most {MAX_IMAGES:,} per label, got {num_samples:,}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def load_run_for(args: argparse.Namespace) -> Pipeline:
+    """The run a sampling script's options name (--run, else the newest), on --device, with its
+    options checked against it and --guidance defaulting to the run's own scale."""
+    device = pick_device(args.device)
+    pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
+    check_sampling_options(args, pipe.scheduler.num_train_timesteps)
+    args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
+    return pipe
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """What Pipeline.generate takes from the shared command-line options."""
+    return {
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "sampler": args.sampler,
+    }
 
 
 def batch_generator(seed: int, label: int, batch_index: int, device: torch.device) -> torch.Generator:

@@ -19,13 +19,11 @@ import torch
 from config import CLASS_NAMES, Config, latent_shape
 from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS
-from pipeline import Pipeline, batch_generator, check_sampling_options, latest_run, load_run, normalise_slices
+from pipeline import Pipeline, batch_generator, check_sampling_options, load_run_for, normalise_slices, sampling_options
 from utils import (
     ArgumentParser,
-    Runtime,
     UsageError,
     new_figure,
-    pick_device,
     save_figure,
     save_image_grid,
     save_png,
@@ -73,9 +71,7 @@ def build_parser() -> ArgumentParser:
 
 def check_arguments(args) -> list[int]:
     labels = list(dict.fromkeys(label for text in args.label for label in parse_label(text)))
-    check_sampling_options(
-        steps=args.steps, guidance=args.guidance, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size
-    )
+    check_sampling_options(args)
     if not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
     if args.umap_count < 1:
@@ -235,59 +231,18 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with usage_errors_exit():
-        labels = check_arguments(args)
-        device = pick_device(args.device)
-        pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
-        args.steps = args.steps or (50 if args.sampler == "ddim" else pipe.scheduler.num_train_timesteps)
-        check_sampling_options(
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            num_train_timesteps=pipe.scheduler.num_train_timesteps,
-        )
-        args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
-        slice_position = None
-        if args.slice is not None:
-            if not pipe.config.unet.slice_conditioning:
-                raise UsageError(f"--slice: {pipe.run_dir} was trained without slice conditioning; drop --slice")
-            low, high = pipe.slice_range
-            if not low <= args.slice <= high:
-                raise UsageError(f"--slice {args.slice}: the run was trained on slices {low} to {high}; choose one of those")
-            slice_position = float(normalise_slices(torch.tensor([args.slice]), pipe.slice_range))
-        out = args.out or pipe.run_dir / "generated"
-        existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
-        if existing and not args.overwrite:
-            raise UsageError(
-                f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out"
-            )
-        if args.real or args.umap:
-            index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
-
+def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_position: float | None) -> None:
+    """Generate, save and report everything the options ask for."""
     if args.overwrite and clear_single_images(out, labels):
         print(f"--overwrite: removed the earlier single images of {', '.join(CLASS_NAMES[label] for label in labels)} in {out}")
     torch.manual_seed(args.seed)
     print(
-        f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}"
+        f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {pipe.runtime.device}"
     )
     generated, records = {}, []
     started = time.perf_counter()
     for label in labels:
-        latents = pipe.generate(
-            label,
-            args.num_samples,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            sampler=args.sampler,
-            eta=args.eta,
-            slice_position=slice_position,
-        )
+        latents = pipe.generate(label, args.num_samples, **sampling_options(args), eta=args.eta, slice_position=slice_position)
         images = pipe.decode(latents).cpu()
         generated[label] = latents.cpu()
         name = CLASS_NAMES[label]
@@ -330,6 +285,32 @@ def main(argv: list[str] | None = None) -> None:
         report = umap_report(pipe, generated, args, out)
         for name, score in report["groups"].items():
             print(f"UMAP silhouette, {name}: {score['silhouette_umap']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    with usage_errors_exit():
+        labels = check_arguments(args)
+        args.steps = args.steps or (50 if args.sampler == "ddim" else None)
+        pipe = load_run_for(args)
+        args.steps = args.steps or pipe.scheduler.num_train_timesteps
+        slice_position = None
+        if args.slice is not None:
+            if not pipe.config.unet.slice_conditioning:
+                raise UsageError(f"--slice: {pipe.run_dir} was trained without slice conditioning; drop --slice")
+            low, high = pipe.slice_range
+            if not low <= args.slice <= high:
+                raise UsageError(f"--slice {args.slice}: the run was trained on slices {low} to {high}; choose one of those")
+            slice_position = float(normalise_slices(torch.tensor([args.slice]), pipe.slice_range))
+        out = args.out or pipe.run_dir / "generated"
+        existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
+        if existing and not args.overwrite:
+            raise UsageError(
+                f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out"
+            )
+        if args.real or args.umap:
+            index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
+        write_outputs(pipe, labels, args, out, slice_position)
 
 
 if __name__ == "__main__":

@@ -776,8 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         fail(problem)
     if args.figures:
-        for path in save_figures(report, args.figures, "demo" if args.demo else "dataset"):
-            print(f"wrote {path}")
+        with usage_errors_exit():
+            for path in save_figures(report, args.figures, "demo" if args.demo else "dataset"):
+                print(f"wrote {path}")
     print(f"usable: {sum(report.readable)} readable images in {len(report.index.scans())} scans")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import random
@@ -43,11 +44,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 @contextmanager
 def usage_errors_exit() -> Iterator[None]:
-    """Turn a UsageError raised inside the block into `fail(message)`: no traceback for bad input."""
+    """A script's error boundary: a UsageError, or an OSError from the machine (a full disk, a read-only
+    or unreadable folder), becomes `fail(message)`: one line and exit 2, no traceback. Every write is
+    atomic, so the file that was being replaced is still intact."""
     try:
         yield
     except UsageError as error:
         fail(str(error))
+    except OSError as error:
+        fail(describe_os_error(error))
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and what to do about it."""
+    where = error.filename or "a file"
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device writing {where}: free some disk space and run the command again"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write or read {where} ({error.strerror}): choose a folder you may write to, or fix its permissions"
+    return f"{where}: {error.strerror or error}"
 
 
 def seed_everything(seed: int) -> None:
@@ -128,6 +143,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temp_path
         os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp makes files owner-only
         os.replace(temp_path, path)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        # Name the file the user knows, not its temporary sibling.
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         temp_path.unlink(missing_ok=True)
 

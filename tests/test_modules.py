@@ -870,3 +870,32 @@ def test_training_loss_drops_conditions_first_then_draws_noise_and_timesteps() -
     assert torch.equal(given.labels == Conditions.ABSENT, dropped) and dropped.any() and not dropped.all()
     assert torch.equal(t, timesteps)
     torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
+
+
+def test_conditions_and_the_loss_stay_on_the_data_device() -> None:
+    """The 'meta' device stands in for a GPU: dropout masks, noise and timesteps follow the data."""
+    meta = torch.device("meta")
+    conditions = Conditions(torch.zeros(4, dtype=torch.long, device=meta), torch.zeros(4, device=meta))
+    assert conditions.dropped(0.5).labels.device == meta and conditions.dropped(0.5).slice_position.device == meta
+    seen = []
+    scheduler = NoiseScheduler(SchedulerConfig())
+    scheduler.training_loss(
+        lambda x, t, given: seen.append((x, t)) or x, torch.empty(4, 2, 3, 3, device=meta), conditions, condition_dropout=0.1
+    )
+    ((noisy, t),) = seen
+    assert noisy.device == meta and t.device == meta
+
+
+def test_conditions_without_a_slice_position_index_and_sampler_errors_name_the_choices() -> None:
+    picked = Conditions(torch.tensor([0, 1, 1]))[[2, 0]]
+    assert picked.labels.tolist() == [1, 0] and picked.slice_position is None
+    with pytest.raises(ValueError, match="unknown sampler 'euler': choose one of ddim, ddpm"):
+        NoiseScheduler(SchedulerConfig()).sample(lambda x, t, c: x, (1, 1, 2, 2), Conditions(torch.tensor([0])), sampler="euler")
+
+
+def test_ddpm_step_without_noise_is_the_posterior_mean() -> None:
+    scheduler = NoiseScheduler(SchedulerConfig())
+    x_t, x0 = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
+    t, t_prev = torch.tensor([500, 500]), torch.tensor([400, 400])
+    mean, _ = scheduler.q_posterior(x0, x_t, t, t_prev)
+    assert torch.equal(scheduler.ddpm_step(x_t, x0, t, t_prev), mean)
