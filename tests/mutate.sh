@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of the core code against the test file that owns it; slow, so not in CI.
 #
-#   bash tests/mutate.sh modules   # scheduler, samplers, loss, conditions, EMA  <- tests/test_modules.py (~10 min on 2 cores)
+#   bash tests/mutate.sh modules   # scheduler, samplers, loss, conditions, EMA  <- tests/test_modules.py (~2 min on 2 cores)
 #   bash tests/mutate.sh train     # epoch loop, optimizer, checkpoints          <- tests/test_train.py, test_checkpoints.py (hours)
 #
 # It works on a copy in a temporary folder, never on this tree. mutmut 3 skips decorated functions, so the
@@ -34,11 +34,12 @@ case "$target" in
            "pipeline.x_load_weights__mutmut_*" "utils.x_save_checkpoint__mutmut_*" "utils.x_load_checkpoint__mutmut_*") ;;
   *) echo "error: unknown target $target: use modules or train" >&2; exit 2 ;;
 esac
+# setup.cfg lists take one value per indented line.
 {
   echo "[mutmut]"
-  echo "source_paths = ${sources// /,}"
-  echo "also_copy = $(ls ./*.py | tr '\n' ',')"
-  echo "pytest_add_cli_args_test_selection = ${tests// /,}"
+  echo "source_paths = ${sources// /$'\n    '}"
+  echo "also_copy = $(ls -- *.py | tr '\n' ' ' | sed 's/ $//; s/ /\n    /g')"
+  echo "pytest_add_cli_args_test_selection = ${tests// /$'\n    '}"
   echo "pytest_add_cli_args = -p no:cacheprovider"
 } > setup.cfg
 OMP_NUM_THREADS=1 mutmut run --max-children 2 "${names[@]}" > mutmut.log 2>&1 || true
