@@ -604,3 +604,40 @@ def test_prepare_for_training_wraps_as_configured(tmp_path: Path) -> None:
     config.run.compile = True
     compiled = train.prepare_for_training(model, config, Runtime(torch.device("cpu")))
     assert compiled is not model and compiled._orig_mod is model
+
+
+def test_a_one_batch_epoch_reports_that_batch_loss() -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    expected = float(model(batch).sum())
+    loss, _ = train.train_one_epoch(
+        "one 1/1",
+        model,
+        [batch],
+        1,
+        lambda x: (model(x).sum(), len(x)),
+        optimizer,
+        schedule,
+        StageConfig(),
+        Runtime(torch.device("cpu")),
+        1,
+    )
+    assert loss == pytest.approx(expected)
+
+
+def test_start_stage_shuffles_drops_the_last_partial_batch_and_seeds_the_loader(tmp_path: Path) -> None:
+    """The loader of a stage: shuffled by the run's seed (and epoch), full batches only, this rank's shard."""
+    config = make_config("tiny")
+    config.run.seed, config.vae_train.batch_size = 5, 3
+    dataset = torch.utils.data.TensorDataset(torch.arange(10.0))
+    model = nn.Linear(1, 1)
+    stage = train.start_stage("vae", model, dataset, config, Runtime(torch.device("cpu")), False, tmp_path / "vae.pt")
+    shard, batches = stage.loader.sampler.sampler, stage.loader.sampler
+    assert (shard.shuffle, shard.drop_last, shard.seed, shard.rank, shard.num_replicas) == (True, True, 5, 0, 1)
+    assert (batches.batch_size, batches.drop_last, len(stage.loader)) == (3, True, 3)
+    assert not stage.loader.pin_memory, "pinned memory is for CUDA runs only"
+    assert stage.trained is model and stage.settings is config.vae_train and stage.name == "vae"
+    assert (stage.start_epoch, stage.step, stage.history, stage.restored) == (0, 0, [], {})
+    assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(config.vae_train.lr / config.vae_train.warmup_steps)
