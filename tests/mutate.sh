@@ -2,7 +2,7 @@
 # Mutation testing (mutmut 3) of the core code against the test file that owns it; slow, so not in CI.
 #
 #   bash tests/mutate.sh modules   # scheduler, samplers, loss, conditions, EMA  <- tests/test_modules.py (~2 min on 2 cores)
-#   bash tests/mutate.sh train     # epoch loop, optimizer, checkpoints          <- tests/test_train.py, test_checkpoints.py (hours)
+#   bash tests/mutate.sh train     # epoch loop, optimizer, checkpoints  <- test_train.py, test_checkpoints.py, test_run_integrity.py (~20 min)
 #
 # It works on a copy in a temporary folder, never on this tree. mutmut 3 skips decorated functions, so the
 # copy applies @torch.no_grad() after the class bodies instead (same behaviour) to get them mutated too.
@@ -27,7 +27,7 @@ case "$target" in
     names=("modules.x_make_betas__mutmut_*" "modules.xǁNoiseSchedulerǁ*" "modules.xǁConditionsǁ*" "modules.xǁEMAǁ*"
            "modules.x_unwrap_model__mutmut_*") ;;
   train)
-    sources="train.py pipeline.py utils.py"; tests="tests/test_train.py tests/test_checkpoints.py"
+    sources="train.py pipeline.py utils.py"; tests="tests/test_train.py tests/test_checkpoints.py tests/test_run_integrity.py"
     names=("train.x_train_one_epoch__mutmut_*" "train.x_make_optimizer__mutmut_*" "train.x_restore_stage__mutmut_*"
            "train.x_seed_epoch__mutmut_*" "train.x_prepare_for_training__mutmut_*" "train.x_start_stage__mutmut_*"
            "pipeline.x_checkpoint_state__mutmut_*" "pipeline.x_load_stage_checkpoint__mutmut_*"
