@@ -13,7 +13,7 @@ from torch import nn
 
 import pipeline
 import train
-from config import Config, config_to_dict, make_config
+from config import Config, StageConfig, config_to_dict, make_config
 from utils import Runtime, UsageError, atomic_path, load_checkpoint, save_checkpoint
 
 
@@ -285,3 +285,60 @@ def test_evil_checkpoint_in_a_run_is_refused_in_one_line(trained_run: Path, tiny
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a readable brainLDM checkpoint" in err
     assert not marker.exists()
+
+
+def test_damaged_and_foreign_checkpoints_name_exactly_what_is_wrong(tmp_path: Path, monkeypatch) -> None:
+    config = make_config("demo")
+    device = torch.device("cpu")
+    model, _, _, state = trained_state(config)
+    path = tmp_path / "vae.pt"
+    save_checkpoint({key: value for key, value in state.items() if key != "history"}, path)
+    with pytest.raises(UsageError) as error:
+        pipeline.load_stage_checkpoint(path, "vae", config, device)
+    assert str(error.value) == f"{path} is damaged (no history): resume from a copy or start a new --run"
+    save_checkpoint({**state, "config": "text"}, path)
+    with pytest.raises(UsageError) as error:
+        pipeline.load_stage_checkpoint(path, "vae", config, device)
+    assert str(error.value) == f"{path} is damaged (no config): resume from a copy or start a new --run"
+    # Four model fields differ: the message names the first three, separated by "; ".
+    save_checkpoint(state, path)
+    other = make_config("demo")
+    other.vae.channels, other.vae.num_res_blocks, other.vae.kl_weight, other.vae.ssim_weight = (8, 8, 16), 2, 0.5, 0.5
+    with pytest.raises(UsageError) as error:
+        pipeline.load_stage_checkpoint(path, "vae", other, device)
+    assert "(vae.channels: (16, 32, 64) → (8, 8, 16); vae.num_res_blocks: 1 → 2; vae.kl_weight: 1e-06 → 0.5)" in str(error.value)
+    # A weight that does not fit names the checkpoint, also through restore_stage.
+    save_checkpoint({**state, "model": {**state["model"], "bias": torch.zeros(7)}}, path)
+    optimizer, schedule = train.make_optimizer(model, config.vae_train, 3)
+    with pytest.raises(UsageError, match=f"{path} does not fit this model"):
+        train.restore_stage(path, "vae", True, config, Runtime(device), model, optimizer, schedule)
+    # The operating system's refusal to read is one line too.
+    save_checkpoint(state, path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == f"cannot read {path} (Permission denied): check the file's permissions"
+
+
+@pytest.mark.parametrize(
+    "epochs, steps, warmup, expected",
+    [
+        (1, 1, 5, [1.0, 0.1]),  # one step in all: no warm-up, then the floor
+        (1, 3, 5, [1.0, 1.0, 0.55, 0.1]),  # warm-up capped at half the steps, rounded down
+        (1, 2, 3, [1.0, 1.0, 0.1]),  # one step of decay left after the warm-up
+    ],
+)
+def test_learning_rate_schedule_on_the_shortest_runs(epochs: int, steps: int, warmup: int, expected: list[float]) -> None:
+    model = nn.Linear(2, 1)
+    stage = StageConfig(epochs=epochs, lr=1.0, warmup_steps=warmup, min_lr_ratio=0.1)
+    optimizer, schedule = train.make_optimizer(model, stage, steps)
+    rates = []
+    for _ in expected:
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx(expected)

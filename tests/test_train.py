@@ -611,7 +611,7 @@ def test_a_one_batch_epoch_reports_that_batch_loss() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batch = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    expected = float(model(batch).sum())
+    expected = float(model(batch).sum().detach())
     loss, _ = train.train_one_epoch(
         "one 1/1",
         model,
