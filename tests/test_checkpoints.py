@@ -292,10 +292,10 @@ def test_damaged_and_foreign_checkpoints_name_exactly_what_is_wrong(tmp_path: Pa
     device = torch.device("cpu")
     model, _, _, state = trained_state(config)
     path = tmp_path / "vae.pt"
-    save_checkpoint({key: value for key, value in state.items() if key != "history"}, path)
+    save_checkpoint({key: value for key, value in state.items() if key not in ("step", "history")}, path)
     with pytest.raises(UsageError) as error:
         pipeline.load_stage_checkpoint(path, "vae", config, device)
-    assert str(error.value) == f"{path} is damaged (no history): resume from a copy or start a new --run"
+    assert str(error.value) == f"{path} is damaged (no step, history): resume from a copy or start a new --run"
     save_checkpoint({**state, "config": "text"}, path)
     with pytest.raises(UsageError) as error:
         pipeline.load_stage_checkpoint(path, "vae", config, device)
