@@ -72,3 +72,22 @@ def trained_run(tiny_dataset: Path, tmp_path_factory) -> Path:
     run_train(tiny_dataset, run_dir)
     assert tree_fingerprint(tiny_dataset) == before, "training changed the dataset folder"
     return run_dir
+
+
+@pytest.fixture()
+def run_setup(tmp_path: Path, monkeypatch, capsys):
+    """Run project_setup.main(args) in a temp working folder → (exit code, stdout, stderr)."""
+    import project_setup
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        try:
+            project_setup.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

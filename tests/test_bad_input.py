@@ -43,23 +43,6 @@ def tiny_root(tmp_path: Path) -> Path:
     return make_tiny_dataset(tmp_path / "AD_NC", {"train/AD": 2, "train/NC": 2, "test/AD": 1, "test/NC": 1})
 
 
-@pytest.fixture()
-def run_setup(tmp_path: Path, monkeypatch, capsys):
-    """project_setup.main(args) in a temp working folder → (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        try:
-            project_setup.main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err

@@ -35,23 +35,6 @@ def copy_of_demo(demo: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(demo, tmp_path / "copy" / "AD_NC"))
 
 
-@pytest.fixture()
-def run_setup(tmp_path: Path, monkeypatch, capsys):
-    """Run project_setup.main(args) in a temp working folder → (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str | Path) -> tuple[int, str, str]:
-        try:
-            project_setup.main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
