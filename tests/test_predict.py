@@ -301,3 +301,44 @@ def test_slice_conditioning_end_to_end(slice_run: Path, tmp_path: Path, monkeypa
     assert torch.equal(latents["73"], latents["73 again"])  # the same slice and seed: the same samples
     for first, second in (("70", "71"), ("70", "73"), ("71", "73")):
         assert not torch.equal(latents[first], latents[second]), f"--slice {first} and {second} gave the same samples"
+
+
+def test_a_slice_outside_the_training_slices_is_refused(slice_run: Path, tmp_path: Path, capsys) -> None:
+    """It used to be clamped to the nearest end without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(
+            ["--run", str(slice_run), "--out", str(tmp_path / "out"), "--label", "AD", "--slice", "200", "--device", "cpu"]
+        )
+    assert exit_info.value.code == 2
+    assert "--slice 200: the run was trained on slices 70 to 73; choose one of those" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_slices_skip_an_unreadable_image(trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "AD_NC"))
+    damaged = sorted((data / "test" / "AD").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:200])  # a truncated JPEG
+    run_dir = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data"]["data_dir"] = str(data)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    predict.main(
+        [
+            "--run",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--label",
+            "AD",
+            "--num-samples",
+            "8",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--real",
+        ]
+    )
+    assert f"skipped an unreadable test slice: {damaged}" in capsys.readouterr().out
+    with Image.open(tmp_path / "out" / "real_AD.png") as grid:  # 7 readable slices of 32 px, 8 per row
+        assert grid.size == (7 * 34 + 2, 34 + 2)
