@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -714,8 +715,9 @@ class NoiseScheduler:
 
     @torch.no_grad()
     def sample(self, model: nn.Module, shape: tuple[int, ...], conditions: Conditions, **kwargs) -> torch.Tensor:
-        """The final x_0 of `sample_steps` (same arguments)."""
-        *_, (_, x_0, _) = self.sample_steps(model, shape, conditions, **kwargs)
+        """The final x_0 of `sample_steps` (same arguments). A deque of one keeps only the last step's
+        tensors, not every intermediate state of a long (e.g. 1000-step DDPM) chain."""
+        ((_, x_0, _),) = deque(self.sample_steps(model, shape, conditions, **kwargs), maxlen=1)
         return x_0
 
 
