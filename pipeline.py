@@ -112,11 +112,11 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def check_trained_on(state: dict, vae: AutoencoderKL, path: Path) -> None:
-    """A UNet checkpoint must come from the VAE beside it: its latents mean nothing to another one.
-    Checkpoints written before fingerprints existed carry none and are taken on trust."""
+def check_trained_on(state: dict, vae_fingerprint: str, path: Path) -> None:
+    """A UNet checkpoint must come from the VAE beside it (`fingerprint(vae)`): its latents mean nothing
+    to another one. Checkpoints written before fingerprints existed carry none and are taken on trust."""
     recorded = state.get("vae_fingerprint")
-    if recorded is not None and recorded != fingerprint(vae):
+    if recorded is not None and recorded != vae_fingerprint:
         raise UsageError(
             f"{path} was trained on another VAE than the vae.pt beside it (was a stage retrained by "
             "another process?): train stage 2 again with --stage unet in a new --run"
@@ -373,7 +373,7 @@ def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
     if not path.is_file():
         raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
     state = load_stage_checkpoint(path, "unet", config, runtime.device)
-    check_trained_on(state, vae, path)
+    check_trained_on(state, fingerprint(vae), path)
     unet = build_unet(config).to(runtime.device)
     load_weights(unet, state["model"], path)
     ema = EMA(unet)

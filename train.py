@@ -489,7 +489,7 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
     val_latents = encode_split(vae, datasets["val"], config, runtime, slice_range)
     stage = start_stage("unet", unet, train_latents, config, runtime, resume, run_dir / "unet.pt")
     if stage.restored:
-        check_trained_on(stage.restored, vae, run_dir / "unet.pt")
+        check_trained_on(stage.restored, vae_fingerprint, run_dir / "unet.pt")
         ema.load_state_dict(stage.restored["ema"])
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
     grids = Pipeline(config, vae, ema.model, scheduler, runtime)
