@@ -1,71 +1,77 @@
 """Measure a trained run's samples: does the AD/NC conditioning work, how close to real and how diverse
-are they, are any copies of training images, and does their anatomy differ the way real AD and NC do.
+are they, are they useful as training data, are any copies of training images, and which guidance
+scale suits the run.
 
     python evaluate.py                                    # the latest run, 500 images per label
-    python evaluate.py --run runs/adni --num-samples 1000 --device cuda
+    python evaluate.py --run runs/adni --num-samples 1000 --device cuda --umap
+    python evaluate.py --guidance-sweep 1,1.5,2,3,5       # pick the guidance scale
 
 No ImageNet network can be downloaded here, so the yardstick is the run's own: a small CNN trained to
-tell AD from NC on the run's training split (best epoch chosen on its val split), cached as
-<run>/classifier.pt and reused while the splits, the image size and its settings are unchanged.
-- conditioning accuracy: the share of generated images it assigns to the asked-for label, read
-  against its accuracy on real test images and on their VAE reconstructions (a sample can look no
-  more AD than real AD does, nor be sharper than the decoder makes it);
-- Fréchet distance and KID in its penultimate features, generated vs real test, beside the floor
-  that real training images reach against the same test images;
-- diversity: mean MS-SSIM over random generated pairs beside real pairs (match real, do not minimise;
-  mode collapse shows as a higher value);
-- memorisation: each generated image's distance to its nearest training image beside the same for
-  real test images, and the share of near-copies (closer than 99% of real test images are);
-- anatomy: the CSF-dark share of brain pixels (project_setup.py's measure: ventricles and sulci widen
-  in AD) of generated AD vs NC beside real AD vs NC, with Cohen's d and whether the directions agree.
-Every metric is reported for all images and per label.
+tell AD from NC on the run's training slices and their VAE reconstructions, with augmentations that
+mimic decoder artefacts, so that it reads anatomy and not rendering (classifier.py; cached as
+<run>/classifier.pt). Reported, for all images and per label:
+- conditioning: the AD-vs-NC effect on the CSF-dark share of brain pixels (ventricles and sulci widen in
+  AD), Cohen's d generated beside real with bootstrap 95% intervals; and the share of generated images
+  the yardstick assigns to the asked-for label, beside its accuracy on real test slices and on their
+  VAE reconstructions (the two must agree, or the yardstick is reading the decoder);
+- fidelity and diversity in the yardstick's penultimate features, generated vs real test, each beside
+  the floor that real training images reach against the same test images: Fréchet distance, KID,
+  precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020), k = 5; and
+  MS-SSIM of random pairs (match real; mode collapse shows as a higher value);
+- use as training data: the same classifier trained on generated images only and tested on real test
+  slices (TSTR), beside trained on as many real training slices, and on both;
+- memorisation: each generated image's nearest training image by RMS pixel distance and by Pearson
+  correlation (brightness-blind), beside the same for real test images, the share of near-copies, and
+  memorisation.png (the 8 closest pairs by each measure).
+Slice position is a confound in ADNI; classifier.py's controls show what slice position alone wins.
 
-Slice position is a confound in ADNI: AD scans' slice windows start lower, and the height of a slice
-shows in its anatomy. The classifier sees pixels only, and it learns from a position-balanced draw of
-the training images (at every slice index half AD, half NC), so reading the slice height earns it
-nothing there. The controls in metrics.json: the test accuracy of a logistic regression from slice
-index alone ("slice-position-only accuracy"), the classifier's test accuracy weighted to the same
-balance, and its accuracy in each slice tercile beside what position alone achieves there, so a reader
-can see that it does not win in one window only.
-
-Writes <run>/metrics.json and <run>/metrics.md (a Markdown table, also printed). The same --seed and
-settings give the same numbers; the samples are predict.py's for the same seed, steps and batch size.
+Writes <run>/metrics.json, <run>/metrics.md (also printed) and <run>/memorisation.png; with --umap also
+<run>/umap_features.png (real and generated images in the yardstick's features); with --guidance-sweep
+instead <run>/guidance_sweep.{json,md,png}. The same --seed and settings give the same numbers; the
+samples are predict.py's for the same seed, steps and batch size.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import argparse
+import dataclasses
 import math
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
-from config import CLASS_NAMES
-from dataset import (
-    SliceDataset,
-    brain_pixels,
-    cohens_d,
-    csf_dark_share,
-    load_split_datasets,
-    load_splits,
-    to_model_range,
+from classifier import (
+    ClassifierSettings,
+    SliceClassifier,
+    accuracy,
+    classifier_controls,
+    classify,
+    load_or_train_yardstick,
+    train_classifier,
 )
-from modules import SAMPLERS, ms_ssim
-from pipeline import Pipeline, check_sampling_options, load_run_for, sampling_options
+from config import CLASS_NAMES
+from dataset import SliceDataset, brain_pixels, cohens_d, csf_dark_share, load_split_datasets, load_splits, to_model_range
+from metrics import (
+    PRDC_NEIGHBOURS,
+    cohens_d_interval,
+    distribution,
+    frechet_distance,
+    kernel_inception_distance,
+    most_correlated,
+    nearest_distances,
+    pairwise_ms_ssim,
+    precision_recall_density_coverage,
+)
+from modules import SAMPLERS
+from pipeline import Pipeline, check_sampling_options, fingerprint, load_run_for, sampling_options
 from utils import (
     ArgumentParser,
     UsageError,
-    load_checkpoint,
-    save_checkpoint,
+    new_figure,
+    save_figure,
     seed_everything,
     to_uint8,
     usage_errors_exit,
@@ -73,279 +79,12 @@ from utils import (
     write_text_atomic,
 )
 
-CLASSIFIER_FILE = "classifier.pt"
-CLASSIFIER_FORMAT = 2  # bump when the classifier's architecture or training changes, so caches retrain
-KID_SUBSETS = 100
-KID_SUBSET_SIZE = 1000  # the usual choice (Bińkowski et al. 2018); capped at the smaller set
-DIVERSITY_PAIRS = 1000
-NEAR_COPY_PERCENTILE = 1.0  # of real test images' nearest-training distances
+NEAR_COPY_PERCENTILE = 1.0  # of real test images' nearest-training distances (99th of their correlations)
+MEMORISATION_PAIRS = 8
 CHUNK = 256  # images per forward pass when only measuring
-
-
-# ============================================================================ metric math
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """|μa − μb|² + tr(Σa + Σb − 2 (Σa Σb)^½) between Gaussians fitted to two (N, D) feature sets."""
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # fewer images than features make Σa Σb singular: handled below
-        warnings.simplefilter("ignore")
-        root = scipy.linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(root).all():
-            offset = np.eye(len(cov_a)) * 1e-6
-            root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    mean_term = np.sum((a.mean(0) - b.mean(0)) ** 2)
-    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real))
-
-
-def kernel_inception_distance(
-    features_a: np.ndarray, features_b: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
-) -> tuple[float, float]:
-    """Unbiased MMD² with the cubic polynomial kernel k(x, y) = (x·y / D + 1)³ over random subsets
-    (size capped at the smaller set): (mean, std). KID's estimator on any features, not only Inception's."""
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    size = min(subset_size, len(a), len(b))
-    if size < 2:
-        raise ValueError("KID needs at least 2 feature vectors in each set")
-    rng = np.random.default_rng(seed)
-    dimension = a.shape[1]
-    values = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), size, replace=False)]
-        y = b[rng.choice(len(b), size, replace=False)]
-        k_xx, k_yy, k_xy = ((p @ q.T / dimension + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
-        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (size * (size - 1))
-        values.append(within - 2 * k_xy.mean())
-    return float(np.mean(values)), float(np.std(values))
-
-
-def nearest_distances(queries: torch.Tensor, references: torch.Tensor, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """For each query image its nearest reference image: (RMS pixel difference, i.e. L2 / √pixels, in
-    the inputs' units; index). Runs on the queries' device; candidates come from matrix products,
-    and the winner's distance is recomputed directly, so an exact copy reads 0."""
-    flat = queries.flatten(1).float()
-    squared_norms = flat.square().sum(1)
-    best = torch.full((len(flat),), math.inf, device=flat.device)
-    best_index = torch.zeros(len(flat), dtype=torch.long, device=flat.device)
-    for start in tqdm(range(0, len(references), chunk), desc="nearest training images", leave=False):
-        block = references[start : start + chunk].to(flat.device).flatten(1).float()
-        squared = squared_norms[:, None] - 2 * flat @ block.T + block.square().sum(1)[None]
-        value, index = squared.min(1)
-        better = value < best
-        best = torch.where(better, value, best)
-        best_index = torch.where(better, index + start, best_index)
-    nearest = references[best_index.to(references.device)].to(flat.device).flatten(1).float()
-    distances = (flat - nearest).square().mean(1).sqrt()
-    return distances.cpu().numpy(), best_index.cpu().numpy()
-
-
-def pairwise_ms_ssim(images: torch.Tensor, pairs: int = DIVERSITY_PAIRS, seed: int = 0) -> float:
-    """Mean MS-SSIM between different images (N ≥ 2, in [-1, 1]), on the images' device: over every
-    pair when there are at most `pairs` of them, else over `pairs` random ones."""
-    count = len(images)
-    if count * (count - 1) // 2 <= pairs:
-        first, second = torch.triu_indices(count, count, offset=1)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        first = torch.randint(count, (pairs,), generator=generator)
-        second = (first + torch.randint(1, count, (pairs,), generator=generator)) % count  # never the same image
-    scores = [ms_ssim(images[i], images[j]) for i, j in zip(first.split(CHUNK), second.split(CHUNK))]
-    return float(torch.cat(scores).mean())
-
-
-# ============================================================================ slice-position controls
-
-
-def position_balancing_weights(labels: np.ndarray, slice_indices: np.ndarray) -> np.ndarray:
-    """Per-image weights under which every slice index is half AD, half NC, each index keeping its share
-    of the images. Indices that hold one class only get weight 0: position alone decides them."""
-    weights = np.zeros(len(labels))
-    for index in np.unique(slice_indices):
-        here = slice_indices == index
-        counts = np.bincount(labels[here], minlength=len(CLASS_NAMES))
-        if (counts > 0).all():
-            weights[here] = here.sum() / (len(CLASS_NAMES) * counts[labels[here]])
-    if not weights.any():
-        raise UsageError("no slice index holds both AD and NC images: slice position alone separates the classes")
-    return weights
-
-
-def slice_position_only_predictions(train: SliceDataset, test: SliceDataset) -> np.ndarray:
-    """Test predictions of a logistic regression from slice index alone, fit on train: what position can win."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression())
-    model.fit(train.slice_indices.numpy()[:, None].astype(float), train.labels.numpy())
-    return model.predict(test.slice_indices.numpy()[:, None].astype(float))
-
-
-# ============================================================================ the AD/NC classifier
-
-
-@dataclass(frozen=True)
-class ClassifierSettings:
-    """How the yardstick classifier is built and trained; part of its cache fingerprint."""
-
-    channels: tuple[int, ...] = (16, 32, 64, 128)  # one conv + 2x max-pool stage each
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    # Training images are blended a random amount towards a Gaussian blur of this sigma (pixels):
-    # generated slices are smoother than real ones, and a yardstick that read sharpness as a class
-    # cue would judge the smoothing, not the anatomy (measured: without it, every demo sample read NC).
-    blur_sigma: float = 1.0
-    seed: int = 0
-
-
-class SliceClassifier(nn.Module):
-    """Conv-GroupNorm-SiLU-maxpool stages, global average pooling (the feature vector), one linear layer.
-
-    GroupNorm, not BatchNorm: it behaves the same in training and evaluation, so a short training run
-    (a small dataset) leaves no half-settled running statistics behind."""
-
-    def __init__(self, channels: tuple[int, ...]):
-        super().__init__()
-        layers, previous = [], 1
-        for width in channels:
-            layers += [
-                nn.Conv2d(previous, width, 3, padding=1, bias=False),
-                nn.GroupNorm(math.gcd(8, width), width),
-                nn.SiLU(),
-                nn.MaxPool2d(2),
-            ]
-            previous = width
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(previous, len(CLASS_NAMES))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, 1, S, S) images with reflected borders."""
-    radius = max(1, math.ceil(3 * sigma))
-    coords = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-coords.square() / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
-
-
-@torch.no_grad()
-def classify(model: SliceClassifier, pixels: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (N, S, S) → predicted labels (N,) and penultimate features (N, D) in float64."""
-    model.eval()
-    predictions, features = [], []
-    for chunk in pixels.split(CHUNK):
-        feature = model.features(to_model_range(chunk.unsqueeze(1)).to(device))
-        predictions.append(model.head(feature).argmax(1).cpu())
-        features.append(feature.double().cpu())
-    return torch.cat(predictions).numpy(), torch.cat(features).numpy()
-
-
-def train_classifier(
-    train: SliceDataset, val: SliceDataset, settings: ClassifierSettings, device: torch.device
-) -> tuple[SliceClassifier, float]:
-    """Train on position-balanced draws of `train` with random left-right flips (a brain is nearly
-    symmetric) and random blur; keep the epoch with the best val accuracy. Returns the model and that accuracy."""
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    model = SliceClassifier(settings.channels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs * steps_per_epoch)
-    weights = torch.from_numpy(position_balancing_weights(train.labels.numpy(), train.slice_indices.numpy()))
-    best_accuracy, best_state = -1.0, {}
-    for _ in tqdm(range(settings.epochs), desc="training the AD/NC classifier", leave=False):
-        model.train()
-        for batch in torch.multinomial(weights, len(train), replacement=True, generator=generator).split(settings.batch_size):
-            images = to_model_range(train.pixels[batch].unsqueeze(1))
-            flip = (torch.rand(len(batch), generator=generator) < 0.5).view(-1, 1, 1, 1)
-            images = torch.where(flip, images.flip(-1), images).to(device)
-            if settings.blur_sigma > 0:
-                amount = torch.rand(len(batch), 1, 1, 1, generator=generator).to(device)
-                images = torch.lerp(images, gaussian_blur(images, settings.blur_sigma), amount)
-            loss = F.cross_entropy(model(images), train.labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        accuracy = float(np.mean(classify(model, val.pixels, device)[0] == val.labels.numpy()))
-        if accuracy > best_accuracy:
-            best_accuracy, best_state = accuracy, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return model.eval(), best_accuracy
-
-
-def classifier_fingerprint(splits: dict[str, list[str]], image_size: int, settings: ClassifierSettings) -> str:
-    """A hash of everything the trained classifier depends on: change any of it and it is retrained."""
-    inputs = {"format": CLASSIFIER_FORMAT, "splits": splits, "image_size": image_size, "settings": asdict(settings)}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def load_or_train_classifier(
-    run_dir: Path,
-    datasets: dict[str, SliceDataset],
-    splits: dict[str, list[str]],
-    image_size: int,
-    device: torch.device,
-    retrain: bool,
-    settings: ClassifierSettings = ClassifierSettings(),
-) -> tuple[SliceClassifier, dict]:
-    """The run's cached classifier when its fingerprint matches (and not `retrain`); else train and cache one."""
-    path = run_dir / CLASSIFIER_FILE
-    fingerprint = classifier_fingerprint(splits, image_size, settings)
-    if path.is_file() and not retrain:
-        try:
-            state = load_checkpoint(path, device)
-        except UsageError:
-            state = {}  # an unreadable cache is a stale cache
-        if state.get("fingerprint") == fingerprint:
-            model = SliceClassifier(settings.channels).to(device)
-            model.load_state_dict(state["model"])
-            return model.eval(), {
-                "source": f"reused {path.name}",
-                "val_accuracy": state["val_accuracy"],
-                "settings": asdict(settings),
-            }
-    model, val_accuracy = train_classifier(datasets["train"], datasets["val"], settings, device)
-    save_checkpoint(
-        {"fingerprint": fingerprint, "settings": asdict(settings), "model": model.state_dict(), "val_accuracy": val_accuracy},
-        path,
-    )
-    return model, {"source": f"trained, saved as {path.name}", "val_accuracy": val_accuracy, "settings": asdict(settings)}
-
-
-def classifier_controls(test_predictions: np.ndarray, train: SliceDataset, test: SliceDataset) -> dict:
-    """Test accuracy beside what slice position alone achieves, position-balanced, and per slice tercile."""
-    labels, slices = test.labels.numpy(), test.slice_indices.numpy()
-    correct = test_predictions == labels
-    position_correct = slice_position_only_predictions(train, test) == labels
-    edges = np.quantile(train.slice_indices.numpy(), [1 / 3, 2 / 3])
-    tercile = np.searchsorted(edges, slices, side="right")
-    terciles = []
-    for part in range(3):
-        here = tercile == part
-        if here.any():
-            terciles.append(
-                {
-                    "slices": f"{slices[here].min()}-{slices[here].max()}",
-                    "images": int(here.sum()),
-                    "AD_share": float(np.mean(labels[here] == 0)),
-                    "classifier_accuracy": float(correct[here].mean()),
-                    "slice_position_only_accuracy": float(position_correct[here].mean()),
-                }
-            )
-    return {
-        "test_accuracy": float(correct.mean()),
-        "test_accuracy_position_balanced": float(np.average(correct, weights=position_balancing_weights(labels, slices))),
-        "slice_position_only_test_accuracy": float(position_correct.mean()),
-        "slice_terciles": terciles,
-    }
+EVALUATION_FILES = ("metrics.json", "metrics.md", "memorisation.png")
+UMAP_FILE = "umap_features.png"
+SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
 
 
 # ============================================================================ images and their measurements
@@ -354,29 +93,42 @@ def classifier_controls(test_predictions: np.ndarray, train: SliceDataset, test:
 @dataclass
 class ImageSet:
     """Images of one origin (uint8, N × S × S) with their labels (asked-for or true) and what the
-    classifier makes of them; `nearest_train` is filled in for the sets checked for memorisation."""
+    yardstick makes of them; the nearest-training-image fields are filled in for the sets checked for
+    memorisation."""
 
     pixels: torch.Tensor
     labels: np.ndarray
     predictions: np.ndarray
     features: np.ndarray
-    nearest_train: np.ndarray | None = None
+    nearest_distance: np.ndarray | None = None  # RMS pixel distance to the nearest training image
+    nearest_index: np.ndarray | None = None
+    top_correlation: np.ndarray | None = None  # highest Pearson correlation with any training image
+    correlated_index: np.ndarray | None = None
 
     def where(self, keep: np.ndarray) -> ImageSet:
-        nearest = None if self.nearest_train is None else self.nearest_train[keep]
-        return ImageSet(
-            self.pixels[torch.from_numpy(keep)], self.labels[keep], self.predictions[keep], self.features[keep], nearest
-        )
+        """The images at the positions or boolean mask `keep`."""
+        keep = np.asarray(keep)
+        kept = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kept[field.name] = (
+                value[torch.from_numpy(keep)] if isinstance(value, torch.Tensor) else None if value is None else value[keep]
+            )
+        return ImageSet(**kept)
 
     def of_label(self, label: int | None) -> ImageSet:
         return self if label is None else self.where(self.labels == label)
+
+    def find_nearest_training_images(self, train_pixels: torch.Tensor, device: torch.device) -> None:
+        self.nearest_distance, self.nearest_index = nearest_distances(self.pixels.to(device), train_pixels)
+        self.top_correlation, self.correlated_index = most_correlated(self.pixels.to(device), train_pixels)
 
 
 def measured(model: SliceClassifier, pixels: torch.Tensor, labels: np.ndarray, device: torch.device) -> ImageSet:
     return ImageSet(pixels, labels, *classify(model, pixels, device))
 
 
-def generate_images(pipe: Pipeline, label: int, args) -> torch.Tensor:
+def generate_images(pipe: Pipeline, label: int, args: argparse.Namespace) -> torch.Tensor:
     """`args.num_samples` generated images of one label as uint8 (N, S, S), in predict.py's seeded batches."""
     latents = pipe.generate(label, args.num_samples, **sampling_options(args), progress="generating")
     return torch.cat([torch.from_numpy(to_uint8(pipe.decode(chunk))) for chunk in latents.split(args.batch_size)])
@@ -384,7 +136,7 @@ def generate_images(pipe: Pipeline, label: int, args) -> torch.Tensor:
 
 def reconstruct(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, S, S) → their VAE reconstructions from the posterior mean, uint8: the most
-    faithful image the generator's decoder can produce, so the ceiling for generated images."""
+    faithful image the generator's decoder can produce."""
     images = []
     for chunk in pixels.split(CHUNK):
         images.append(torch.from_numpy(to_uint8(pipe.decode(pipe.encode(to_model_range(chunk.unsqueeze(1)))))))
@@ -400,58 +152,124 @@ def per_label_positions(labels: np.ndarray, count: int, rng: np.random.Generator
     return np.sort(np.concatenate(chosen))
 
 
-def distribution(values: np.ndarray) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "p1": float(np.percentile(values, 1)), "median": float(np.median(values))}
+def prdc_or_nan(real: np.ndarray, generated: np.ndarray) -> dict[str, float]:
+    """Precision/recall/density/coverage, or NaN for each when a set has too few images for k."""
+    if min(len(real), len(generated)) <= PRDC_NEIGHBOURS:
+        return dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan)
+    return precision_recall_density_coverage(real, generated)
 
 
-def group_metrics(
-    generated: ImageSet,
-    real_test: ImageSet,
-    reconstructed_test: ImageSet,
-    train_sample: ImageSet,
-    real_sample: ImageSet,
-    near_copy_threshold: float,
-    seed: int,
-    device: torch.device,
-) -> dict:
-    """Every generated-vs-real metric for one group of images (all, or one label)."""
-    kid = kernel_inception_distance(generated.features, real_test.features, seed=seed)
-    kid_floor = kernel_inception_distance(train_sample.features, real_test.features, seed=seed)
+@dataclass
+class Reference:
+    """What generated images are measured against, shared by a full evaluation and a guidance sweep."""
+
+    train: SliceDataset
+    real_test: ImageSet  # every real test slice, true labels
+    reconstructed_test: ImageSet  # their VAE reconstructions
+    train_sample: ImageSet  # as many real training slices per label as generated: the floors' sets
+
+
+def fidelity(generated: ImageSet, reference: Reference, label: int | None, seed: int, device: torch.device) -> dict:
+    """Conditioning accuracy, Fréchet, KID and PRDC of one group of generated images (all: None, or a
+    label), each beside its real-train-vs-real-test floor; MS-SSIM diversity beside real test pairs."""
+    generated, real_test, floor = (images.of_label(label) for images in (generated, reference.real_test, reference.train_sample))
+    reconstructed = reference.reconstructed_test.of_label(label)
+    kid, kid_floor = (kernel_inception_distance(images.features, real_test.features, seed=seed) for images in (generated, floor))
     return {
         "generated_images": len(generated.labels),
         "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
         "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
-        "reconstructed_test_accuracy": float(np.mean(reconstructed_test.predictions == reconstructed_test.labels)),
+        "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
         "frechet_distance": frechet_distance(generated.features, real_test.features),
-        "frechet_floor": frechet_distance(train_sample.features, real_test.features),
+        "frechet_floor": frechet_distance(floor.features, real_test.features),
         "kid": kid[0],
         "kid_std": kid[1],
         "kid_floor": kid_floor[0],
         "kid_floor_std": kid_floor[1],
+        "prdc": prdc_or_nan(real_test.features, generated.features),
+        "prdc_floor": prdc_or_nan(real_test.features, floor.features),
         "ms_ssim_generated": pairwise_ms_ssim(to_model_range(generated.pixels.unsqueeze(1)).to(device), seed=seed),
-        "ms_ssim_real": pairwise_ms_ssim(to_model_range(real_sample.pixels.unsqueeze(1)).to(device), seed=seed),
-        "nearest_train_generated": distribution(generated.nearest_train),
-        "nearest_train_real": distribution(real_sample.nearest_train),
-        "near_copy_share_generated": float(np.mean(generated.nearest_train < near_copy_threshold)),
-        "near_copy_share_real": float(np.mean(real_sample.nearest_train < near_copy_threshold)),
+        "ms_ssim_real": pairwise_ms_ssim(to_model_range(floor.pixels.unsqueeze(1)).to(device), seed=seed),
     }
 
 
-def anatomy(generated: ImageSet, real_test: ImageSet) -> dict:
-    """CSF-dark share of AD vs NC images, generated beside real; Cohen's d is AD minus NC."""
+def memorisation(generated: ImageSet, real_sample: ImageSet) -> dict:
+    """Nearest-training-image statistics of generated beside real test images (both searched the same
+    training set); near-copies are closer (or more correlated) than 99% of real test images are."""
+    distance_threshold = float(np.percentile(real_sample.nearest_distance, NEAR_COPY_PERCENTILE))
+    correlation_threshold = float(np.percentile(real_sample.top_correlation, 100 - NEAR_COPY_PERCENTILE))
+    report = {"near_copy_distance": distance_threshold, "near_copy_correlation": correlation_threshold}
+    for label, name in [(None, "all"), *enumerate(CLASS_NAMES)]:
+        group = {}
+        for origin, images in (("generated", generated.of_label(label)), ("real_test", real_sample.of_label(label))):
+            group[origin] = {
+                "nearest_distance": distribution(images.nearest_distance),
+                "top_correlation": distribution(images.top_correlation),
+                "near_copy_share_distance": float(np.mean(images.nearest_distance < distance_threshold)),
+                "near_copy_share_correlation": float(np.mean(images.top_correlation > correlation_threshold)),
+            }
+        report[name] = group
+    return report
+
+
+def csf_shares(images: ImageSet) -> list[np.ndarray]:
+    """CSF-dark share of each image's brain pixels, per label (images without brain left out)."""
+    shares = np.array([csf_dark_share(brain_pixels(image)) for image in images.pixels.numpy()])
+    return [shares[(images.labels == label) & np.isfinite(shares)] for label in range(len(CLASS_NAMES))]
+
+
+def anatomy_of(images: ImageSet, seed: int) -> dict:
+    """CSF-dark share by label and Cohen's d (AD minus NC) with its bootstrap 95% interval."""
+    by_label = csf_shares(images)
     report = {}
-    for name, images in (("generated", generated), ("real_test", real_test)):
-        shares = np.array([csf_dark_share(brain_pixels(image)) for image in images.pixels.numpy()])
-        by_label = [shares[(images.labels == label) & np.isfinite(shares)] for label in range(len(CLASS_NAMES))]
-        report[name] = {}
-        for label, values in enumerate(by_label):
-            report[name][f"{CLASS_NAMES[label]}_mean"] = float(values.mean()) if len(values) else math.nan
-            report[name][f"{CLASS_NAMES[label]}_std"] = float(values.std(ddof=1)) if len(values) >= 2 else math.nan
-        report[name]["cohens_d_AD_minus_NC"] = cohens_d(*by_label) if min(map(len, by_label)) >= 2 else math.nan
-    d_generated, d_real = report["generated"]["cohens_d_AD_minus_NC"], report["real_test"]["cohens_d_AD_minus_NC"]
+    for label, values in enumerate(by_label):
+        report[f"{CLASS_NAMES[label]}_mean"] = float(values.mean()) if len(values) else math.nan
+        report[f"{CLASS_NAMES[label]}_std"] = float(values.std(ddof=1)) if len(values) >= 2 else math.nan
+    enough = min(map(len, by_label)) >= 2
+    report["cohens_d_AD_minus_NC"] = cohens_d(*by_label) if enough else math.nan
+    report["cohens_d_95ci"] = list(cohens_d_interval(*by_label, seed=seed))
+    return report
+
+
+def anatomy(generated: ImageSet, real_test: ImageSet, seed: int) -> dict:
+    """The AD-vs-NC anatomy effect of generated beside real test images, and whether its sign agrees."""
+    report = {"generated": anatomy_of(generated, seed), "real_test": anatomy_of(real_test, seed)}
+    d_generated, d_real = (report[name]["cohens_d_AD_minus_NC"] for name in ("generated", "real_test"))
     report["directions_agree"] = (
         None if math.isnan(d_generated) or math.isnan(d_real) else bool(np.sign(d_generated) == np.sign(d_real))
     )
+    return report
+
+
+def train_on_synthetic(
+    generated: ImageSet, train_sample: ImageSet, real_test: ImageSet, draws_per_epoch: int, device: torch.device
+) -> dict:
+    """TSTR: the yardstick's architecture and augmentations trained on generated images with their
+    asked-for labels, on as many real training slices, and on both; each tested on every real test
+    slice. All three train for the same number of draws (`draws_per_epoch`, the size of the real
+    training split, per epoch: a subtle class difference needs that many steps, whatever the set's
+    size) and keep their last epoch, so no real image chooses the model."""
+    settings = ClassifierSettings(with_reconstructions=False)
+    recipes = {"synthetic": [generated], "real": [train_sample], "real_plus_synthetic": [train_sample, generated]}
+    report = {
+        "epochs": settings.epochs,
+        "draws_per_epoch": draws_per_epoch,
+        "images": {},
+        "test_accuracy": {},
+        "test_accuracy_per_label": {},
+    }
+    test_labels = torch.from_numpy(real_test.labels)
+    for name, sets in recipes.items():
+        pixels = torch.cat([images.pixels for images in sets])
+        labels = torch.from_numpy(np.concatenate([images.labels for images in sets]))
+        description = f"TSTR: training on {name.replace('_', ' ')}"
+        model, _ = train_classifier(pixels, labels, settings, device, description=description, draws_per_epoch=draws_per_epoch)
+        report["images"][name] = len(labels)
+        report["test_accuracy"][name] = accuracy(model, real_test.pixels, test_labels, device)
+        report["test_accuracy_per_label"][name] = {
+            CLASS_NAMES[label]: accuracy(model, real_test.pixels[test_labels == label], test_labels[test_labels == label], device)
+            for label in range(len(CLASS_NAMES))
+        }
     return report
 
 
@@ -459,9 +277,96 @@ def without_nan(value: object) -> object:
     """NaN is not JSON: write it as null."""
     if isinstance(value, dict):
         return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [without_nan(item) for item in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# ============================================================================ figures
+
+
+def save_memorisation_figure(generated: ImageSet, train_pixels: torch.Tensor, path: Path) -> None:
+    """The MEMORISATION_PAIRS generated images nearest to a training image by RMS distance (rows 1-2)
+    and by correlation (rows 3-4), each above its training image."""
+    count = min(MEMORISATION_PAIRS, len(generated.labels))
+    by_distance = np.argsort(generated.nearest_distance, kind="stable")[:count]
+    by_correlation = np.argsort(-generated.top_correlation, kind="stable")[:count]
+    figure, axes = new_figure(4, count, figsize=(1.6 * count, 7.4), squeeze=False)
+    rows = [
+        (by_distance, generated.nearest_index, lambda i: f"RMS {generated.nearest_distance[i]:.1f}"),
+        (by_correlation, generated.correlated_index, lambda i: f"r {generated.top_correlation[i]:.3f}"),
+    ]
+    for pair_row, (order, partner, caption) in enumerate(rows):
+        for column, i in enumerate(order):
+            top, bottom = axes[2 * pair_row, column], axes[2 * pair_row + 1, column]
+            top.imshow(generated.pixels[i].numpy(), cmap="gray", vmin=0, vmax=255)
+            top.set_title(f"{CLASS_NAMES[generated.labels[i]]} · {caption(i)}", fontsize=8)
+            bottom.imshow(train_pixels[partner[i]].numpy(), cmap="gray", vmin=0, vmax=255)
+            bottom.set_title(f"training #{partner[i]}", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[0, 0].set_ylabel("generated", fontsize=9)
+    axes[1, 0].set_ylabel("nearest (RMS)", fontsize=9)
+    axes[2, 0].set_ylabel("generated", fontsize=9)
+    axes[3, 0].set_ylabel("most correlated", fontsize=9)
+    figure.suptitle("Generated images closest to a training image (RMS distance in 8-bit grey levels; Pearson r)", fontsize=10)
+    save_figure(figure, path)
+
+
+def save_umap_figure(generated: ImageSet, real: ImageSet, seed: int, path: Path) -> None:
+    """UMAP of real test and generated images in the yardstick's features: coloured by label (do the
+    classes separate?) and by origin (do generated images sit among real ones?)."""
+    import umap
+
+    embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(
+        np.concatenate([real.features, generated.features])
+    )
+    is_generated = np.r_[np.zeros(len(real.labels), bool), np.ones(len(generated.labels), bool)]
+    labels = np.concatenate([real.labels, generated.labels])
+    figure, axes = new_figure(1, 2, figsize=(11, 4.8), squeeze=False)
+    by_label, by_origin = axes[0]
+    for label, color in zip(range(len(CLASS_NAMES)), ("tab:red", "tab:blue")):
+        for origin, marker in ((False, "o"), (True, "x")):
+            chosen = embedding[(labels == label) & (is_generated == origin)]
+            name = f"{CLASS_NAMES[label]} {'generated' if origin else 'real'}"
+            by_label.scatter(chosen[:, 0], chosen[:, 1], s=8, c=color, marker=marker, alpha=0.6, label=name)
+    for origin, color in ((False, "tab:grey"), (True, "tab:orange")):
+        chosen = embedding[is_generated == origin]
+        by_origin.scatter(chosen[:, 0], chosen[:, 1], s=6, c=color, alpha=0.5, label="generated" if origin else "real test")
+    by_label.set_title("by label (o real, x generated)", fontsize=10)
+    by_origin.set_title("by origin", fontsize=10)
+    for axis in (by_label, by_origin):
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.legend(fontsize=8, loc="best", markerscale=2)
+    figure.suptitle("Real test and generated slices in the AD/NC yardstick's features (UMAP)", fontsize=11)
+    save_figure(figure, path)
+
+
+def save_sweep_figure(sweep: dict, path: Path) -> None:
+    """Conditioning accuracy, anatomy d and fidelity against the guidance scale, with the real references."""
+    rows, reference = sweep["scales"], sweep["reference"]
+    scales = [row["guidance"] for row in rows]
+    figure, axes = new_figure(1, 3, figsize=(14, 4), squeeze=False)
+    accuracy_axis, anatomy_axis, fidelity_axis = axes[0]
+    accuracy_axis.plot(scales, [row["conditioning_accuracy"] for row in rows], "o-", label="generated")
+    accuracy_axis.axhline(reference["real_test_accuracy"], c="grey", label="real test")
+    accuracy_axis.axhline(reference["reconstructed_test_accuracy"], ls="--", c="grey", label="real test, reconstructed")
+    accuracy_axis.set_title("conditioning accuracy", fontsize=10)
+    d = np.array([row["cohens_d_AD_minus_NC"] for row in rows], dtype=float)
+    interval = np.array([row["cohens_d_95ci"] for row in rows], dtype=float)
+    anatomy_axis.errorbar(scales, d, yerr=[d - interval[:, 0], interval[:, 1] - d], fmt="o-", capsize=3, label="generated")
+    anatomy_axis.axhspan(*reference["cohens_d_95ci"], color="grey", alpha=0.2, label="real test (95% CI)")
+    anatomy_axis.axhline(reference["cohens_d_AD_minus_NC"], c="grey")
+    anatomy_axis.set_title("anatomy: CSF-dark share, Cohen's d (AD − NC)", fontsize=10)
+    fidelity_axis.plot(scales, [row["frechet_distance"] for row in rows], "o-", label="Fréchet distance")
+    fidelity_axis.axhline(reference["frechet_floor"], ls="--", c="grey", label="Fréchet floor")
+    fidelity_axis.set_title("Fréchet distance (yardstick features)", fontsize=10)
+    for axis in axes[0]:
+        axis.set_xlabel("guidance scale")
+        axis.legend(fontsize=8)
+    save_figure(figure, path)
 
 
 # ============================================================================ the report
@@ -471,60 +376,143 @@ def number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}g}"
 
 
-GROUP_ROWS = (
-    (
-        "conditioning accuracy: generated images classified as the asked-for label",
-        lambda g: number(g["conditioning_accuracy"], 3),
-    ),
-    ("classifier accuracy on real test images (the ceiling)", lambda g: number(g["real_test_accuracy"], 3)),
-    ("classifier accuracy on VAE reconstructions of real test images", lambda g: number(g["reconstructed_test_accuracy"], 3)),
-    ("Fréchet distance, generated vs real test", lambda g: number(g["frechet_distance"])),
-    ("Fréchet floor, real train vs real test", lambda g: number(g["frechet_floor"])),
-    ("KID, generated vs real test (± std over subsets)", lambda g: f"{number(g['kid'])} ± {number(g['kid_std'], 2)}"),
-    ("KID floor, real train vs real test", lambda g: f"{number(g['kid_floor'])} ± {number(g['kid_floor_std'], 2)}"),
-    ("MS-SSIM of random generated pairs (match real; higher = less diverse)", lambda g: number(g["ms_ssim_generated"], 3)),
-    ("MS-SSIM of random real test pairs", lambda g: number(g["ms_ssim_real"], 3)),
-    (
-        "nearest-training-image distance, generated: median (1st percentile)",
-        lambda g: f"{number(g['nearest_train_generated']['median'], 3)} ({number(g['nearest_train_generated']['p1'], 3)})",
-    ),
-    (
-        "nearest-training-image distance, real test: median (1st percentile)",
-        lambda g: f"{number(g['nearest_train_real']['median'], 3)} ({number(g['nearest_train_real']['p1'], 3)})",
-    ),
-    (
-        "near-copies: share closer than 99% of real test images (real: about 0.01)",
-        lambda g: f"{number(g['near_copy_share_generated'], 3)} (real {number(g['near_copy_share_real'], 3)})",
-    ),
+def interval(values: list | None) -> str:
+    return "n/a" if not values or values[0] is None else f"[{number(values[0], 3)}, {number(values[1], 3)}]"
+
+
+def prdc_cell(prdc: dict) -> str:
+    return " / ".join(number(prdc[key], 3) for key in ("precision", "recall", "density", "coverage"))
+
+
+FIDELITY_ROWS = (
+    ("conditioning accuracy: generated images the yardstick assigns to the asked-for label", "conditioning_accuracy", 3),
+    ("yardstick accuracy on real test slices", "real_test_accuracy", 3),
+    ("yardstick accuracy on their VAE reconstructions", "reconstructed_test_accuracy", 3),
+    ("Fréchet distance, generated vs real test", "frechet_distance", 4),
+    ("Fréchet floor, real train vs real test", "frechet_floor", 4),
 )
 
 
 def markdown_report(metrics: dict) -> str:
-    settings, groups, controls, csf = metrics["settings"], metrics["groups"], metrics["classifier"], metrics["anatomy"]
+    settings, groups, controls = metrics["settings"], metrics["groups"], metrics["classifier"]
+    csf, tstr, copies = metrics["anatomy"], metrics["tstr"], metrics["memorisation"]
+    header = ["| metric | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
     lines = [
         f"# Sample quality: {metrics['run']} (UNet epoch {metrics['run_epoch']})",
         "",
         (
-            f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, guidance {settings['guidance']}, "
-            f"seed {settings['seed']}; {metrics['real_test_images']} real test images."
+            f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, "
+            f"guidance {settings['guidance']}, seed {settings['seed']}; {metrics['real_test_images']} real test slices."
         ),
         "",
-        "| metric | " + " | ".join(groups) + " |",
-        "|---|" + "---:|" * len(groups),
+        "## Conditioning: anatomy (CSF-dark share of brain pixels; ventricles and sulci widen in AD)",
+        "",
+        "| images | AD mean ± sd | NC mean ± sd | Cohen's d (AD − NC) | 95% CI (bootstrap) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {title} | " + " | ".join(cell(group) for group in groups.values()) + " |" for title, cell in GROUP_ROWS]
+    for name in ("generated", "real_test"):
+        row = csf[name]
+        lines.append(
+            f"| {name.replace('_', ' ')} | {number(row['AD_mean'], 3)} ± {number(row['AD_std'], 2)} | "
+            f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
+            f"{interval(row['cohens_d_95ci'])} |"
+        )
+    lines += ["", f"Directions agree: {agree}.", "", "## Conditioning accuracy and fidelity", "", *header]
+    for title, key, digits in FIDELITY_ROWS:
+        lines.append(f"| {title} | " + " | ".join(number(group[key], digits) for group in groups.values()) + " |")
+    lines += [
+        "| KID, generated vs real test (± std over subsets) | "
+        + " | ".join(f"{number(g['kid'])} ± {number(g['kid_std'], 2)}" for g in groups.values())
+        + " |",
+        "| KID floor, real train vs real test | "
+        + " | ".join(f"{number(g['kid_floor'])} ± {number(g['kid_floor_std'], 2)}" for g in groups.values())
+        + " |",
+        f"| precision / recall / density / coverage (k = {PRDC_NEIGHBOURS}), generated vs real test | "
+        + " | ".join(prdc_cell(g["prdc"]) for g in groups.values())
+        + " |",
+        "| the same, real train vs real test (the floor) | "
+        + " | ".join(prdc_cell(g["prdc_floor"]) for g in groups.values())
+        + " |",
+        "| MS-SSIM of random generated pairs (match real; higher = less diverse) | "
+        + " | ".join(number(g["ms_ssim_generated"], 3) for g in groups.values())
+        + " |",
+        "| MS-SSIM of random real pairs | " + " | ".join(number(g["ms_ssim_real"], 3) for g in groups.values()) + " |",
+        "",
+        "## Train on synthetic, test on real (TSTR)",
+        "",
+        (
+            f"The yardstick's architecture and augmentations, {tstr['epochs']} epochs of {tstr['draws_per_epoch']} draws "
+            f"(the real training split's size) each, last epoch kept; tested on all {metrics['real_test_images']} real test slices."
+        ),
+        "",
+        "| trained on | images | real test accuracy | AD | NC |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, title in (
+        ("synthetic", "generated only (TSTR)"),
+        ("real", "real training slices"),
+        ("real_plus_synthetic", "both"),
+    ):
+        per_label = tstr["test_accuracy_per_label"][name]
+        lines.append(
+            f"| {title} | {tstr['images'][name]} | {number(tstr['test_accuracy'][name], 3)} | "
+            f"{number(per_label['AD'], 3)} | {number(per_label['NC'], 3)} |"
+        )
     lines += [
         "",
-        f"## The classifier and slice position ({controls['source']})",
+        "## Memorisation: nearest training image (memorisation.png shows the closest pairs)",
+        "",
+        "| measure | " + " | ".join(name for name in CLASS_NAMES_AND_ALL) + " |",
+        "|---|" + "---:|" * len(CLASS_NAMES_AND_ALL),
+    ]
+    for origin in ("generated", "real_test"):
+        who = origin.replace("_", " ")
+        lines += [
+            f"| RMS distance, {who}: median (1st percentile) | "
+            + " | ".join(
+                f"{number(copies[g][origin]['nearest_distance']['median'], 3)} ({number(copies[g][origin]['nearest_distance']['p1'], 3)})"
+                for g in CLASS_NAMES_AND_ALL
+            )
+            + " |",
+            f"| correlation, {who}: median (99th percentile) | "
+            + " | ".join(
+                f"{number(copies[g][origin]['top_correlation']['median'], 3)} ({number(copies[g][origin]['top_correlation']['p99'], 3)})"
+                for g in CLASS_NAMES_AND_ALL
+            )
+            + " |",
+        ]
+    lines += [
+        "| near-copies by distance: generated (real test ≈ 0.01) | "
+        + " | ".join(
+            f"{number(copies[g]['generated']['near_copy_share_distance'], 3)} "
+            f"({number(copies[g]['real_test']['near_copy_share_distance'], 3)})"
+            for g in CLASS_NAMES_AND_ALL
+        )
+        + " |",
+        "| near-copies by correlation: generated (real test ≈ 0.01) | "
+        + " | ".join(
+            f"{number(copies[g]['generated']['near_copy_share_correlation'], 3)} "
+            f"({number(copies[g]['real_test']['near_copy_share_correlation'], 3)})"
+            for g in CLASS_NAMES_AND_ALL
+        )
+        + " |",
+        "",
+        (
+            f"A near-copy is closer to a training image than {100 - NEAR_COPY_PERCENTILE:g}% of real test slices are "
+            f"(RMS below {number(copies['near_copy_distance'], 3)}, or r above {number(copies['near_copy_correlation'], 4)})."
+        ),
+        "",
+        f"## The yardstick and slice position ({controls['source']})",
         "",
         (
             f"Real test accuracy {number(controls['test_accuracy'], 3)}; weighted so every slice index is half AD, half NC: "
             f"{number(controls['test_accuracy_position_balanced'], 3)}. Slice-position-only accuracy (logistic regression "
             f"from slice index alone, fit on train): {number(controls['slice_position_only_test_accuracy'], 3)}. "
-            f"Val accuracy {number(controls['val_accuracy'], 3)}."
+            f"Val accuracy (mean of real and reconstructed val slices) {number(controls['val_accuracy'], 3)}."
         ),
         "",
-        "| slice tercile | test images | AD share | classifier accuracy | slice-position-only accuracy |",
+        "| slice tercile | test images | AD share | yardstick accuracy | slice-position-only accuracy |",
         "|---|---:|---:|---:|---:|",
     ]
     lines += [
@@ -532,35 +520,65 @@ def markdown_report(metrics: dict) -> str:
         f"{number(t['slice_position_only_accuracy'], 3)} |"
         for t in controls["slice_terciles"]
     ]
-    agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
     lines += [
         "",
-        "## Anatomy: CSF-dark share of brain pixels (ventricles and sulci widen in AD)",
-        "",
-        "| images | AD mean ± sd | NC mean ± sd | Cohen's d (AD − NC) |",
-        "|---|---:|---:|---:|",
+        (
+            "All feature-space figures are in the penultimate features of the run's own yardstick, so they compare only "
+            "within this table (against their floors). ImageNet-FID is not computed: no Inception weights can be "
+            f"downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px."
+        ),
     ]
-    for name in ("generated", "real_test"):
-        row = csf[name]
+    return "\n".join(lines) + "\n"
+
+
+CLASS_NAMES_AND_ALL = ("all", *CLASS_NAMES)
+
+
+def sweep_report(sweep: dict) -> str:
+    reference, settings = sweep["reference"], sweep["settings"]
+    lines = [
+        f"# Guidance sweep: {sweep['run']} (UNet epoch {sweep['run_epoch']})",
+        "",
+        (
+            f"{settings['num_samples']} generated images per label per scale, {settings['sampler'].upper()} "
+            f"{settings['steps']} steps, seed {settings['seed']}. Real test slices: Cohen's d "
+            f"{number(reference['cohens_d_AD_minus_NC'], 3)} {interval(reference['cohens_d_95ci'])}; yardstick accuracy "
+            f"{number(reference['real_test_accuracy'], 3)} (reconstructions {number(reference['reconstructed_test_accuracy'], 3)}); "
+            f"Fréchet floor {number(reference['frechet_floor'], 4)}; PRDC floor {prdc_cell(reference['prdc_floor'])}."
+        ),
+        "",
+        "| guidance | conditioning accuracy | Cohen's d (AD − NC) | 95% CI | Fréchet distance | precision / recall / density / coverage |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sweep["scales"]:
         lines.append(
-            f"| {name.replace('_', ' ')} | {number(row['AD_mean'], 3)} ± {number(row['AD_std'], 2)} | "
-            f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} |"
+            f"| {number(row['guidance'], 3)} | {number(row['conditioning_accuracy'], 3)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
+            f"{interval(row['cohens_d_95ci'])} | {number(row['frechet_distance'], 4)} | {prdc_cell(row['prdc'])} |"
         )
     lines += [
         "",
-        f"Directions agree: {agree}.",
-        "",
         (
-            "Fréchet distance and KID are measured in the penultimate features of the run's own AD/NC classifier, so they "
-            "compare only within this table (against their floors). ImageNet-FID is not computed: no Inception weights "
-            f"can be downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px; "
-            "the training images searched include both labels."
+            f"Anatomy effect closest to real: guidance {number(sweep['closest_anatomy'], 3)}; lowest Fréchet distance: "
+            f"guidance {number(sweep['lowest_frechet'], 3)}. **Recommended: {number(sweep['recommended'], 3)}**, the best "
+            "balance of the two (relative anatomy-effect error plus relative Fréchet excess over the lowest); set it for "
+            "new runs with `--run.guidance_scale`, or pass `--guidance` to predict.py."
         ),
     ]
     return "\n".join(lines) + "\n"
 
 
 # ============================================================================ command line
+
+
+def parse_scales(text: str) -> list[float]:
+    """`1,1.5,3` → [1.0, 1.5, 3.0]: the guidance scales of a sweep, each finite and 0 or more."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1.5,2,3,5, got {text!r}") from None
+    if not all(math.isfinite(scale) and scale >= 0 for scale in scales):
+        raise argparse.ArgumentTypeError(f"guidance scales must be finite and 0 or more, got {text!r}")
+    return scales
 
 
 def build_parser() -> ArgumentParser:
@@ -570,18 +588,121 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
+    parser.add_argument(
+        "--guidance-sweep",
+        type=parse_scales,
+        metavar="SCALES",
+        help="instead of the full evaluation, measure conditioning and fidelity at each of these scales (e.g. 1,1.5,2,3,5)",
+    )
+    parser.add_argument("--umap", action="store_true", help=f"also write {UMAP_FILE} (needs umap-learn)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
-    parser.add_argument("--retrain-classifier", action="store_true", help="train the AD/NC classifier anew, even if cached")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run's existing metrics.json and metrics.md")
+    parser.add_argument("--retrain-classifier", action="store_true", help="train the AD/NC yardstick anew, even if cached")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run's earlier evaluation files")
     return parser
 
 
-def check_arguments(args) -> None:
+def check_arguments(args: argparse.Namespace) -> None:
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
+    if args.guidance_sweep is not None and args.guidance is not None:
+        raise UsageError("--guidance and --guidance-sweep exclude each other: give the scales to --guidance-sweep only")
+    if args.guidance_sweep is not None and args.umap:
+        raise UsageError("--umap belongs to the full evaluation: run it without --guidance-sweep")
     check_sampling_options(args)
+
+
+def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+    if args.guidance_sweep is not None:
+        return [run_dir / name for name in SWEEP_FILES]
+    return [run_dir / name for name in (*EVALUATION_FILES, *((UMAP_FILE,) if args.umap else ()))]
+
+
+def generate_and_measure(pipe: Pipeline, yardstick: SliceClassifier, args: argparse.Namespace) -> tuple[ImageSet, float]:
+    """`args.num_samples` images per label at `args.guidance`, measured by the yardstick; and the seconds taken."""
+    started = time.perf_counter()
+    pixels = torch.cat([generate_images(pipe, label, args) for label in range(len(CLASS_NAMES))])
+    seconds = time.perf_counter() - started
+    return measured(yardstick, pixels, np.repeat(np.arange(len(CLASS_NAMES)), args.num_samples), pipe.runtime.device), seconds
+
+
+def full_evaluation(
+    pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace, rng: np.random.Generator
+) -> dict:
+    """Every metric of the module docstring for samples at `args.guidance`; writes the figures."""
+    device = pipe.runtime.device
+    generated, seconds = generate_and_measure(pipe, yardstick, args)
+    real_sample = reference.real_test.where(per_label_positions(reference.real_test.labels, args.num_samples, rng))
+    for images in (generated, real_sample):
+        images.find_nearest_training_images(reference.train.pixels, device)
+    save_memorisation_figure(generated, reference.train.pixels, pipe.run_dir / "memorisation.png")
+    if args.umap:
+        save_umap_figure(generated, real_sample, args.seed, pipe.run_dir / UMAP_FILE)
+    return {
+        "generation_seconds": round(seconds, 3),
+        "groups": {
+            name: fidelity(generated, reference, label, args.seed, device)
+            for label, name in [(None, "all"), *enumerate(CLASS_NAMES)]
+        },
+        "anatomy": anatomy(generated, reference.real_test, args.seed),
+        "tstr": train_on_synthetic(generated, reference.train_sample, reference.real_test, len(reference.train), device),
+        "memorisation": memorisation(generated, real_sample),
+    }
+
+
+def guidance_sweep(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
+    """Conditioning and fidelity of `args.num_samples` images per label at each scale of `args.guidance_sweep`."""
+    real_test, reconstructed, floor = reference.real_test, reference.reconstructed_test, reference.train_sample
+    real_anatomy = anatomy_of(real_test, args.seed)
+    rows = []
+    for scale in args.guidance_sweep:
+        print(f"guidance {scale:g}")
+        generated, seconds = generate_and_measure(pipe, yardstick, argparse.Namespace(**{**vars(args), "guidance": scale}))
+        generated_anatomy = anatomy_of(generated, args.seed)
+        rows.append(
+            {
+                "guidance": scale,
+                "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
+                "cohens_d_AD_minus_NC": generated_anatomy["cohens_d_AD_minus_NC"],
+                "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
+                "frechet_distance": frechet_distance(generated.features, real_test.features),
+                "prdc": prdc_or_nan(real_test.features, generated.features),
+                "generation_seconds": round(seconds, 3),
+            }
+        )
+    d_real = real_anatomy["cohens_d_AD_minus_NC"]
+    scales = [row["guidance"] for row in rows]
+    d_generated = np.array([row["cohens_d_AD_minus_NC"] for row in rows])
+    frechet = np.array([row["frechet_distance"] for row in rows])
+    return {
+        "reference": {
+            "cohens_d_AD_minus_NC": d_real,
+            "cohens_d_95ci": real_anatomy["cohens_d_95ci"],
+            "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
+            "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
+            "frechet_floor": frechet_distance(floor.features, real_test.features),
+            "prdc_floor": prdc_or_nan(real_test.features, floor.features),
+        },
+        "scales": rows,
+        "closest_anatomy": best_scale(scales, np.abs(d_generated - d_real)),
+        "lowest_frechet": best_scale(scales, frechet),
+        "recommended": recommended_scale(scales, d_generated, d_real, frechet),
+    }
+
+
+def best_scale(scales: list[float], cost: np.ndarray) -> float:
+    """The scale of the lowest finite cost; NaN when none is finite."""
+    return scales[int(np.nanargmin(cost))] if np.isfinite(cost).any() else math.nan
+
+
+def recommended_scale(scales: list[float], d_generated: np.ndarray, d_real: float, frechet: np.ndarray) -> float:
+    """Guidance misleads two ways: an anatomy effect unlike real (too weak at low scales, a caricature
+    at high ones) and lost fidelity. Both weighed relatively: |d − d_real| / |d_real| plus the Fréchet
+    distance's excess over the sweep's lowest, as a share of that lowest."""
+    anatomy_error = np.abs(d_generated - d_real) / abs(d_real)
+    fidelity_loss = (frechet - frechet.min()) / abs(frechet.min())
+    return best_scale(scales, anatomy_error + fidelity_loss)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -590,8 +711,8 @@ def main(argv: list[str] | None = None) -> None:
         check_arguments(args)
         pipe = load_run_for(args)
         device = pipe.runtime.device
-        outputs = {"json": pipe.run_dir / "metrics.json", "md": pipe.run_dir / "metrics.md"}
-        existing = [path for path in outputs.values() if path.exists()]
+        outputs = output_paths(pipe.run_dir, args)
+        existing = [path for path in outputs if path.exists()]
         if existing and not args.overwrite:
             raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
         if not (pipe.run_dir / "splits.json").is_file():
@@ -602,70 +723,60 @@ def main(argv: list[str] | None = None) -> None:
         train, test = datasets["train"], datasets["test"]
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
+        guidance = "sweep " + ",".join(f"{scale:g}" for scale in args.guidance_sweep) if args.guidance_sweep else args.guidance
         print(
-            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {args.guidance} | device {device}"
+            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {guidance} | device {device}"
         )
 
-        classifier, classifier_info = load_or_train_classifier(
-            pipe.run_dir, datasets, splits, pipe.config.data.image_size, device, args.retrain_classifier
+        yardstick, yardstick_info = load_or_train_yardstick(
+            pipe.run_dir,
+            datasets,
+            splits,
+            pipe.config.data.image_size,
+            fingerprint(pipe.vae),
+            lambda pixels: reconstruct(pipe, pixels),
+            device,
+            args.retrain_classifier,
         )
-        real_test = measured(classifier, test.pixels, test.labels.numpy(), device)
-        reconstructed_test = measured(classifier, reconstruct(pipe, test.pixels), test.labels.numpy(), device)
-        controls = classifier_controls(real_test.predictions, train, test) | classifier_info
-        # The floor compares as many real training images as there are generated ones, as Fréchet
-        # distance and KID depend on the sample size.
+        real_test = measured(yardstick, test.pixels, test.labels.numpy(), device)
+        # The floors compare as many real training images as there are generated ones: Fréchet
+        # distance, KID and PRDC depend on the sample size.
         floor_positions = per_label_positions(train.labels.numpy(), args.num_samples, rng)
-        train_sample = measured(classifier, train.pixels[floor_positions], train.labels.numpy()[floor_positions], device)
-
-        started = time.perf_counter()
-        generated_pixels = torch.cat([generate_images(pipe, label, args) for label in range(len(CLASS_NAMES))])
-        seconds = time.perf_counter() - started
-        asked_labels = np.repeat(np.arange(len(CLASS_NAMES)), args.num_samples)
-        generated = measured(classifier, generated_pixels, asked_labels, device)
-
-        real_sample = real_test.where(per_label_positions(real_test.labels, args.num_samples, rng))
-        for images in (generated, real_sample):
-            images.nearest_train = nearest_distances(images.pixels.to(device), train.pixels)[0]
-        near_copy_threshold = float(np.percentile(real_sample.nearest_train, NEAR_COPY_PERCENTILE))
-
-        groups = {}
-        for label, name in [(None, "all")] + list(enumerate(CLASS_NAMES)):
-            groups[name] = group_metrics(
-                generated.of_label(label),
-                real_test.of_label(label),
-                reconstructed_test.of_label(label),
-                train_sample.of_label(label),
-                real_sample.of_label(label),
-                near_copy_threshold,
-                args.seed,
-                device,
-            )
-        metrics = without_nan(
-            {
-                "run": str(pipe.run_dir),
-                "run_epoch": pipe.epoch,
-                "image_size": pipe.config.data.image_size,
-                "settings": {
-                    "num_samples": args.num_samples,
-                    "steps": args.steps,
-                    "guidance": args.guidance,
-                    "seed": args.seed,
-                    "sampler": args.sampler,
-                    "batch_size": args.batch_size,
-                },
-                "generation_seconds": round(seconds, 3),
-                "real_test_images": len(test),
-                "near_copy_threshold": near_copy_threshold,
-                "classifier": controls,
-                "groups": groups,
-                "anatomy": anatomy(generated, real_test),
-            }
+        reference = Reference(
+            train,
+            real_test,
+            measured(yardstick, reconstruct(pipe, test.pixels), test.labels.numpy(), device),
+            measured(yardstick, train.pixels[floor_positions], train.labels.numpy()[floor_positions], device),
         )
-        report = markdown_report(metrics)
-        write_json_atomic(outputs["json"], metrics)
-        write_text_atomic(outputs["md"], report)
+        settings = {
+            "num_samples": args.num_samples,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "seed": args.seed,
+            "sampler": args.sampler,
+            "batch_size": args.batch_size,
+        }
+        header = {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "image_size": pipe.config.data.image_size}
+        if args.guidance_sweep is not None:
+            sweep = without_nan(header | {"settings": settings} | guidance_sweep(pipe, yardstick, reference, args))
+            report = sweep_report(sweep)
+            save_sweep_figure(sweep, outputs[2])
+            write_json_atomic(outputs[0], sweep)
+        else:
+            metrics = without_nan(
+                header
+                | {
+                    "settings": settings,
+                    "real_test_images": len(test),
+                    "classifier": classifier_controls(real_test.predictions, train, test) | yardstick_info,
+                }
+                | full_evaluation(pipe, yardstick, reference, args, rng)
+            )
+            report = markdown_report(metrics)
+            write_json_atomic(outputs[0], metrics)
+        write_text_atomic(outputs[1], report)
     print(report)
-    print(f"wrote {outputs['json']} and {outputs['md']}")
+    print("wrote " + ", ".join(str(path) for path in outputs))
 
 
 if __name__ == "__main__":

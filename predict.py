@@ -201,7 +201,7 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
     }
     features = {name: bottleneck_features(pipe, z, labels, args.seed) for name, (z, labels) in groups.items()}
     stacked = torch.cat(list(features.values())).numpy()
-    embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=args.seed).fit_transform(stacked)
+    embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=args.seed, n_jobs=1).fit_transform(stacked)
 
     figure, axes = new_figure(1, len(groups), figsize=(5 * len(groups), 4.6), squeeze=False)
     scores, start = {}, 0

@@ -1,9 +1,11 @@
-"""evaluate.py: metric math on known inputs, the classifier on the tiny data, end to end, bad input."""
+"""evaluate.py: each figure on known inputs (conditioning, fidelity, TSTR, memorisation, anatomy), end to
+end on the tiny run (full evaluation, --umap, --guidance-sweep), and bad input."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,89 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import classifier
 import evaluate
 from config import DataConfig, read_config
+from conftest import SLICES_PER_SCAN
 from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits
+from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
-    features = np.random.default_rng(0).normal(size=(500, 8))
-    assert evaluate.frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_frechet_distance_of_a_mean_shift_is_its_squared_length() -> None:
-    rng = np.random.default_rng(1)
-    shift = np.array([1.0, -2.0, 0.5, 0.0, 0.0, 3.0])
-    features = rng.normal(size=(2000, 6))
-    # Same covariance exactly: the closed form |m|² holds to rounding.
-    assert evaluate.frechet_distance(features, features + shift) == pytest.approx(np.sum(shift**2), abs=1e-6)
-    # Independent draws of N(0, I) and N(m, I): |m|² within sampling error.
-    other = rng.normal(size=(20000, 6)) + shift
-    assert evaluate.frechet_distance(rng.normal(size=(20000, 6)), other) == pytest.approx(np.sum(shift**2), rel=0.03)
-
-
-def test_frechet_distance_of_a_scaled_set_is_its_covariance_trace() -> None:
-    """b = 2a (a centred): Σb = 4Σa, (Σa Σb)^½ = 2Σa, so the distance is tr Σa + 4 tr Σa − 4 tr Σa = tr Σa."""
-    features = np.random.default_rng(4).normal(size=(300, 5)) * np.array([1.0, 2.0, 0.5, 3.0, 1.5])
-    features -= features.mean(0)
-    expected = np.trace(np.cov(features, rowvar=False))
-    assert evaluate.frechet_distance(features, 2 * features) == pytest.approx(expected, rel=1e-9)
-
-
-def reference_kid(x: np.ndarray, y: np.ndarray) -> float:
-    """The unbiased MMD² with k(p, q) = (p·q / D + 1)³, written out term by term."""
-
-    def kernel(p: np.ndarray, q: np.ndarray) -> float:
-        return (p @ q / x.shape[1] + 1) ** 3
-
-    m, n = len(x), len(y)
-    within_x = sum(kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    within_y = sum(kernel(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    across = sum(kernel(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
-    return within_x + within_y - 2 * across
-
-
-def test_kid_matches_the_unbiased_estimator_written_out() -> None:
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(size=(12, 4)), rng.normal(size=(12, 4)) + 0.3
-    # Subsets of the whole set are permutations of it: every subset gives the same value, so std = 0.
-    mean, std = evaluate.kernel_inception_distance(a, b, subsets=5, subset_size=50, seed=0)
-    assert mean == pytest.approx(reference_kid(a, b), rel=1e-9) and std == pytest.approx(0.0, abs=1e-12)
-    # The same set on both sides: the cross term keeps k(x, x), so the value is −2/n · (mean k(x, x) − mean k(x, x')) ≤ 0.
-    same, _ = evaluate.kernel_inception_distance(a, a, subsets=3, subset_size=50, seed=0)
-    assert same == pytest.approx(reference_kid(a, a), rel=1e-9) and same < 0
-
-
-def test_kid_is_about_zero_for_one_set_and_positive_for_a_shifted_one() -> None:
-    features = np.random.default_rng(2).normal(size=(400, 16))
-    same, _ = evaluate.kernel_inception_distance(features, features, subsets=50, subset_size=200, seed=0)
-    shifted, shifted_std = evaluate.kernel_inception_distance(features, features + 0.5, subsets=50, subset_size=200, seed=0)
-    assert shifted > 3 * shifted_std > 0
-    assert abs(same) < 0.05 * shifted
-
-
-def test_ms_ssim_of_an_image_with_itself_is_one() -> None:
-    copies = (torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1).repeat(5, 1, 1, 1)
-    for pairs in (100, 4):  # all 10 pairs; 4 random ones
-        assert evaluate.pairwise_ms_ssim(copies, pairs=pairs) == pytest.approx(1.0, abs=1e-5)
-    noise = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    assert evaluate.pairwise_ms_ssim(noise) < 0.5
-
-
-def test_nearest_distances_find_a_planted_copy() -> None:
-    generator = torch.Generator().manual_seed(3)
-    references = torch.randint(0, 256, (50, 16, 16), dtype=torch.uint8, generator=generator)
-    queries = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=generator)
-    queries[1] = references[37]
-    distances, indices = evaluate.nearest_distances(queries, references, chunk=16)  # several chunks
-    brute_force = (queries[:, None].float() - references[None].float()).square().mean((2, 3)).sqrt()
-    assert indices[1] == 37 and distances[1] == 0.0
-    np.testing.assert_array_equal(indices, brute_force.argmin(1).numpy())
-    np.testing.assert_allclose(distances, brute_force.min(1).values.numpy(), rtol=1e-5)
 
 
 def test_csf_dark_share_counts_dark_brain_pixels() -> None:
@@ -114,40 +44,69 @@ def random_images(count: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def test_group_metrics_on_known_inputs() -> None:
-    """Accuracies from each set's own predictions; planted copies are the near-copies; identical images read MS-SSIM 1."""
-    train = random_images(40, 0)
-    generated = image_set(random_images(10, 1), [0] * 5 + [1] * 5, [0, 0, 0, 1, 1, 1, 1, 1, 0, 0], 1)  # 6 of 10 right
-    planted = [2, 5, 7]
-    generated.pixels[planted] = train[[11, 23, 38]]
-    real_test = image_set(random_images(8, 2), [0] * 4 + [1] * 4, [0, 0, 0, 1, 1, 1, 1, 1], 2)  # 7 of 8 right
-    reconstructed = image_set(real_test.pixels, real_test.labels, [1] * 8, 3)  # 4 of 8 right
-    train_sample = image_set(train[:10], [0] * 5 + [1] * 5, [0] * 10, 4)
-    real_sample = image_set(random_images(20, 5), [0] * 10 + [1] * 10, [0] * 20, 5)
-    # As evaluate.main does it: nearest training distances, then the threshold from the real sample.
-    generated.nearest_train, index = evaluate.nearest_distances(generated.pixels, train)
-    real_sample.nearest_train = evaluate.nearest_distances(real_sample.pixels, train)[0]
-    assert index[planted].tolist() == [11, 23, 38]
-    threshold = float(np.percentile(real_sample.nearest_train, evaluate.NEAR_COPY_PERCENTILE))
-    metrics = evaluate.group_metrics(generated, real_test, reconstructed, train_sample, real_sample, threshold, 0, CPU)
-    assert metrics["generated_images"] == 10
-    assert metrics["conditioning_accuracy"] == 0.6
-    assert metrics["real_test_accuracy"] == 0.875 and metrics["reconstructed_test_accuracy"] == 0.5
-    assert metrics["near_copy_share_generated"] == 0.3  # exactly the planted copies (distance 0)
-    assert metrics["near_copy_share_real"] == 0.05  # the 1st percentile of 20 distinct values: only the smallest is below
-    assert metrics["nearest_train_generated"]["p1"] == 0.0
-    assert metrics["nearest_train_generated"]["mean"] == pytest.approx(generated.nearest_train.sum() / 10)
-    assert metrics["nearest_train_real"] == evaluate.distribution(real_sample.nearest_train)
-    assert metrics["nearest_train_real"]["p1"] > 50  # uniform noise images are far from each other
-    assert metrics["frechet_floor"] == evaluate.frechet_distance(train_sample.features, real_test.features)
-    assert metrics["ms_ssim_generated"] < 0.5 and metrics["ms_ssim_real"] < 0.5
+def known_reference() -> evaluate.Reference:
+    """A reference with hand-set predictions: real test 7 of 8 right, reconstructions 4 of 8."""
+    train = evaluate.SliceDataset(random_images(40, 0).numpy(), np.array([0] * 20 + [1] * 20), np.full(40, 70))
+    real_test = image_set(random_images(8, 2), [0] * 4 + [1] * 4, [0, 0, 0, 1, 1, 1, 1, 1], 2)
+    reconstructed = image_set(real_test.pixels, real_test.labels, [1] * 8, 3)
+    train_sample = image_set(train.pixels[:10], [0] * 5 + [1] * 5, [0] * 10, 4)
+    return evaluate.Reference(train, real_test, reconstructed, train_sample)
 
+
+def test_fidelity_on_known_inputs() -> None:
+    """Accuracies from each set's own predictions; floors from the train sample; identical images read MS-SSIM 1."""
+    reference = known_reference()
+    generated = image_set(random_images(10, 1), [0] * 5 + [1] * 5, [0, 0, 0, 1, 1, 1, 1, 1, 0, 0], 1)  # 6 of 10 right
+    metrics = evaluate.fidelity(generated, reference, None, 0, CPU)
+    assert metrics["generated_images"] == 10 and metrics["conditioning_accuracy"] == 0.6
+    assert metrics["real_test_accuracy"] == 0.875 and metrics["reconstructed_test_accuracy"] == 0.5
+    assert metrics["frechet_floor"] == frechet_distance(reference.train_sample.features, reference.real_test.features)
+    assert metrics["prdc"] == precision_recall_density_coverage(reference.real_test.features, generated.features)
+    assert metrics["ms_ssim_generated"] < 0.5 and metrics["ms_ssim_real"] < 0.5
+    # One label: every figure from that label's images only (AD: generated 3 of 5 right, real 3 of 4, reconstructed 0).
+    ad = evaluate.fidelity(generated, reference, 0, 0, CPU)
+    assert (ad["generated_images"], ad["conditioning_accuracy"], ad["real_test_accuracy"]) == (5, 0.6, 0.75)
+    assert ad["reconstructed_test_accuracy"] == 0.0
+    assert all(np.isnan(value) for value in ad["prdc"].values())  # 4 real test images: too few for k = 5
     # Mode collapse: every generated image the same reads MS-SSIM 1; the real pairs stay as they were.
-    collapsed = image_set(train[[3] * 10], generated.labels, generated.predictions, 1)
-    collapsed.nearest_train = np.zeros(10)
-    again = evaluate.group_metrics(collapsed, real_test, reconstructed, train_sample, real_sample, threshold, 0, CPU)
-    assert again["ms_ssim_generated"] == pytest.approx(1.0, abs=1e-5)
-    assert again["ms_ssim_real"] == metrics["ms_ssim_real"] and again["near_copy_share_generated"] == 1.0
+    collapsed = image_set(reference.train.pixels[[3] * 10], generated.labels, generated.predictions, 1)
+    again = evaluate.fidelity(collapsed, reference, None, 0, CPU)
+    assert again["ms_ssim_generated"] == pytest.approx(1.0, abs=1e-5) and again["ms_ssim_real"] == metrics["ms_ssim_real"]
+
+
+def test_memorisation_finds_planted_copies_by_distance_and_by_correlation() -> None:
+    train = random_images(40, 0)
+    generated = image_set(random_images(10, 1), [0] * 5 + [1] * 5, [0] * 10, 1)
+    generated.pixels[[2, 5]] = train[[11, 23]]  # exact copies
+    generated.pixels[7] = (train[38].float() * 0.25 + 190).to(torch.uint8)  # a brighter, flatter copy: far in RMS
+    real_sample = image_set(random_images(20, 5), [0] * 10 + [1] * 10, [0] * 20, 5)
+    for images in (generated, real_sample):
+        images.find_nearest_training_images(train, CPU)
+    assert generated.nearest_index[[2, 5]].tolist() == [11, 23] and generated.correlated_index[[2, 5, 7]].tolist() == [11, 23, 38]
+    report = evaluate.memorisation(generated, real_sample)
+    everything = report["all"]
+    assert everything["generated"]["near_copy_share_distance"] == 0.2  # the two exact copies (distance 0)
+    assert everything["generated"]["near_copy_share_correlation"] == 0.3  # and the brighter one
+    assert everything["real_test"]["near_copy_share_distance"] == 0.05  # 1st percentile of 20 distinct values: the smallest
+    assert everything["generated"]["nearest_distance"]["p1"] == 0.0
+    assert everything["real_test"]["nearest_distance"] == distribution(real_sample.nearest_distance)
+    # Per label: AD holds copy 2; NC holds copy 5 and the brighter 7, which only the correlation catches.
+    assert (
+        report["AD"]["generated"]["near_copy_share_distance"] == report["AD"]["generated"]["near_copy_share_correlation"] == 0.2
+    )
+    assert (
+        report["NC"]["generated"]["near_copy_share_distance"] == 0.2
+        and report["NC"]["generated"]["near_copy_share_correlation"] == 0.4
+    )
+
+
+def test_memorisation_figure_pairs_each_generated_image_with_its_training_image(tmp_path: Path) -> None:
+    train = random_images(12, 0)
+    generated = image_set(train[[4, 9, 1]], [0, 1, 0], [0] * 3, 1)
+    generated.find_nearest_training_images(train, CPU)
+    evaluate.save_memorisation_figure(generated, train, tmp_path / "memorisation.png")
+    with Image.open(tmp_path / "memorisation.png") as figure:
+        assert figure.width > figure.height / 2 and figure.height > 300  # 4 rows of 3 pairs
 
 
 def csf_image(dark_rows: int) -> torch.Tensor:
@@ -157,7 +116,7 @@ def csf_image(dark_rows: int) -> torch.Tensor:
     return image
 
 
-def test_anatomy_means_cohens_d_and_direction_on_known_shares() -> None:
+def test_anatomy_means_cohens_d_interval_and_direction_on_known_shares() -> None:
     # generated: AD shares 0.2, 0.3 and NC 0.1, 0.2 → means 0.25 / 0.15, sd √0.005 each, d = 0.1 / √0.005 = √2.
     # real: the reverse (d = −√2), plus one blank NC image (no brain: left out, not counted as 0).
     generated = image_set(torch.stack([csf_image(4), csf_image(6), csf_image(2), csf_image(4)]), [0, 0, 1, 1], [0] * 4, 0)
@@ -167,52 +126,47 @@ def test_anatomy_means_cohens_d_and_direction_on_known_shares() -> None:
         [0] * 5,
         1,
     )
-    report = evaluate.anatomy(generated, real)
+    report = evaluate.anatomy(generated, real, seed=0)
     assert set(report) == {"generated", "real_test", "directions_agree"}
     expected_sd = pytest.approx(np.sqrt(0.005))
+    expected_interval = list(cohens_d_interval(np.array([0.2, 0.3]), np.array([0.1, 0.2]), seed=0))
     assert report["generated"] == {
         "AD_mean": pytest.approx(0.25),
         "AD_std": expected_sd,
         "NC_mean": pytest.approx(0.15),
         "NC_std": expected_sd,
         "cohens_d_AD_minus_NC": pytest.approx(np.sqrt(2)),
+        "cohens_d_95ci": pytest.approx(expected_interval, nan_ok=True),
     }
-    assert report["real_test"] == {
-        "AD_mean": pytest.approx(0.15),
-        "AD_std": expected_sd,
-        "NC_mean": pytest.approx(0.25),
-        "NC_std": expected_sd,
-        "cohens_d_AD_minus_NC": pytest.approx(-np.sqrt(2)),
-    }
+    assert report["real_test"]["cohens_d_AD_minus_NC"] == pytest.approx(-np.sqrt(2))
+    assert report["real_test"]["NC_mean"] == pytest.approx(0.25) and report["real_test"]["AD_mean"] == pytest.approx(0.15)
     assert report["directions_agree"] is False
-    assert evaluate.anatomy(generated, generated)["directions_agree"] is True
-    # One image of a label: no spread, no d, no verdict (null in metrics.json).
+    assert evaluate.anatomy(generated, generated, seed=0)["directions_agree"] is True
+    # One image of a label: no spread, no d, no interval, no verdict (null in metrics.json).
     single = image_set(torch.stack([csf_image(4), csf_image(2), csf_image(4)]), [0, 1, 1], [0] * 3, 2)
-    report = evaluate.anatomy(single, real)
+    report = evaluate.anatomy(single, real, seed=0)
     assert np.isnan(report["generated"]["AD_std"]) and np.isnan(report["generated"]["cohens_d_AD_minus_NC"])
     assert report["directions_agree"] is None
-    assert evaluate.without_nan(report)["generated"]["cohens_d_AD_minus_NC"] is None
+    cleaned = evaluate.without_nan(report)["generated"]
+    assert cleaned["cohens_d_AD_minus_NC"] is None and cleaned["cohens_d_95ci"] == [None, None]
 
 
-def test_position_balancing_makes_every_slice_half_ad() -> None:
-    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
-    slices = np.array([70, 70, 70, 70, 71, 71, 71, 72])  # slice 72 holds NC only
-    weights = evaluate.position_balancing_weights(labels, slices)
-    for index in (70, 71):
-        here = slices == index
-        assert weights[here & (labels == 0)].sum() == pytest.approx(weights[here & (labels == 1)].sum())
-        assert weights[here].sum() == pytest.approx(here.sum())  # each index keeps its share
-    assert weights[slices == 72].sum() == 0
-
-
-def test_classifier_learns_the_tiny_dataset(tiny_dataset: Path) -> None:
+def test_tstr_of_real_images_equals_train_on_real_and_of_swapped_labels_is_below_chance(tiny_dataset: Path) -> None:
+    """Known answers: "generated" images that are the real training sample give exactly the train-on-real
+    accuracy; the same images with their labels swapped teach the opposite and score near 0."""
     datasets, _ = load_split_datasets(
         DataConfig(data_dir=str(tiny_dataset), image_size=32, cache_dir=None), return_slice=True, verbose=False
     )
-    model, val_accuracy = evaluate.train_classifier(datasets["train"], datasets["val"], evaluate.ClassifierSettings(), CPU)
-    predictions, features = evaluate.classify(model, datasets["test"].pixels, CPU)
-    assert np.mean(predictions == datasets["test"].labels.numpy()) >= 0.9 and val_accuracy >= 0.9
-    assert features.shape == (len(datasets["test"]), evaluate.ClassifierSettings().channels[-1])
+    train, test = datasets["train"], datasets["test"]
+    sample = image_set(train.pixels, train.labels.numpy(), train.labels.numpy(), 0)
+    real_test = image_set(test.pixels, test.labels.numpy(), test.labels.numpy(), 1)
+    same = evaluate.train_on_synthetic(sample, sample, real_test, len(train), CPU)
+    assert same["test_accuracy"]["synthetic"] == same["test_accuracy"]["real"] >= 0.9
+    assert same["images"] == {"synthetic": len(train), "real": len(train), "real_plus_synthetic": 2 * len(train)}
+    assert same["test_accuracy_per_label"]["synthetic"] == same["test_accuracy_per_label"]["real"]
+    swapped = image_set(train.pixels, 1 - train.labels.numpy(), train.labels.numpy(), 0)
+    report = evaluate.train_on_synthetic(swapped, sample, real_test, len(train), CPU)
+    assert report["test_accuracy"]["synthetic"] <= 0.1 and report["test_accuracy"]["real"] >= 0.9
 
 
 @pytest.fixture
@@ -236,17 +190,15 @@ GROUP_KEYS = {
     "kid_std",
     "kid_floor",
     "kid_floor_std",
+    "prdc",
+    "prdc_floor",
     "ms_ssim_generated",
     "ms_ssim_real",
-    "nearest_train_generated",
-    "nearest_train_real",
-    "near_copy_share_generated",
-    "near_copy_share_real",
 }
 
 
-def test_end_to_end_writes_both_files_and_reuses_the_classifier(run_copy: Path, capsys) -> None:
-    run_evaluate(run_copy)
+def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, capsys) -> None:
+    run_evaluate(run_copy, "--umap")
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"all", "AD", "NC"}
     groups = metrics["groups"]
@@ -254,10 +206,14 @@ def test_end_to_end_writes_both_files_and_reuses_the_classifier(run_copy: Path, 
         assert set(group) == GROUP_KEYS
         assert group["generated_images"] == (8 if name == "all" else 4)
         assert all(isinstance(group[key], float) for key in ("frechet_distance", "frechet_floor", "kid", "kid_floor"))
-        # Every tiny test slice has a pixel-identical training slice (same class, same slice index): distance 0.
-        assert group["nearest_train_real"] == {"mean": 0.0, "p1": 0.0, "median": 0.0}
-        assert group["near_copy_share_real"] == 0.0
-    assert metrics["near_copy_threshold"] == 0.0
+        assert set(group["prdc"]) == {"precision", "recall", "density", "coverage"}
+    assert all(isinstance(value, float) for value in groups["all"]["prdc"].values())  # 8 generated, 16 real: enough for k = 5
+    assert all(value is None for value in groups["AD"]["prdc"].values())  # 4 generated per label: too few
+    # Every tiny test slice has a pixel-identical training slice (same class, same slice index): distance 0, r = 1.
+    copies = metrics["memorisation"]
+    assert copies["all"]["real_test"]["nearest_distance"] == {"mean": 0.0, "p1": 0.0, "median": 0.0, "p99": 0.0}
+    assert copies["all"]["real_test"]["top_correlation"]["p1"] == pytest.approx(1.0, abs=1e-5)  # float32 dot products
+    assert copies["near_copy_distance"] == 0.0 and copies["all"]["real_test"]["near_copy_share_distance"] == 0.0
     # "all" pools AD and NC: 4 + 4 images asked for, 8 + 8 real test images.
     assert (
         groups["all"]["conditioning_accuracy"]
@@ -265,16 +221,24 @@ def test_end_to_end_writes_both_files_and_reuses_the_classifier(run_copy: Path, 
     )
     assert groups["all"]["real_test_accuracy"] == (groups["AD"]["real_test_accuracy"] + groups["NC"]["real_test_accuracy"]) / 2
     assert metrics["settings"] == {"num_samples": 4, "steps": 2, "guidance": 3.0, "seed": 0, "sampler": "ddim", "batch_size": 3}
-    classifier = metrics["classifier"]
-    assert classifier["source"].startswith("trained") and (run_copy / "classifier.pt").is_file()
-    assert {"test_accuracy", "test_accuracy_position_balanced", "slice_position_only_test_accuracy"} <= set(classifier)
-    assert classifier["test_accuracy"] == groups["all"]["real_test_accuracy"]
-    assert classifier["slice_position_only_test_accuracy"] == 0.5  # AD and NC share the slice window 70-73
-    assert sum(tercile["images"] for tercile in classifier["slice_terciles"]) == metrics["real_test_images"] == 16
+    controls = metrics["classifier"]
+    assert controls["source"].startswith("trained") and (run_copy / "classifier.pt").is_file()
+    assert controls["settings"]["with_reconstructions"] is True
+    assert {"test_accuracy", "test_accuracy_position_balanced", "slice_position_only_test_accuracy"} <= set(controls)
+    assert controls["test_accuracy"] == groups["all"]["real_test_accuracy"]
+    assert controls["slice_position_only_test_accuracy"] == 0.5  # AD and NC share the slice window 70-73
+    assert sum(tercile["images"] for tercile in controls["slice_terciles"]) == metrics["real_test_images"] == 16
     assert {"generated", "real_test", "directions_agree"} == set(metrics["anatomy"])
     assert metrics["anatomy"]["real_test"]["cohens_d_AD_minus_NC"] is not None
+    assert metrics["tstr"]["images"] == {"synthetic": 8, "real": 8, "real_plus_synthetic": 16}
+    assert metrics["tstr"]["draws_per_epoch"] == len(load_splits(run_copy / "splits.json")["train"]) * SLICES_PER_SCAN
+    assert set(metrics["tstr"]["test_accuracy"]) == {"synthetic", "real", "real_plus_synthetic"}
+    for name in ("memorisation.png", "umap_features.png"):
+        with Image.open(run_copy / name) as figure:
+            assert figure.width > 400
     markdown = (run_copy / "metrics.md").read_text()
     assert "| metric | all | AD | NC |" in markdown and "ImageNet-FID is not computed" in markdown
+    assert "Train on synthetic, test on real" in markdown and "95% CI" in markdown
     assert markdown in capsys.readouterr().out
 
     with pytest.raises(SystemExit) as exit_info:
@@ -284,13 +248,22 @@ def test_end_to_end_writes_both_files_and_reuses_the_classifier(run_copy: Path, 
     run_evaluate(run_copy, "--overwrite")
     again = json.loads((run_copy / "metrics.json").read_text())
     assert again["classifier"]["source"].startswith("reused")
-    assert again["groups"] == metrics["groups"] and again["anatomy"] == metrics["anatomy"]  # same seed, same numbers
+    for part in ("groups", "anatomy", "tstr", "memorisation"):  # same seed, same numbers
+        assert again[part] == metrics[part], part
 
 
-def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: Path, tiny_dataset: Path, monkeypatch) -> None:
+def quick_yardstick(monkeypatch) -> None:
+    """A 2-epoch yardstick: enough where figures are compared with each other, not judged."""
+    original = evaluate.load_or_train_yardstick
+    settings = dataclasses.replace(classifier.ClassifierSettings(), epochs=2)
+    monkeypatch.setattr(evaluate, "load_or_train_yardstick", lambda *args: original(*args, settings=settings))
+
+
+def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: Path, monkeypatch) -> None:
     """With the real test slices as the "generated" images (all 8 per label, in test order), every
     generated-side figure equals its real-side twin: conditioning accuracy = real test accuracy,
-    Fréchet distance ≈ 0, the same MS-SSIM, nearest-training distances, near-copy shares and anatomy."""
+    Fréchet distance ≈ 0, precision = recall = coverage = 1, the same nearest-training distances,
+    near-copy shares and anatomy."""
     config = read_config(run_copy)
     test = load_split_datasets(config.data, load_splits(run_copy / "splits.json"), verbose=False)[0]["test"]
     asked = []
@@ -300,12 +273,7 @@ def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: P
         return test.pixels[test.labels == label][: args.num_samples]
 
     monkeypatch.setattr(evaluate, "generate_images", real_as_generated)
-    quick = evaluate.train_classifier  # a 2-epoch yardstick is enough here: the figures are compared, not judged
-    monkeypatch.setattr(
-        evaluate,
-        "train_classifier",
-        lambda train, val, settings, device: quick(train, val, dataclasses.replace(settings, epochs=2), device),
-    )
+    quick_yardstick(monkeypatch)
     evaluate.main(["--run", str(run_copy), "--num-samples", "8", "--steps", "2", "--device", "cpu"])
     assert asked == [0, 1]
     metrics = json.loads((run_copy / "metrics.json").read_text())
@@ -313,13 +281,54 @@ def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: P
         assert group["generated_images"] == (16 if name == "all" else 8)
         assert group["conditioning_accuracy"] == group["real_test_accuracy"]
         assert abs(group["frechet_distance"]) <= 0.25 * group["frechet_floor"]
-        assert group["ms_ssim_generated"] == group["ms_ssim_real"]
-        assert group["nearest_train_generated"] == group["nearest_train_real"]
-        assert group["near_copy_share_generated"] == group["near_copy_share_real"]
+        assert group["prdc"]["precision"] == group["prdc"]["recall"] == group["prdc"]["coverage"] == 1.0
     for name in ("AD", "NC"):  # one label's features are far from singular trouble: ≈ 0 to rounding
         assert abs(metrics["groups"][name]["frechet_distance"]) <= 1e-3 * metrics["groups"][name]["frechet_floor"]
+    for group in metrics["memorisation"].values():
+        if isinstance(group, dict):
+            assert group["generated"] == group["real_test"]
     assert metrics["anatomy"]["generated"] == metrics["anatomy"]["real_test"]
     assert metrics["anatomy"]["directions_agree"] is True
+
+
+def test_recommended_guidance_balances_anatomy_and_fidelity() -> None:
+    """The demo run's sweep (README): 1.5 has the closest anatomy effect, 3 the lowest Fréchet distance,
+    and 2 the best balance (relative errors 0.18 + 0.14 against 0.15 + 0.37 and 0.85 + 0)."""
+    scales = [1.0, 1.5, 2.0, 3.0, 5.0]
+    d_generated, frechet = np.array([0.834, 1.39, 1.92, 3.01, 5.05]), np.array([1.811, 1.522, 1.261, 1.107, 2.741])
+    assert evaluate.best_scale(scales, np.abs(d_generated - 1.63)) == 1.5 and evaluate.best_scale(scales, frechet) == 3.0
+    assert evaluate.recommended_scale(scales, d_generated, 1.63, frechet) == 2.0
+    # Without a real anatomy effect to match, there is nothing to recommend.
+    assert np.isnan(evaluate.recommended_scale(scales, d_generated, math.nan, frechet))
+
+
+def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, capsys) -> None:
+    quick_yardstick(monkeypatch)
+    run_evaluate(run_copy, "--guidance-sweep", "1,3")
+    sweep = json.loads((run_copy / "guidance_sweep.json").read_text())
+    assert [row["guidance"] for row in sweep["scales"]] == [1.0, 3.0]
+    for row in sweep["scales"]:
+        assert set(row) == {
+            "guidance",
+            "conditioning_accuracy",
+            "cohens_d_AD_minus_NC",
+            "cohens_d_95ci",
+            "frechet_distance",
+            "prdc",
+            "generation_seconds",
+        }
+    assert sweep["lowest_frechet"] in (1.0, 3.0) and sweep["closest_anatomy"] in (1.0, 3.0) and sweep["recommended"] in (1.0, 3.0)
+    assert set(sweep["reference"]) >= {"cohens_d_AD_minus_NC", "frechet_floor", "reconstructed_test_accuracy"}
+    assert not (run_copy / "metrics.json").exists()  # a sweep is not the full evaluation
+    with Image.open(run_copy / "guidance_sweep.png") as figure:
+        assert figure.width > 600
+    markdown = (run_copy / "guidance_sweep.md").read_text()
+    assert "| guidance |" in markdown and markdown in capsys.readouterr().out
+    # The same scale in a sweep and in a full evaluation draws the same images.
+    run_evaluate(run_copy, "--guidance", "3")
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["groups"]["all"]["frechet_distance"] == sweep["scales"][1]["frechet_distance"]
+    assert metrics["anatomy"]["generated"]["cohens_d_AD_minus_NC"] == sweep["scales"][1]["cohens_d_AD_minus_NC"]
 
 
 @pytest.mark.parametrize(
@@ -329,6 +338,11 @@ def test_real_test_images_passed_as_generated_match_the_real_figures(run_copy: P
         (["--steps", "0"], "--steps must be at least 1"),
         (["--guidance", "-1"], "--guidance must be 0 or more"),
         (["--run", "no/such/run"], "not found"),
+        (["--guidance-sweep", "1,x"], "comma-separated numbers"),
+        (["--guidance-sweep", "1,-2"], "finite and 0 or more"),
+        (["--guidance-sweep", "1,nan"], "finite and 0 or more"),
+        (["--guidance-sweep", "1,2", "--guidance", "2"], "exclude each other"),
+        (["--guidance-sweep", "1,2", "--umap"], "--umap belongs to the full evaluation"),
     ],
 )
 def test_bad_input_exits_2(trained_run: Path, argv: list[str], message: str, capsys) -> None:

@@ -1,0 +1,97 @@
+"""classifier.py: the yardstick's augmentations, its training, its robustness to an imperfect VAE, and
+the slice-position weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import classifier
+from config import DataConfig, read_config
+from conftest import make_tiny_dataset, run_train
+from dataset import load_split_datasets, load_splits, to_model_range
+from pipeline import load_trained_vae
+from utils import to_uint8
+
+CPU = torch.device("cpu")
+QUICK = classifier.ClassifierSettings(epochs=4)
+
+
+def test_position_balancing_makes_every_slice_half_ad() -> None:
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    slices = np.array([70, 70, 70, 70, 71, 71, 71, 72])  # slice 72 holds NC only
+    weights = classifier.position_balancing_weights(labels, slices)
+    for index in (70, 71):
+        here = slices == index
+        assert weights[here & (labels == 0)].sum() == pytest.approx(weights[here & (labels == 1)].sum())
+        assert weights[here].sum() == pytest.approx(here.sum())  # each index keeps its share
+    assert weights[slices == 72].sum() == 0
+
+
+def test_checkerboard_has_the_asked_period_and_phase() -> None:
+    board = classifier.checkerboard(8, 4, (0, 0))
+    assert board[0].tolist() == [-1, -1, 1, 1, -1, -1, 1, 1] and board[:, 0].tolist() == [-1, -1, 1, 1, -1, -1, 1, 1]
+    assert torch.equal(classifier.checkerboard(8, 4, (0, 1)), board.roll(-1, 1))
+    assert torch.equal(classifier.checkerboard(6, 2, (0, 0))[0], torch.tensor([-1.0, 1, -1, 1, -1, 1]))
+
+
+def test_decoder_artefacts_are_seeded_varied_and_leave_some_images_clean() -> None:
+    images = to_model_range(torch.randint(0, 256, (512, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    settings = classifier.ClassifierSettings()
+
+    def augmented(seed: int) -> torch.Tensor:
+        return classifier.with_decoder_artefacts(images, settings, torch.Generator().manual_seed(seed))
+
+    first = augmented(1)
+    assert torch.equal(first, augmented(1)) and not torch.equal(first, augmented(2))
+    untouched = [(first[i] == images[i]).all() or (first[i] == images[i].flip(-1)).all() for i in range(len(images))]
+    assert 0.01 < sum(untouched) / len(images) < 0.1  # each of 5 artefacts hits half the images: 1/32 escape all
+    off = dataclasses.replace(settings, blur_sigma=0, noise_std=0, brightness=0, contrast=0, grid_amplitude=0)
+    plain = classifier.with_decoder_artefacts(images, off, torch.Generator().manual_seed(1))
+    assert all((plain[i] == images[i]).all() or (plain[i] == images[i].flip(-1)).all() for i in range(len(images)))
+
+
+def test_classifier_learns_the_tiny_dataset(tiny_dataset: Path) -> None:
+    datasets, _ = load_split_datasets(
+        DataConfig(data_dir=str(tiny_dataset), image_size=32, cache_dir=None), return_slice=True, verbose=False
+    )
+    train, val, test = datasets["train"], datasets["val"], datasets["test"]
+    model, val_accuracy = classifier.train_classifier(
+        train.pixels, train.labels, classifier.ClassifierSettings(), CPU, validation=[(val.pixels, val.labels)]
+    )
+    predictions, features = classifier.classify(model, test.pixels, CPU)
+    assert np.mean(predictions == test.labels.numpy()) >= 0.9 and val_accuracy >= 0.9
+    assert features.shape == (len(test), classifier.ClassifierSettings().channels[-1])
+    # Without validation sets the last epoch is kept and no accuracy is claimed.
+    _, none = classifier.train_classifier(train.pixels, train.labels, QUICK, CPU)
+    assert none is None
+
+
+def test_yardstick_reads_reconstructions_of_an_undertrained_vae_like_real_slices(tmp_path: Path) -> None:
+    """A VAE trained for a handful of steps renders the slices badly (blurred, off in brightness); the
+    yardstick, which learns from its reconstructions too, must still judge them as it judges the
+    originals: accuracy on reconstructed test slices within 5 points of accuracy on the real ones."""
+    data = make_tiny_dataset(tmp_path / "AD_NC", {"train/AD": 8, "train/NC": 8, "test/AD": 6, "test/NC": 6})
+    run_train(data, tmp_path / "run", "--stage", "vae", "--vae_train.epochs", "1", "--vae_train.lr", "1e-4")
+    config = read_config(tmp_path / "run")
+    vae = load_trained_vae(config, tmp_path / "run", CPU).eval()
+
+    @torch.no_grad()
+    def reconstruct(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(to_uint8(vae.decode(vae.encode(to_model_range(pixels.unsqueeze(1)))[0])))
+
+    datasets, _ = load_split_datasets(
+        config.data, load_splits(tmp_path / "run" / "splits.json"), return_slice=True, verbose=False
+    )
+    test = datasets["test"]
+    reconstructed = reconstruct(test.pixels)
+    error = (reconstructed.float() - test.pixels.float()).abs().mean()
+    assert error > 10, f"the VAE is meant to be under-trained, but its reconstructions are off by only {error:.1f} grey levels"
+    model, _ = classifier.train_yardstick(datasets, reconstruct, classifier.ClassifierSettings(), CPU)
+    real_accuracy = classifier.accuracy(model, test.pixels, test.labels, CPU)
+    reconstructed_accuracy = classifier.accuracy(model, reconstructed, test.labels, CPU)
+    assert real_accuracy >= 0.9 and abs(real_accuracy - reconstructed_accuracy) <= 0.05
