@@ -34,7 +34,7 @@ THROUGHPUT_ROWS = (
     "VAE training, 32 px (images/s)",
     "UNet training, cached latents (images/s)",
     "UNet training, latents encoded on the fly (images/s)",
-    "DDIM sampling, 2 images × 2 steps, guidance 3 (images/s)",
+    "DDIM sampling, 2 images × 2 steps, guidance 2 (images/s)",
 )
 needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
 
