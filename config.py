@@ -117,6 +117,11 @@ class RunConfig:
     compile: bool = False
     log_every: int = 10  # steps between progress-bar updates (each one syncs with the device)
     sample_every: int = 5  # epochs between AD/NC sample grids
+    # A UNet checkpoint of the adni preset is ~600 MB: writing one every epoch cost seconds per epoch.
+    checkpoint_minutes: float = (
+        10.0  # between mid-stage checkpoints (0: every epoch); a stage's end and a clean stop always write one
+    )
+    validate_every: int = 1  # epochs between validations; the last epoch is always validated
     grid_samples: int = 16  # per label
     sample_steps: int = 50  # DDIM steps for the grids
     guidance_scale: float = 3.0
@@ -148,6 +153,8 @@ def _adni() -> Config:
         preset="adni",
         vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500),
         unet_train=UNetTrainConfig(epochs=100, batch_size=64, lr=2e-4, warmup_steps=1000),
+        # 100 epochs: a validation with every sample grid still draws 20 points per curve.
+        run=RunConfig(validate_every=5),
     )
 
 
@@ -173,7 +180,8 @@ def _tiny() -> Config:
     config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
     for stage in (config.vae_train, config.unet_train):
         stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
-    config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2)
+    # A checkpoint every epoch, so tests can stop a run after any epoch and resume it.
+    config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2, checkpoint_minutes=0)
     return config
 
 
@@ -416,8 +424,13 @@ def _problems(config: Config) -> Iterator[str]:
         value = getattr(config.unet_train, name)
         yield from need(finite(value) and 0 <= value < 1, f"unet_train.{name}", "must lie in [0, 1)")
     yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
-    for name in ("log_every", "sample_every", "grid_samples"):
+    for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
         yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
+    yield from need(
+        finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,
+        "run.checkpoint_minutes",
+        "must be a finite number of minutes, 0 or more (0 = every epoch)",
+    )
     yield from need(
         1 <= run.sample_steps <= scheduler.num_train_timesteps,
         "run.sample_steps",
