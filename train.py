@@ -393,7 +393,13 @@ def restore_stage(
         return 0, 0, [], {}
     state = load_stage_checkpoint(path, stage, config, runtime.device)
     load_weights(model, state["model"], path)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:  # the weights load (modules.join_qkv), the optimizer's per-parameter state cannot
+        raise UsageError(
+            f"{path} was written by an older brainLDM with separate q/k/v projections: its weights still load "
+            "for sampling, but its training cannot resume; train it again in a new --run"
+        ) from None
     lr_schedule.load_state_dict(state["lr_schedule"])
     return state["epoch"], state["step"], state["history"], state
 
