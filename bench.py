@@ -2,7 +2,7 @@
 
     python bench.py                                    # demo preset on the best device → results/bench_<device>.md
     python bench.py --preset adni --device cuda        # the 192 px model on a GPU (bf16 autocast, channels_last)
-    python bench.py --preset adni --compile --overwrite
+    python bench.py --preset adni --compile regional --overwrite   # torch.compile: full (alone), regional, reduce-overhead
 
 Figures, each the median (and min–max) of timed repeats after untimed warm-up steps:
 VAE training images/s; UNet training images/s with cached latents and with latents encoded on the
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from config import PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
+from config import COMPILE_MODES, PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, vae_loss
 from pipeline import Pipeline, build_unet
 from train import make_optimizer, prepare_for_training, train_one_epoch
@@ -62,7 +62,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default: 50)")
     parser.add_argument("--out", help="Markdown table to write (default: results/bench_<cpu|cuda>.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models being timed (ours and diffusers')")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile the models being timed, ours and diffusers' (alone: full; default none)",
+    )
     return parser
 
 
@@ -449,7 +456,7 @@ def report(
             f"threads {torch.get_num_threads()}",
             f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
             f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
-            f"compile {'on' if args.compile else 'off'}",
+            f"compile {args.compile}",
             f"`{shlex.join(['python', 'bench.py', *argv])}`",
         ]
     )

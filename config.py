@@ -114,7 +114,7 @@ class RunConfig:
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA; CPU always runs float32
     channels_last: bool = True  # CUDA only
-    compile: bool = False
+    compile: str = "none"  # torch.compile of the model being trained: one of COMPILE_MODES (modules.compile_model)
     log_every: int = 10  # steps between progress-bar updates (each one syncs with the device)
     sample_every: int = 5  # epochs between AD/NC sample grids
     # A UNet checkpoint of the adni preset is ~600 MB: writing one every epoch cost seconds per epoch.
@@ -138,6 +138,10 @@ class Config:
     unet_train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+
+# How torch.compile is applied (modules.compile_model): not at all, the whole model, each repeated
+# block on its own, or the whole model with CUDA graphs.
+COMPILE_MODES = ("none", "full", "regional", "reduce-overhead")
 
 # Sections that define what a checkpoint's weights mean; a run cannot change them later.
 MODEL_SECTIONS = ("vae", "unet", "scheduler")
@@ -240,6 +244,8 @@ def _from_json_value(value: object, hint: object) -> object:
 # Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
 # unet.latent_channels is vae.latent_channels (one definition of the latent space).
 RETIRED_FIELDS = {("unet", "latent_channels")}
+# Values older versions wrote for a field that now takes others: run.compile was true/false.
+RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 
 
 def config_to_dict(config: Config) -> dict:
@@ -261,6 +267,8 @@ def config_from_dict(data: dict) -> Config:
                 continue
             if name not in hints:
                 raise UsageError(f"config field {section_name}.{name} is unknown to this version of brainLDM")
+            retired = RETIRED_VALUES.get((section_name, name), {})
+            value = retired.get(value, value) if isinstance(value, bool) else value
             setattr(section, name, _from_json_value(value, hints[name]))
     return config
 
@@ -424,6 +432,7 @@ def _problems(config: Config) -> Iterator[str]:
         value = getattr(config.unet_train, name)
         yield from need(finite(value) and 0 <= value < 1, f"unet_train.{name}", "must lie in [0, 1)")
     yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
+    yield from need(run.compile in COMPILE_MODES, "run.compile", f"must be one of {', '.join(COMPILE_MODES)}")
     for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
         yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
     yield from need(

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from config import (
     CLASS_NAMES,
+    COMPILE_MODES,
     PRESETS,
     Config,
     RunConfig,
@@ -51,7 +52,7 @@ from config import (
     read_config,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from modules import EMA, AutoencoderKL, NoiseScheduler, ms_ssim, vae_loss
+from modules import EMA, AutoencoderKL, NoiseScheduler, compile_model, ms_ssim, vae_loss
 from pipeline import (
     LatentDataset,
     Pipeline,
@@ -104,7 +105,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="per-process batch size of the stage(s) being trained")
     parser.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ... (sets run.device)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="full",
+        choices=COMPILE_MODES,
+        help="torch.compile the model being trained: full (alone: --compile), regional or reduce-overhead (sets run.compile)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --run from its checkpoints")
     return parser
 
@@ -126,8 +133,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
         overrides["data.data_dir"] = args.data_dir
     if args.device is not None:
         overrides["run.device"] = args.device
-    if args.compile:
-        overrides["run.compile"] = "true"
+    if args.compile is not None:
+        overrides["run.compile"] = args.compile
     return args, overrides
 
 
@@ -157,17 +164,17 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def prepare_for_training(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
-    """The module the training step calls: channels-last, DDP-wrapped and compiled as configured.
+    """The module the training step calls: channels-last, DDP-wrapped and compiled as run.compile
+    says (modules.compile_model; regional compiles the blocks inside DDP, the others wrap it).
 
     Checkpoints always save the plain `model`, so they load anywhere."""
     if runtime.device.type == "cuda" and config.run.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained: nn.Module = model
+    regional = config.run.compile == "regional"
+    trained: nn.Module = compile_model(model, "regional") if regional else model
     if runtime.world_size > 1:
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if config.run.compile:
-        trained = torch.compile(trained)
-    return trained
+    return trained if regional else compile_model(trained, config.run.compile)
 
 
 def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:

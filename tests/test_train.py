@@ -601,7 +601,7 @@ def test_prepare_for_training_wraps_as_configured(tmp_path: Path) -> None:
     finally:
         torch.distributed.destroy_process_group()
 
-    config.run.compile = True
+    config.run.compile = "full"
     compiled = train.prepare_for_training(model, config, Runtime(torch.device("cpu")))
     assert compiled is not model and compiled._orig_mod is model
 
