@@ -2,7 +2,8 @@
 
     python bench.py                                    # demo preset on the best device → results/bench_<device>.md
     python bench.py --preset adni --device cuda        # the 192 px model on a GPU (bf16 autocast, channels_last)
-    python bench.py --preset adni --compile --overwrite
+    python bench.py --preset adni --compile regional --overwrite   # torch.compile: full (alone), regional, reduce-overhead
+    python bench.py --preset adni --device cuda --profile           # torch.profiler: GPU busy share, kernels per step, host time
 
 Figures, each the median (and min–max) of timed repeats after untimed warm-up steps:
 VAE training images/s; UNet training images/s with cached latents and with latents encoded on the
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from config import PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
+from config import COMPILE_MODES, PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, vae_loss
 from pipeline import Pipeline, build_unet
 from train import make_optimizer, prepare_for_training, train_one_epoch
@@ -60,9 +61,24 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--train-steps", type=int, default=10, help="optimizer steps in one timed training repeat (default: 10)")
     parser.add_argument("--sample-count", type=int, default=64, help="images sampled in one batch (default: 64)")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sample (default: 50)")
-    parser.add_argument("--out", help="Markdown table to write (default: results/bench_<cpu|cuda>.md)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the table: torch.profiler over --train-steps UNet training steps and one guided sampling "
+        "call (--sample-count x --sample-steps): device busy share, operations and host time per step, top kernels",
+    )
+    parser.add_argument(
+        "--out", help="Markdown to write (default: results/bench_<cpu|cuda>.md, with --profile profile_<cpu|cuda>.md)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models being timed (ours and diffusers')")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="full",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile the models being timed, ours and diffusers' (alone: full; default none)",
+    )
     return parser
 
 
@@ -173,7 +189,7 @@ def time_vae_training(vae: AutoencoderKL, config: Config, runtime: Runtime, args
     return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
 
 
-def time_unet_training(
+def unet_training(
     unet: nn.Module,
     trained: nn.Module,
     vae: AutoencoderKL,
@@ -182,9 +198,10 @@ def time_unet_training(
     runtime: Runtime,
     args: argparse.Namespace,
     on_the_fly: bool,
-) -> Measurement:
+) -> Callable[[int], int]:
     """train.py's stage-2 step (label dropout, loss, backward, grad clip, AdamW, EMA update) for any
-    denoiser with our UNet's call signature, on cached posteriors or on images the frozen encoder encodes.
+    denoiser with our UNet's call signature, on cached posteriors or on images the frozen encoder
+    encodes, as a function: steps → images trained on.
 
     `trained` is `unet` as prepare_for_training returned it (channels_last, compiled)."""
     stage = config.unet_train
@@ -222,6 +239,21 @@ def time_unet_training(
         )
         return steps * stage.batch_size
 
+    return train
+
+
+def time_unet_training(
+    unet: nn.Module,
+    trained: nn.Module,
+    vae: AutoencoderKL,
+    scheduler: NoiseScheduler,
+    config: Config,
+    runtime: Runtime,
+    args: argparse.Namespace,
+    on_the_fly: bool,
+) -> Measurement:
+    """`unet_training`'s images/s over --train-steps, after --warmup single steps."""
+    train = unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly)
     return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
 
 
@@ -267,6 +299,147 @@ def time_unet(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ============================================================================ the profile
+
+# Host-side events during which the host only waits for the device: a tensor read (.item()) or a synchronize.
+WAITING_EVENTS = ("aten::_local_scalar_dense", "cudaDeviceSynchronize", "cudaStreamSynchronize")
+
+
+@dataclass
+class Profile:
+    """What torch.profiler saw over `steps` steps: per step, the wall time, the host's own time (not
+    waiting for the device), the device's busy share (None on a CPU) and its operations (kernels,
+    copies; on a CPU the top-level aten ops), and the top operations by time as (name, count, ms)."""
+
+    steps: int
+    wall_ms: float
+    host_ms: float
+    device_busy: float | None
+    operations: int
+    top: list[tuple[str, int, float]]
+
+
+def covered_length(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    covered, reached = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered
+
+
+def profile_steps(run: Callable[[], object], steps: int, runtime: Runtime, top: int = 10) -> Profile:
+    """torch.profiler around `run()` (`steps` steps of something), then its device queue drained."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runtime.device.type == "cuda"
+    synchronize(runtime.device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+        run()
+        synchronize(runtime.device)
+    events = list(profiler.events())
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)  # microseconds
+    waited = covered_length([(e.time_range.start, e.time_range.end) for e in events if e.name in WAITING_EVENTS])
+    device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+    if device_events:
+        operations = device_events
+        busy = covered_length([(e.time_range.start, e.time_range.end) for e in device_events]) / span
+        duration = {id(e): e.time_range.end - e.time_range.start for e in device_events}
+    else:
+        operations = [e for e in events if e.cpu_parent is None and e.name.startswith("aten::")]
+        busy = None
+        duration = {id(e): e.cpu_time_total for e in operations}
+    by_name: dict[str, list[float]] = {}
+    for event in operations:
+        by_name.setdefault(event.name, []).append(duration[id(event)])
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    return Profile(
+        steps,
+        span / steps / 1000,
+        (span - waited) / steps / 1000,
+        busy,
+        round(len(operations) / steps),
+        [(name, len(times), sum(times) / 1000) for name, times in ranked],
+    )
+
+
+def profile_report(
+    config: Config, args: argparse.Namespace, argv: list[str], runtime: Runtime, profiles: dict[str, Profile]
+) -> str:
+    """The Markdown page of `--profile`: per-step figures of each profiled loop, then its top operations."""
+    cuda = runtime.device.type == "cuda"
+    header = " | ".join(
+        [
+            f"profile on {device_name(runtime.device)}",
+            f"torch {torch.__version__}",
+            f"preset {args.preset}",
+            f"UNet batch {config.unet_train.batch_size}",
+            f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
+            f"compile {args.compile}",
+            f"`{shlex.join(['python', 'bench.py', *argv])}`",
+        ]
+    )
+    names = list(profiles)
+    rows = [
+        ("wall time per step (ms)", [f"{p.wall_ms:.2f}" for p in profiles.values()]),
+        ("host time per step, not waiting for the device (ms)", [f"{p.host_ms:.2f}" for p in profiles.values()]),
+        ("device busy share", [f"{100 * p.device_busy:.0f}%" if p.device_busy is not None else "—" for p in profiles.values()]),
+        (
+            "device idle share",
+            [f"{100 * (1 - p.device_busy):.0f}%" if p.device_busy is not None else "—" for p in profiles.values()],
+        ),
+        (
+            "device operations per step (kernels, copies)" if cuda else "top-level CPU ops per step",
+            [str(p.operations) for p in profiles.values()],
+        ),
+    ]
+    lines = [header, "", "| per step | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    for name, result in profiles.items():
+        total = sum(ms for _, _, ms in result.top) or 1.0
+        lines += ["", f"Top {'kernels' if cuda else 'CPU ops'}, {name} (per step; share of the top {len(result.top)})", ""]
+        lines += ["| operation | calls | ms | share |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| `{op[:80]}` | {count / result.steps:.1f} | {ms / result.steps:.3f} | {100 * ms / total:.0f}% |"
+            for op, count, ms in result.top
+        ]
+    lines += [
+        "",
+        f"A training step is train.py's UNet step on cached latents ({args.train_steps} profiled after {args.warmup} "
+        f"warm-up steps); a sampling step is one guided DDIM step of {args.sample_count} images (one call of "
+        f"{args.sample_steps} steps, after a 2-step warm-up). Host time is the profiled span less the time the host "
+        "spent waiting for the device (tensor reads, synchronize): close to the wall time, the step is bound by the "
+        "host (Python, kernel launches); far below it, by the device.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_profile(config: Config, args: argparse.Namespace, argv: list[str], runtime: Runtime) -> str:
+    """Profile our UNet's training step and guided sampling (`--profile`) and return the page."""
+    torch.manual_seed(0)
+    unet = build_unet(config).to(runtime.device)
+    vae = AutoencoderKL(config.vae).to(runtime.device).eval().requires_grad_(False)
+    scheduler = NoiseScheduler(config.scheduler)
+    trained = prepare_for_training(unet, config, runtime)
+    train = unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly=False)
+    labels = torch.arange(args.sample_count, device=runtime.device) % config.unet.num_classes
+
+    def sample(steps: int) -> None:
+        generator = torch.Generator(runtime.device).manual_seed(0)
+        guidance = config.run.guidance_scale
+        sample_with_ours(trained, scheduler, config, labels, runtime, steps=steps, guidance_scale=guidance, generator=generator)
+
+    print(f"profiling preset {args.preset} on {device_name(runtime.device)} ({runtime.device}) ...", flush=True)
+    if args.warmup:
+        train(args.warmup)
+    profiles = {"UNet training": profile_steps(lambda: train(args.train_steps), args.train_steps, runtime)}
+    sample(min(2, args.sample_steps))
+    profiles["guided DDIM sampling"] = profile_steps(lambda: sample(args.sample_steps), args.sample_steps, runtime)
+    return profile_report(config, args, argv, runtime, profiles)
 
 
 # ============================================================================ the diffusers peer
@@ -449,7 +622,7 @@ def report(
             f"threads {torch.get_num_threads()}",
             f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
             f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
-            f"compile {'on' if args.compile else 'off'}",
+            f"compile {args.compile}",
             f"`{shlex.join(['python', 'bench.py', *argv])}`",
         ]
     )
@@ -491,10 +664,17 @@ def main(argv: list[str] | None = None) -> None:
     with usage_errors_exit():
         config = bench_config(args)
         device = pick_device(args.device)
-        out = Path(args.out or f"results/bench_{device.type}.md")
+        out = Path(args.out or f"results/{'profile' if args.profile else 'bench'}_{device.type}.md")
         if out.exists() and not args.overwrite:
             raise UsageError(f"{out} exists: add --overwrite to replace it, or choose another --out")
     runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
+    if args.profile:
+        page = run_profile(config, args, argv, runtime)
+        print(page)
+        with usage_errors_exit():
+            write_text_atomic(out, page)
+        print(f"saved {out}")
+        return
     try:
         diffusers = import_diffusers()
     except ImportError:

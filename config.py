@@ -114,9 +114,14 @@ class RunConfig:
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA; CPU always runs float32
     channels_last: bool = True  # CUDA only
-    compile: bool = False
+    compile: str = "none"  # torch.compile of the model being trained: one of COMPILE_MODES (modules.compile_model)
     log_every: int = 10  # steps between progress-bar updates (each one syncs with the device)
     sample_every: int = 5  # epochs between AD/NC sample grids
+    # A UNet checkpoint of the adni preset is ~600 MB: writing one every epoch cost seconds per epoch.
+    checkpoint_minutes: float = (
+        10.0  # between mid-stage checkpoints (0: every epoch); a stage's end and a clean stop always write one
+    )
+    validate_every: int = 1  # epochs between validations; the last epoch is always validated
     grid_samples: int = 16  # per label
     sample_steps: int = 50  # DDIM steps for the grids
     # Measured by `evaluate.py --guidance-sweep` on the demo run (README): at 2 generated AD and NC differ
@@ -136,6 +141,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# How torch.compile is applied (modules.compile_model): not at all, the whole model, each repeated
+# block on its own, or the whole model with CUDA graphs.
+COMPILE_MODES = ("none", "full", "regional", "reduce-overhead")
+
 # Sections that define what a checkpoint's weights mean; a run cannot change them later.
 MODEL_SECTIONS = ("vae", "unet", "scheduler")
 MODEL_DATA_FIELDS = ("image_size", "val_fraction", "split_seed")
@@ -150,6 +159,8 @@ def _adni() -> Config:
         preset="adni",
         vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500),
         unet_train=UNetTrainConfig(epochs=100, batch_size=64, lr=2e-4, warmup_steps=1000),
+        # 100 epochs: a validation with every sample grid still draws 20 points per curve.
+        run=RunConfig(validate_every=5),
     )
 
 
@@ -175,7 +186,8 @@ def _tiny() -> Config:
     config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
     for stage in (config.vae_train, config.unet_train):
         stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
-    config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2)
+    # A checkpoint every epoch, so tests can stop a run after any epoch and resume it.
+    config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2, checkpoint_minutes=0)
     return config
 
 
@@ -234,6 +246,8 @@ def _from_json_value(value: object, hint: object) -> object:
 # Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
 # unet.latent_channels is vae.latent_channels (one definition of the latent space).
 RETIRED_FIELDS = {("unet", "latent_channels")}
+# Values older versions wrote for a field that now takes others: run.compile was true/false.
+RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 
 
 def config_to_dict(config: Config) -> dict:
@@ -255,6 +269,8 @@ def config_from_dict(data: dict) -> Config:
                 continue
             if name not in hints:
                 raise UsageError(f"config field {section_name}.{name} is unknown to this version of brainLDM")
+            retired = RETIRED_VALUES.get((section_name, name), {})
+            value = retired.get(value, value) if isinstance(value, bool) else value
             setattr(section, name, _from_json_value(value, hints[name]))
     return config
 
@@ -418,8 +434,14 @@ def _problems(config: Config) -> Iterator[str]:
         value = getattr(config.unet_train, name)
         yield from need(finite(value) and 0 <= value < 1, f"unet_train.{name}", "must lie in [0, 1)")
     yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
-    for name in ("log_every", "sample_every", "grid_samples"):
+    yield from need(run.compile in COMPILE_MODES, "run.compile", f"must be one of {', '.join(COMPILE_MODES)}")
+    for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
         yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
+    yield from need(
+        finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,
+        "run.checkpoint_minutes",
+        "must be a finite number of minutes, 0 or more (0 = every epoch)",
+    )
     yield from need(
         1 <= run.sample_steps <= scheduler.num_train_timesteps,
         "run.sample_steps",

@@ -84,22 +84,55 @@ class Upsample(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of query tokens (B, N, D) over context tokens (B, M, D_ctx) with fused SDPA."""
+    """Multi-head attention with fused SDPA: self-attention of tokens (B, N, D) without a
+    `context_dim`, else cross-attention of query tokens (B, N, D) over context tokens (B, M, D_ctx).
+
+    Self-attention projects q, k and v in one matmul (`to_qkv`, rows q; k; v); its weights start
+    as the separate `to_q` and `to_kv` did (the same random draws in the same order), and state
+    dicts written with those load into it (`join_qkv`)."""
 
     def __init__(self, dim: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
         self.heads = max(1, dim // head_dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        if context_dim is None:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.register_load_state_dict_pre_hook(join_qkv)
+        else:
+            self.to_q = nn.Linear(dim, dim, bias=False)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = self.to_q(x)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
+        """Tokens x (B, N, D), context (B, M, D_ctx) for cross-attention only → (B, N, D)."""
+        if context is None:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def join_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """load_state_dict pre-hook of a self-attention: a state dict from before the fused projection
+    holds `to_q.weight` (D, D) and `to_kv.weight` (2D, D); they become `to_qkv.weight` (3D, D)."""
+    separate = [prefix + "to_q.weight", prefix + "to_kv.weight"]
+    if all(key in state_dict for key in separate):
+        state_dict[prefix + "to_qkv.weight"] = torch.cat([state_dict.pop(key) for key in separate])
+
+
+def split_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of join_qkv over a whole state dict, in its order: each `to_qkv.weight` (3D, D)
+    as `to_q.weight` (D, D) and `to_kv.weight` (2D, D), the layout fingerprints were recorded in."""
+    separate = {}
+    for key, tensor in state_dict.items():
+        if key.endswith("to_qkv.weight"):
+            stem = key.removesuffix("qkv.weight")
+            query, keys_values = tensor.split([len(tensor) // 3, 2 * len(tensor) // 3])
+            separate[stem + "q.weight"], separate[stem + "kv.weight"] = query, keys_values
+        else:
+            separate[key] = tensor
+    return separate
 
 
 class SpatialSelfAttention(nn.Module):
@@ -145,10 +178,16 @@ class TransformerBlock(nn.Module):
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
-def sinusoidal_embedding(positions: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Transformer position encoding of (B,) positions (timesteps) → (B, dim)."""
+def sinusoidal_frequencies(dim: int, max_period: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """The dim // 2 frequencies of a sinusoidal embedding, (dim // 2,) float32."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int, frequencies: torch.Tensor | None = None) -> torch.Tensor:
+    """Transformer position encoding of (B,) positions (timesteps) → (B, dim); pass the
+    `sinusoidal_frequencies(dim)` already on the device to skip computing them on every call."""
+    frequencies = sinusoidal_frequencies(dim, device=positions.device) if frequencies is None else frequencies
     angles = positions.float()[:, None] * frequencies[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -403,6 +442,8 @@ class UNet(nn.Module):
         self.null_label = config.num_classes  # the label embedding's "no label" row
         widths = config.channels
         time_dim = 4 * widths[0]
+        # A constant of every forward, made once; not persistent, so state dicts are as before.
+        self.register_buffer("time_frequencies", sinusoidal_frequencies(widths[0]), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
         if config.slice_conditioning:
@@ -461,7 +502,7 @@ class UNet(nn.Module):
         return torch.stack(tokens, dim=1)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, return_features: bool = False):
-        time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0]))
+        time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0], self.time_frequencies))
         context = self.context(conditions)
 
         def run(block: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
@@ -668,13 +709,22 @@ class NoiseScheduler:
     # -- sampling
 
     def guided_prediction(
-        self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: Conditions, guidance_scale: float
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        conditions: Conditions,
+        guidance_scale: float,
+        *,
+        paired: Conditions | None = None,
     ) -> torch.Tensor:
-        """Classifier-free guidance: null + w (cond - null) from one batched forward; w = 1 is the
-        conditional model alone, w = 0 the unconditional one."""
+        """Classifier-free guidance: null + w (cond - null) from one batched forward of x (B, ...) at
+        t (B,); w = 1 is the conditional model alone, w = 0 the unconditional one. `paired` is
+        `guidance_conditions(conditions, guidance_scale)`, made once by a sampling loop instead of every step."""
+        paired = guidance_conditions(conditions, guidance_scale) if paired is None else paired
         if guidance_scale == 1.0:
-            return model(x, t, conditions).float()
-        both = model(torch.cat([x, x]), torch.cat([t, t]), Conditions.cat(conditions, conditions.unconditional())).float()
+            return model(x, t, paired).float()
+        both = model(torch.cat([x, x]), torch.cat([t, t]), paired).float()
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -701,14 +751,17 @@ class NoiseScheduler:
         device = torch.device(device) if device is not None else conditions.labels.device
         x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device, torch.float32)
         steps = self.timesteps(num_steps)
+        # What stays the same across steps is made once: the guidance batch's conditions, and every
+        # step's t and t_prev in one copy to the device, each step's a view of it (B,).
+        paired = guidance_conditions(conditions, guidance_scale)
+        schedule = torch.tensor([*steps, -1], device=device)
         for index, step in enumerate(steps):
-            previous = steps[index + 1] if index + 1 < len(steps) else -1
-            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            t_prev = torch.full_like(t, previous)
+            t, t_prev = schedule[index].expand(shape[0]), schedule[index + 1].expand(shape[0])
             # 1. the guided network output, read as an estimate of the clean latent x̂_0
-            x0 = self.predict_x0(x, self.guided_prediction(model, x, t, conditions, guidance_scale), t)
+            x0 = self.predict_x0(x, self.guided_prediction(model, x, t, conditions, guidance_scale, paired=paired), t)
             # 2. fresh noise for the step (none for the last one, which lands on x_0)
-            noise = torch.randn(shape, device=device, generator=generator) if previous >= 0 else torch.zeros_like(x)
+            last = index + 1 == len(steps)
+            noise = torch.zeros_like(x) if last else torch.randn(shape, device=device, generator=generator)
             # 3. the sampler's update x_t → x_{t_prev}
             x = step_function(self, x, x0, t, t_prev, eta=eta, noise=noise)
             yield step, x, x0
@@ -721,12 +774,42 @@ class NoiseScheduler:
         return x_0
 
 
+def guidance_conditions(conditions: Conditions, guidance_scale: float) -> Conditions:
+    """What a guided forward is conditioned on: `conditions` (B) alone at w = 1, else the conditional
+    and null conditions of classifier-free guidance in one batch (2B)."""
+    return conditions if guidance_scale == 1.0 else Conditions.cat(conditions, conditions.unconditional())
+
+
 # Sampler name → one reverse step (scheduler, x_t, x̂_0, t, t_prev, *, eta, noise) → x_{t_prev}.
 # A new sampler is one entry here; the scripts' --sampler choices are this table's keys.
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": NoiseScheduler.ddim_step,
     "ddpm": NoiseScheduler.ddpm_step,
 }
+
+
+# --------------------------------------------------------------------------------------------- compilation
+
+# The blocks a UNet or VAE repeats: regional compilation compiles each class once per input shape
+# instead of the whole model as one graph, which took minutes for the adni UNet.
+REPEATED_BLOCKS = (ResBlock, TransformerBlock, SpatialSelfAttention)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """The module to call, compiled as config.COMPILE_MODES names: `none` returns `model`; `full`
+    wraps it in torch.compile; `reduce-overhead` too, with CUDA graphs (one launch replays a whole
+    step's kernels, for launch-bound steps); `regional` compiles every REPEATED_BLOCKS module in
+    place and returns `model` itself. State dict keys never change."""
+    if mode == "none":
+        return model
+    if mode == "regional":
+        for module in model.modules():
+            if isinstance(module, REPEATED_BLOCKS):
+                module.compile()
+        return model
+    if mode in ("full", "reduce-overhead"):
+        return torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
+    raise ValueError(f"unknown compile mode {mode!r}: choose none, full, regional or reduce-overhead")
 
 
 # --------------------------------------------------------------------------------------------- EMA
@@ -765,8 +848,9 @@ class EMA:
         shadow = [p for p in self.model.parameters()]
         current = [p.detach() for p in source.parameters()]
         torch._foreach_lerp_(shadow, current, 1.0 - decay)
-        for mine, theirs in zip(self.model.buffers(), source.buffers()):
-            mine.copy_(theirs)
+        buffers = list(self.model.buffers())
+        if buffers:  # one launch for all of them, not one per buffer
+            torch._foreach_copy_(buffers, list(source.buffers()))
 
     def copy_to(self, model: nn.Module) -> None:
         unwrap_model(model).load_state_dict(self.model.state_dict())

@@ -29,7 +29,7 @@ from config import (
     read_config,
 )
 from dataset import SliceDataset
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet
+from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, split_qkv
 from utils import Runtime, UsageError, load_checkpoint, pick_device
 
 CHECKPOINT_FORMAT = 1
@@ -104,9 +104,12 @@ def load_trained_vae(config: Config, run_dir: Path, device: torch.device) -> Aut
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's weights (state dict in key order): which VAE a UNet was trained on."""
+    """sha256 of a model's weights (state dict in key order): which VAE a UNet was trained on.
+
+    Hashed in the layout before self-attention fused its q/k/v projections (`split_qkv`), so the
+    fingerprints that UNet checkpoints recorded then still match their VAE."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in split_qkv(model.state_dict()).items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -174,7 +177,10 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.conditions)
 
     def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor, Conditions]:
-        return self.mean[index], self.logvar[index], self.conditions[index]
+        # A Python list would index the device tensors through a blocking copy, a wait for the GPU
+        # every step; one non-blocking copy of the positions does not wait.
+        positions = torch.as_tensor(index).to(self.mean.device, non_blocking=True)
+        return self.mean[positions], self.logvar[positions], self.conditions[positions]
 
 
 def encode_split(

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import CLASS_NAMES, Config, latent_shape
+from config import CLASS_NAMES, COMPILE_MODES, Config, latent_shape
 from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
-from modules import SAMPLERS
+from modules import SAMPLERS, compile_model
 from pipeline import Pipeline, batch_generator, check_sampling_options, load_run_for, normalise_slices, sampling_options
 from utils import (
     ArgumentParser,
@@ -61,6 +61,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--slice", type=int, help="slice index to condition on (runs trained with slice conditioning)")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/generated)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="torch.compile the UNet for sampling (default none; reduce-overhead replays each step as a CUDA graph)",
+    )
     parser.add_argument("--sequence", action="store_true", help="also write denoising_sequence.png")
     parser.add_argument("--real", action="store_true", help="also write real test slices of each label (real_AD.png ...)")
     parser.add_argument("--umap", action="store_true", help="also write umap.png and umap_scores.json")
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = check_arguments(args)
         args.steps = args.steps or (50 if args.sampler == "ddim" else None)
         pipe = load_run_for(args)
+        pipe.unet = compile_model(pipe.unet, args.compile)
         args.steps = args.steps or pipe.scheduler.num_train_timesteps
         slice_position = None
         if args.slice is not None:

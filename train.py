@@ -18,7 +18,9 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from config import (
     CLASS_NAMES,
+    COMPILE_MODES,
     PRESETS,
     Config,
     RunConfig,
@@ -49,7 +52,7 @@ from config import (
     read_config,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from modules import EMA, AutoencoderKL, NoiseScheduler, ms_ssim, vae_loss
+from modules import EMA, AutoencoderKL, NoiseScheduler, compile_model, ms_ssim, vae_loss
 from pipeline import (
     LatentDataset,
     Pipeline,
@@ -102,7 +105,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="per-process batch size of the stage(s) being trained")
     parser.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ... (sets run.device)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model being trained")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="full",
+        choices=COMPILE_MODES,
+        help="torch.compile the model being trained: full (alone: --compile), regional or reduce-overhead (sets run.compile)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --run from its checkpoints")
     return parser
 
@@ -124,8 +133,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
         overrides["data.data_dir"] = args.data_dir
     if args.device is not None:
         overrides["run.device"] = args.device
-    if args.compile:
-        overrides["run.compile"] = "true"
+    if args.compile is not None:
+        overrides["run.compile"] = args.compile
     return args, overrides
 
 
@@ -155,17 +164,17 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def prepare_for_training(model: nn.Module, config: Config, runtime: Runtime) -> nn.Module:
-    """The module the training step calls: channels-last, DDP-wrapped and compiled as configured.
+    """The module the training step calls: channels-last, DDP-wrapped and compiled as run.compile
+    says (modules.compile_model; regional compiles the blocks inside DDP, the others wrap it).
 
     Checkpoints always save the plain `model`, so they load anywhere."""
     if runtime.device.type == "cuda" and config.run.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained: nn.Module = model
+    regional = config.run.compile == "regional"
+    trained: nn.Module = compile_model(model, "regional") if regional else model
     if runtime.world_size > 1:
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if config.run.compile:
-        trained = torch.compile(trained)
-    return trained
+    return trained if regional else compile_model(trained, config.run.compile)
 
 
 def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:
@@ -191,6 +200,126 @@ def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
     return optimizer, LambdaLR(optimizer, lr_factor)
 
 
+# ============================================================================ where the time goes, when to save, when to stop
+
+# What a stage's wall time is spent on, besides `other` (start-up, logs, plots, waiting for other ranks).
+TIME_CATEGORIES = ("train_steps", "data", "validation", "checkpoints", "sample_grids", "latent_encoding")
+
+
+class TimeBreakdown:
+    """Wall-clock seconds of a stage by TIME_CATEGORIES, each second counted once: a measurement
+    inside another is taken out of the outer one, and `other` is what no measurement claimed.
+
+    `close()` ends a span (an epoch's record) and starts the next; `summary()` adds the spans
+    closed so far and the open one: the stage's time in this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.span_started = clock()
+        self.span = dict.fromkeys(TIME_CATEGORIES, 0.0)
+        self.closed = dict.fromkeys((*TIME_CATEGORIES, "other", "total"), 0.0)
+        self.inner: list[float] = []  # seconds of the measurements nested in each open one
+
+    @contextlib.contextmanager
+    def measure(self, category: str) -> Iterator[None]:
+        self.inner.append(0.0)
+        started = self.clock()
+        try:
+            yield
+        finally:
+            elapsed = self.clock() - started
+            self.span[category] += elapsed - self.inner.pop()
+            if self.inner:
+                self.inner[-1] += elapsed
+
+    def add(self, category: str, seconds: float) -> None:
+        """Count `seconds` timed by the caller, inside the open measurement, as `category`."""
+        self.span[category] += seconds
+        if self.inner:
+            self.inner[-1] += seconds
+
+    def open_span(self, now: float) -> dict[str, float]:
+        total = now - self.span_started
+        return {**self.span, "other": total - sum(self.span.values()), "total": total}
+
+    def close(self) -> dict[str, float]:
+        """Seconds of the span ending now, by category, with `other` and `total`; the next span starts."""
+        now = self.clock()
+        span = self.open_span(now)
+        for key, seconds in span.items():
+            self.closed[key] += seconds
+        self.span_started, self.span = now, dict.fromkeys(TIME_CATEGORIES, 0.0)
+        return {key: round(seconds, 4) for key, seconds in span.items()}
+
+    def summary(self) -> dict[str, float]:
+        """Seconds since the stage started in this process, by category, with `other` and `total`."""
+        return {key: self.closed[key] + seconds for key, seconds in self.open_span(self.clock()).items()}
+
+
+def describe_time(stage: str, seconds: dict[str, float]) -> str:
+    """One line: the stage's wall time and each category's share of it."""
+    total = max(seconds["total"], 1e-9)
+    parts = ", ".join(
+        f"{key.replace('_', ' ')} {seconds[key]:.1f} s ({100 * seconds[key] / total:.0f}%)" for key in (*TIME_CATEGORIES, "other")
+    )
+    return f"{stage} time {seconds['total']:.1f} s: {parts}"
+
+
+class CheckpointCadence:
+    """A mid-stage checkpoint is due `minutes` after the last one written (or the stage's start);
+    0 makes every epoch's due."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.minutes, self.clock = minutes, clock
+        self.last_written = clock()
+
+    def due(self) -> bool:
+        return self.clock() - self.last_written >= 60 * self.minutes
+
+    def written(self) -> None:
+        self.last_written = self.clock()
+
+
+class StopRequest:
+    """The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training asks for a
+    clean stop: the epoch under way finishes, its checkpoint is written and train.py exits with
+    128 + the signal's number; a second Ctrl-C interrupts at once, as without this."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self.previous_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            self.previous_handlers = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: object) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        print(
+            f"\n{signal.Signals(number).name}: stopping after this epoch's checkpoint (Ctrl-C again stops now)", file=sys.stderr
+        )
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank was asked to stop; every rank asks after every epoch, so all stop together."""
+        asked = torch.tensor(float(self.signal_number is not None), device=runtime.device)
+        return bool(runtime.mean_across_ranks(asked) > 0)
+
+
+class TrainingStopped(Exception):
+    """A clean stop: the checkpoint of the last finished epoch is on disk."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
 # ============================================================================ the shared epoch loop
 
 
@@ -210,35 +339,43 @@ def train_one_epoch(
     runtime: Runtime,
     log_every: int,
     after_step: Callable[[], None] = lambda: None,
+    clock: TimeBreakdown | None = None,
 ) -> tuple[float, float]:
     """One pass over `batches`; returns the mean training loss across ranks and the images per
-    second of all ranks together (a first compiled epoch includes its compilation).
+    second of all ranks together (a first compiled epoch includes its compilation). With a
+    `clock`, the epoch's time is counted there as data (waiting for batches) and training steps.
 
     The running loss stays on the device and is read only every `log_every` steps, so the loop
     never waits for the GPU except when it logs; a non-finite loss is caught at that read.
     """
-    model.train()
-    loss_sum = torch.zeros((), device=runtime.device)
-    images_seen, started = 0, time.perf_counter()
-    bar = tqdm(batches, total=num_batches, desc=name, disable=not runtime.is_main, leave=False, dynamic_ncols=True)
-    for step_in_epoch, batch in enumerate(bar, start=1):
-        with runtime.autocast():
-            loss, batch_size = compute_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
-        optimizer.step()
-        lr_schedule.step()
-        after_step()
-        loss_sum += loss.detach().float()
-        images_seen += batch_size * runtime.world_size
-        if step_in_epoch % log_every == 0 or step_in_epoch == num_batches:
-            mean_loss = loss_sum.item() / step_in_epoch
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"{name}: loss became {mean_loss} at step {step_in_epoch} of the epoch")
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
-    mean_loss = float(runtime.mean_across_ranks(loss_sum / max(1, num_batches)))  # waits for the device
-    images_per_second = images_seen / (time.perf_counter() - started)
+    clock = clock or TimeBreakdown()
+    with clock.measure("train_steps"):
+        model.train()
+        loss_sum = torch.zeros((), device=runtime.device)
+        images_seen, started = 0, time.perf_counter()
+        bar = tqdm(batches, total=num_batches, desc=name, disable=not runtime.is_main, leave=False, dynamic_ncols=True)
+        waiting_since = clock.clock()
+        for step_in_epoch, batch in enumerate(bar, start=1):
+            clock.add("data", clock.clock() - waiting_since)  # from the end of the last step to this batch
+            with runtime.autocast():
+                loss, batch_size = compute_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            after_step()
+            loss_sum += loss.detach().float()
+            images_seen += batch_size * runtime.world_size
+            if step_in_epoch % log_every == 0 or step_in_epoch == num_batches:
+                mean_loss = loss_sum.item() / step_in_epoch
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(f"{name}: loss became {mean_loss} at step {step_in_epoch} of the epoch")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_seen / (time.perf_counter() - started):.0f}")
+            waiting_since = clock.clock()
+        clock.add("data", clock.clock() - waiting_since)  # the iterator's last call, which ends it
+        mean_loss = float(runtime.mean_across_ranks(loss_sum / max(1, num_batches)))  # waits for the device
+        images_per_second = images_seen / (time.perf_counter() - started)
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"{name}: loss became {mean_loss}")
     return mean_loss, images_per_second
@@ -263,7 +400,13 @@ def restore_stage(
         return 0, 0, [], {}
     state = load_stage_checkpoint(path, stage, config, runtime.device)
     load_weights(model, state["model"], path)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:  # the weights load (modules.join_qkv), the optimizer's per-parameter state cannot
+        raise UsageError(
+            f"{path} was written by an older brainLDM with separate q/k/v projections: its weights still load "
+            "for sampling, but its training cannot resume; train it again in a new --run"
+        ) from None
     lr_schedule.load_state_dict(state["lr_schedule"])
     return state["epoch"], state["step"], state["history"], state
 
@@ -271,8 +414,9 @@ def restore_stage(
 @dataclass
 class Stage:
     """One stage's training state: the plain model (what checkpoints save), the module the step calls
-    (channels-last, DDP, compiled), the loader, optimizer and LR schedule, and the progress restored
-    from the stage's checkpoint (`restored`, {} on a fresh start)."""
+    (channels-last, DDP, compiled), the loader, optimizer and LR schedule, the progress restored
+    from the stage's checkpoint (`restored`, {} on a fresh start), where its time goes, when its
+    next checkpoint is due and whether a clean stop was asked for."""
 
     name: str  # "vae" or "unet"
     settings: StageConfig
@@ -285,6 +429,9 @@ class Stage:
     step: int
     history: list[dict]
     restored: dict
+    clock: TimeBreakdown
+    cadence: CheckpointCadence
+    stop: StopRequest
 
     def checkpoint(self, config: Config, epoch: int, **extra) -> dict:
         return checkpoint_state(
@@ -293,9 +440,18 @@ class Stage:
 
 
 def start_stage(
-    name: str, model: nn.Module, train_set: Dataset, config: Config, runtime: Runtime, resume: bool, path: Path
+    name: str,
+    model: nn.Module,
+    train_set: Dataset,
+    config: Config,
+    runtime: Runtime,
+    resume: bool,
+    path: Path,
+    clock: TimeBreakdown | None = None,
+    stop: StopRequest | None = None,
 ) -> Stage:
-    """The loader, optimizer and schedule of stage `name`, restored from `path` with --resume."""
+    """The loader, optimizer and schedule of stage `name`, restored from `path` with --resume;
+    `clock` is the stage's time since it started (a new one by default)."""
     settings = getattr(config, f"{name}_train")
     loader = make_loader(
         train_set,
@@ -310,7 +466,22 @@ def start_stage(
     optimizer, lr_schedule = make_optimizer(model, settings, len(loader))
     start_epoch, step, history, state = restore_stage(path, name, resume, config, runtime, model, optimizer, lr_schedule)
     trained = prepare_for_training(model, config, runtime)
-    return Stage(name, settings, model, trained, loader, optimizer, lr_schedule, start_epoch, step, history, state)
+    return Stage(
+        name,
+        settings,
+        model,
+        trained,
+        loader,
+        optimizer,
+        lr_schedule,
+        start_epoch,
+        step,
+        history,
+        state,
+        clock or TimeBreakdown(),
+        CheckpointCadence(config.run.checkpoint_minutes),
+        stop or StopRequest(),
+    )
 
 
 def run_epochs(
@@ -321,7 +492,8 @@ def run_epochs(
     after_step: Callable[[], None] = lambda: None,
 ) -> Iterator[dict]:
     """Train the stage's remaining epochs; after each, yield its history entry for the caller to
-    complete (validation), append, log and checkpoint, then wait for all ranks."""
+    complete (validation, figures) and pass to `finish_epoch`, then wait for all ranks. At the end,
+    print where the stage's time went."""
     for epoch in range(stage.start_epoch, stage.settings.epochs):
         seed_epoch(config.run.seed, epoch, runtime.rank)
         set_loader_epoch(stage.loader, epoch)
@@ -338,6 +510,7 @@ def run_epochs(
             runtime,
             config.run.log_every,
             after_step=after_step,
+            clock=stage.clock,
         )
         stage.step += len(stage.loader)
         yield {
@@ -349,8 +522,41 @@ def run_epochs(
             "images_per_second": images_per_second,
         }
         runtime.barrier()
-    if stage.start_epoch == stage.settings.epochs and runtime.is_main:
-        print(f"{stage.name}: already trained for {stage.settings.epochs} epochs")
+    if runtime.is_main:
+        if stage.start_epoch == stage.settings.epochs:
+            print(f"{stage.name}: already trained for {stage.settings.epochs} epochs")
+        else:
+            print(describe_time(stage.name, stage.clock.summary()))
+
+
+def validating(epoch: int, stage: Stage, config: Config) -> bool:
+    """Whether `epoch` (1-based) is validated: every run.validate_every epochs and always the last."""
+    return epoch % config.run.validate_every == 0 or epoch == stage.settings.epochs
+
+
+def finish_epoch(
+    stage: Stage, entry: dict, runtime: Runtime, path: Path, checkpoint: Callable[[int], dict], write_logs: Callable[[], None]
+) -> None:
+    """Close the epoch's record (`seconds`: its time by category, since the previous record closed,
+    so a checkpoint's write counts in the next epoch), add it to the history, write the checkpoint
+    when due (the stage's last epoch, a clean stop, or run.checkpoint_minutes after the last one),
+    then the logs; after a clean stop's checkpoint, raise TrainingStopped."""
+    stopping = stage.stop.agreed(runtime)
+    entry["seconds"] = stage.clock.close()
+    stage.history.append(entry)
+    last = entry["epoch"] == stage.settings.epochs
+    if runtime.is_main:
+        if last or stopping or stage.cadence.due():
+            with stage.clock.measure("checkpoints"):
+                save_checkpoint(checkpoint(entry["epoch"]), path)
+            stage.cadence.written()
+        write_logs()
+    if stopping and not last:
+        raise TrainingStopped(
+            f"stopped by {signal.Signals(stage.stop.signal_number or signal.SIGTERM).name} after {stage.name} epoch "
+            f"{entry['epoch']}/{stage.settings.epochs}, its checkpoint written",
+            stage.stop.signal_number or signal.SIGTERM,
+        )
 
 
 def write_history(run_dir: Path, vae_history: list[dict], unet_history: list[dict]) -> None:
@@ -360,11 +566,12 @@ def write_history(run_dir: Path, vae_history: list[dict], unet_history: list[dic
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
-    epochs = [entry["epoch"] for entry in history]
+    """Training loss of every epoch; validation loss of the validated ones (run.validate_every)."""
+    validated = [entry for entry in history if "val_loss" in entry]
     plot_curves(
         {
-            "train": (epochs, [entry["train_loss"] for entry in history]),
-            "validation": (epochs, [entry["val_loss"] for entry in history]),
+            "train": ([entry["epoch"] for entry in history], [entry["train_loss"] for entry in history]),
+            "validation": ([entry["epoch"] for entry in validated], [entry["val_loss"] for entry in validated]),
         },
         path,
         title,
@@ -390,10 +597,13 @@ def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
-def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool) -> AutoencoderKL:
+def train_vae(
+    config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool, stop: StopRequest
+) -> AutoencoderKL:
+    clock = TimeBreakdown()
     torch.manual_seed(config.run.seed)
     vae = AutoencoderKL(config.vae).to(runtime.device)
-    stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt")
+    stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt", clock, stop)
     val_loader = make_loader(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
@@ -404,20 +614,28 @@ def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], 
         recon, mean, logvar = stage.trained(images)
         return vae_loss(images, recon, mean, logvar, config.vae)[0], len(images)
 
+    def write_logs() -> None:
+        write_history(run_dir, stage.history, [])
+        plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
+
     for entry in run_epochs(stage, config, runtime, compute_loss):
-        entry["val_loss"], entry["val_ms_ssim"] = evaluate_vae(vae, val_loader, config, runtime)
-        stage.history.append(entry)
+        validated = validating(entry["epoch"], stage, config)
+        if validated:
+            with stage.clock.measure("validation"):
+                entry["val_loss"], entry["val_ms_ssim"] = evaluate_vae(vae, val_loader, config, runtime)
         if runtime.is_main:
+            scores = f"val {entry['val_loss']:.4f}  val MS-SSIM {entry['val_ms_ssim']:.4f}  " if validated else ""
             print(
-                f"vae {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  val {entry['val_loss']:.4f}  "
-                f"val MS-SSIM {entry['val_ms_ssim']:.4f}  {entry['images_per_second']:.0f} images/s"
+                f"vae {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  {scores}"
+                f"{entry['images_per_second']:.0f} images/s"
             )
             if entry["epoch"] == stage.settings.epochs:
-                set_latent_scale(vae, datasets["train"], stage.settings.batch_size, runtime)
-            save_checkpoint(stage.checkpoint(config, entry["epoch"]), run_dir / "vae.pt")
-            write_history(run_dir, stage.history, [])
-            plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
-            save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
+                with stage.clock.measure("latent_encoding"):
+                    set_latent_scale(vae, datasets["train"], stage.settings.batch_size, runtime)
+            if validated:
+                with stage.clock.measure("sample_grids"):
+                    save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
+        finish_epoch(stage, entry, runtime, run_dir / "vae.pt", lambda epoch: stage.checkpoint(config, epoch), write_logs)
     if runtime.world_size > 1:
         dist.broadcast(vae.scale_factor, src=0)
     return vae
@@ -476,7 +694,10 @@ def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> None:
         save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
 
 
-def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool) -> None:
+def train_unet(
+    config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool, stop: StopRequest
+) -> None:
+    clock = TimeBreakdown()
     vae = load_trained_vae(config, run_dir, runtime.device)
     vae_fingerprint, scale = fingerprint(vae), float(vae.scale_factor)
     scheduler = NoiseScheduler(config.scheduler)
@@ -485,9 +706,10 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
     ema = EMA(unet, decay=config.unet_train.ema_decay)
     train_slices = datasets["train"].slice_indices
     slice_range = (int(train_slices.min()), int(train_slices.max()))
-    train_latents = encode_split(vae, datasets["train"], config, runtime, slice_range)
-    val_latents = encode_split(vae, datasets["val"], config, runtime, slice_range)
-    stage = start_stage("unet", unet, train_latents, config, runtime, resume, run_dir / "unet.pt")
+    with clock.measure("latent_encoding"):
+        train_latents = encode_split(vae, datasets["train"], config, runtime, slice_range)
+        val_latents = encode_split(vae, datasets["val"], config, runtime, slice_range)
+    stage = start_stage("unet", unet, train_latents, config, runtime, resume, run_dir / "unet.pt", clock, stop)
     if stage.restored:
         check_trained_on(stage.restored, vae_fingerprint, run_dir / "unet.pt")
         ema.load_state_dict(stage.restored["ema"])
@@ -500,25 +722,34 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
         dropout = stage.settings.label_dropout
         return scheduler.training_loss(stage.trained, latents, conditions, condition_dropout=dropout), len(latents)
 
+    def checkpoint(epoch: int) -> dict:
+        extra = {
+            "ema": ema.state_dict(),
+            "slice_range": list(slice_range),
+            "latent_scale": scale,
+            "vae_fingerprint": vae_fingerprint,
+        }
+        return stage.checkpoint(config, epoch, **extra)
+
+    def write_logs() -> None:
+        write_history(run_dir, vae_history, stage.history)
+        plot_history(stage.history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
+
     for entry in run_epochs(stage, config, runtime, compute_loss, after_step=lambda: ema.update(unet)):
-        entry["val_loss"] = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
-        stage.history.append(entry)
+        validated = validating(entry["epoch"], stage, config)
+        if validated:
+            with stage.clock.measure("validation"):
+                entry["val_loss"] = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
         if runtime.is_main:
+            scores = f"val (EMA) {entry['val_loss']:.4f}  " if validated else ""
             print(
-                f"unet {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  "
-                f"val (EMA) {entry['val_loss']:.4f}  {entry['images_per_second']:.0f} images/s"
+                f"unet {entry['epoch']}/{stage.settings.epochs}: train {entry['train_loss']:.4f}  {scores}"
+                f"{entry['images_per_second']:.0f} images/s"
             )
-            extra = {
-                "ema": ema.state_dict(),
-                "slice_range": list(slice_range),
-                "latent_scale": scale,
-                "vae_fingerprint": vae_fingerprint,
-            }
-            save_checkpoint(stage.checkpoint(config, entry["epoch"], **extra), run_dir / "unet.pt")
-            write_history(run_dir, vae_history, stage.history)
-            plot_history(stage.history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
             if entry["epoch"] % config.run.sample_every == 0 or entry["epoch"] == stage.settings.epochs:
-                save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}")
+                with stage.clock.measure("sample_grids"):
+                    save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}")
+        finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs)
 
 
 # ============================================================================ command line
@@ -596,13 +827,18 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
         print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
     try:
-        if args.stage in ("vae", "all"):
-            train_vae(config, run_dir, datasets, runtime, args.resume)
-        if args.stage in ("unet", "all"):
-            train_unet(config, run_dir, datasets, runtime, args.resume)
+        with StopRequest() as stop:
+            if args.stage in ("vae", "all"):
+                train_vae(config, run_dir, datasets, runtime, args.resume, stop)
+            if args.stage in ("unet", "all"):
+                train_unet(config, run_dir, datasets, runtime, args.resume, stop)
     except TrainingDiverged as error:
         print(f"error: {error}; the last good checkpoint in {run_dir} is intact: lower --lr or resume from it", file=sys.stderr)
         raise SystemExit(1) from None
+    except TrainingStopped as stopped:
+        if runtime.is_main:
+            print(f"{stopped}: continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + stopped.signal_number) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -148,3 +148,24 @@ def test_peer_scheduler_samples_as_ours(prediction_type: str, beta_schedule: str
         generator=torch.Generator().manual_seed(1),
     )
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
+
+
+def test_profile_on_the_tiny_preset_writes_its_summary(tmp_path: Path, capsys) -> None:
+    """--profile on a CPU: per-step figures of UNet training and guided sampling and their top ops,
+    printed and written; the GPU rows say — where there is no GPU."""
+    out = tmp_path / "profile.md"
+    bench.main([*TINY, "--profile", "--out", str(out)])
+    page = out.read_text()
+    assert page in capsys.readouterr().out
+    rows = table_rows(page)
+    assert rows["per step"] == ["UNet training", "guided DDIM sampling"]
+    for name in ("wall time per step (ms)", "host time per step, not waiting for the device (ms)"):
+        assert all(float(cell) > 0 for cell in rows[name]), name
+    assert rows["device busy share"] == ["—", "—"] and int(rows["top-level CPU ops per step"][0]) > 0
+    assert "Top CPU ops, UNet training" in page and "Top CPU ops, guided DDIM sampling" in page
+    assert "`aten::conv2d`" in page and "--profile" in page.splitlines()[0]
+
+
+def test_covered_length_merges_overlapping_intervals() -> None:
+    assert bench.covered_length([(0, 2), (1, 3), (5, 6), (5.5, 5.75)]) == 4
+    assert bench.covered_length([]) == 0

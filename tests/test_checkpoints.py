@@ -342,3 +342,32 @@ def test_learning_rate_schedule_on_the_shortest_runs(epochs: int, steps: int, wa
         optimizer.step()
         schedule.step()
     assert rates == pytest.approx(expected)
+
+
+def test_a_checkpoint_from_before_the_fused_qkv_loads_its_weights_but_refuses_to_resume_training(tmp_path: Path) -> None:
+    """A VAE checkpoint in the old layout (separate to_q and to_kv, and an optimizer holding state for
+    both): its weights load into today's VAE; resuming its training is refused in one line, as the
+    optimizer's per-parameter state no longer matches the parameters."""
+    from modules import AutoencoderKL, split_qkv
+
+    config = make_config("tiny")
+    runtime = Runtime(torch.device("cpu"))
+    old_vae = AutoencoderKL(config.vae)
+    old_weights = split_qkv(old_vae.state_dict())
+    # The old optimizer: one more parameter per self-attention (to_q and to_kv rather than to_qkv).
+    old_parameters = [nn.Parameter(tensor.clone()) for key, tensor in old_weights.items() if key != "scale_factor"]
+    old_optimizer = torch.optim.AdamW(old_parameters)
+    sum(p.sum() for p in old_parameters).backward()
+    old_optimizer.step()
+    schedule = torch.optim.lr_scheduler.LambdaLR(old_optimizer, lambda step: 1.0)
+    state = pipeline.checkpoint_state("vae", config, old_vae, old_optimizer, schedule, 1, 1, [])
+    state["model"] = old_weights
+    path = tmp_path / "vae.pt"
+    save_checkpoint(state, path)
+
+    vae = AutoencoderKL(config.vae)
+    pipeline.load_weights(vae, load_checkpoint(path)["model"], path)
+    assert_same(vae.state_dict(), old_vae.state_dict())
+    optimizer, schedule = train.make_optimizer(vae, config.vae_train, steps_per_epoch=10)
+    with pytest.raises(UsageError, match="older brainLDM with separate q/k/v projections.*new --run"):
+        train.restore_stage(path, "vae", True, config, runtime, vae, optimizer, schedule)

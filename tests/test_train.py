@@ -225,8 +225,8 @@ def test_resume_mid_vae_and_mid_unet_continues_from_the_checkpoints(tiny_dataset
         for key in ("model", "optimizer", "lr_schedule", "step") + (("ema",) if name == "unet.pt" else ()):
             assert_same(resumed[key], straight[key], key)
 
-    def drop_speed(lines):
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]
+    def drop_speed(lines):  # what the clock measured differs between any two runs
+        return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_second", "seconds")} for line in lines]
 
     assert drop_speed((run_dir / "history.jsonl").read_text().splitlines()) == drop_speed(
         (trained_run / "history.jsonl").read_text().splitlines()
@@ -601,7 +601,7 @@ def test_prepare_for_training_wraps_as_configured(tmp_path: Path) -> None:
     finally:
         torch.distributed.destroy_process_group()
 
-    config.run.compile = True
+    config.run.compile = "full"
     compiled = train.prepare_for_training(model, config, Runtime(torch.device("cpu")))
     assert compiled is not model and compiled._orig_mod is model
 
