@@ -89,6 +89,7 @@ class StageConfig:
     """Optimisation of one stage: AdamW with linear warm-up then cosine decay to `min_lr_ratio`."""
 
     epochs: int = 100
+    images: int | None = None  # a schedule in training images instead: epochs = ceil(images / training-set size)
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -185,6 +186,19 @@ def make_config(preset: str) -> Config:
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]()
+
+
+def resolve_schedule(config: Config, train_size: int) -> list[str]:
+    """Turn each stage's schedule in training images (`images`, when set) into whole epochs over a
+    training set of `train_size` images, so one setting means as much training on 2,000 images as on
+    20,000; returns one line per stage so resolved, for the log."""
+    resolved = []
+    for name in ("vae_train", "unet_train"):
+        stage = getattr(config, name)
+        if stage.images is not None:
+            stage.epochs = max(1, math.ceil(stage.images / max(1, train_size)))
+            resolved.append(f"{name}: {stage.images} images = {stage.epochs} epochs of {train_size}")
+    return resolved
 
 
 def latent_shape(config: Config) -> tuple[int, int, int]:
@@ -406,6 +420,9 @@ def _problems(config: Config) -> Iterator[str]:
     for name in ("vae_train", "unet_train"):
         stage = getattr(config, name)
         yield from need(stage.epochs >= 1, f"{name}.epochs", "must be at least 1")
+        yield from need(
+            stage.images is None or stage.images >= 1, f"{name}.images", "must be at least 1, or none to count in epochs"
+        )
         yield from need(stage.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
         yield from need(finite(stage.lr) and stage.lr > 0, f"{name}.lr", "must be a finite number above 0")
         yield from need(finite(stage.weight_decay) and stage.weight_decay >= 0, f"{name}.weight_decay", "must be 0 or more")

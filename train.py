@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 from config import (
     CLASS_NAMES,
+    DEFAULT_DATA_DIR,
+    DEMO_DATA_DIR,
     PRESETS,
     Config,
     RunConfig,
@@ -47,6 +49,7 @@ from config import (
     make_config,
     override_keys,
     read_config,
+    resolve_schedule,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
 from modules import EMA, AutoencoderKL, NoiseScheduler, ms_ssim, vae_loss
@@ -89,7 +92,11 @@ def build_parser() -> ArgumentParser:
         epilog="config fields (override any as --section.field VALUE; tuples as 64,128,256):\n"
         + "\n".join(f"  --{key}" for key in override_keys()),
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="config preset for a new run (default: demo)")
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help=f"config preset for a new run (default: adni when {DEFAULT_DATA_DIR} exists, else demo)",
+    )
     parser.add_argument("--data-dir", help="dataset root with {train,test}/{AD,NC}/ (sets data.data_dir)")
     parser.add_argument(
         "--run",
@@ -98,7 +105,7 @@ def build_parser() -> ArgumentParser:
         help="run folder (default: runs/<preset>); under torchrun write --run-dir, as torchrun claims --run",
     )
     parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
-    parser.add_argument("--epochs", type=int, help="epochs of the stage(s) being trained")
+    parser.add_argument("--epochs", type=int, help="epochs of the stage(s) being trained (replaces a schedule in images)")
     parser.add_argument("--batch-size", type=int, help="per-process batch size of the stage(s) being trained")
     parser.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ... (sets run.device)")
@@ -120,6 +127,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
         if getattr(args, flag) is not None:
             for stage in stages:
                 overrides[f"{stage}.{flag}"] = str(getattr(args, flag))
+    for stage in ("vae_train", "unet_train"):
+        if f"{stage}.epochs" in overrides:
+            if f"{stage}.images" in overrides:
+                parser.error(f"--{stage}.epochs and --{stage}.images both set the schedule: give one of them")
+            # An epoch count asked for replaces a schedule in images that the preset or the run had.
+            overrides[f"{stage}.images"] = "none"
     if args.data_dir is not None:
         overrides["data.data_dir"] = args.data_dir
     if args.device is not None:
@@ -524,10 +537,23 @@ def train_unet(config: Config, run_dir: Path, datasets: dict[str, SliceDataset],
 # ============================================================================ command line
 
 
+def pick_preset(requested: str | None) -> tuple[str, str]:
+    """The preset of a new run and why, in one line: the one asked for; else, as users of the original run
+    `python train.py` on a GPU workstation, `adni` when the ADNI folder exists, and `demo` when it does not."""
+    if requested:
+        return requested, f"preset {requested} (--preset)"
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return "adni", f"no --preset: training the adni preset (192 px, for a GPU) because {DEFAULT_DATA_DIR} exists"
+    return "demo", (
+        f"no --preset: training the demo preset (64 px, CPU minutes) on {DEMO_DATA_DIR}, because {DEFAULT_DATA_DIR} "
+        "does not exist (python project_setup.py unpacks data/ADNI.zip there)"
+    )
+
+
 def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> Config:
     """The run's config, validated: new from a preset, or the run's own config.json (which CLI values
     may not contradict where they define the model). Refuses to overwrite finished work without --resume."""
-    preset = args.preset or "demo"
+    preset = pick_preset(args.preset)[0]
     if (run_dir / "config.json").is_file():
         stored = read_config(run_dir)
         if args.preset and args.preset != stored.preset:
@@ -554,15 +580,19 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
                 f"{run_dir / (stage + '.pt')} exists: add --resume to continue it (or raise "
                 f"--{stage}_train.epochs to train longer), or choose a new --run"
             )
-    if "vae" in stages and (run_dir / "unet.pt").is_file():
+    validate(config)
+    return config
+
+
+def check_vae_is_final(config: Config, run_dir: Path, stage: str) -> None:
+    """A run whose UNet is trained on its VAE cannot train that VAE further (epochs as resolved)."""
+    if stage in ("vae", "all") and (run_dir / "unet.pt").is_file():
         vae_epochs = load_checkpoint(run_dir / "vae.pt")["epoch"] if (run_dir / "vae.pt").is_file() else 0
         if vae_epochs < config.vae_train.epochs:
             raise UsageError(
                 f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
                 "invalidate it: choose a new --run"
             )
-    validate(config)
-    return config
 
 
 def check_classes(datasets: dict[str, SliceDataset]) -> None:
@@ -585,6 +615,8 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
     check_classes(datasets)
+    resolved = resolve_schedule(config, len(datasets["train"]))
+    check_vae_is_final(config, run_dir, args.stage)
     # Only now, with the config and the data known to be usable, does the run folder get written.
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -595,6 +627,8 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
         save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
         print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
+        for line in resolved:
+            print(line)
     try:
         if args.stage in ("vae", "all"):
             train_vae(config, run_dir, datasets, runtime, args.resume)
@@ -612,7 +646,10 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(argv)
-    run_dir = Path(args.run or f"runs/{args.preset or 'demo'}")
+    preset, reason = pick_preset(args.preset)
+    run_dir = Path(args.run or f"runs/{preset}")
+    if args.preset is None and not (run_dir / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        print(reason)  # the first line: which model a bare `python train.py` is about to train, and why
     with usage_errors_exit():
         # One writer per run folder: torchrun's rank 0 holds the lock for all ranks of its job.
         with folder_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():

@@ -110,6 +110,7 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         ("scheduler.beta_schedule", "quadratic", "--scheduler.beta_schedule quadratic"),
         ("scheduler.beta_start", "0.5", "--scheduler.beta_start 0.5: must be above 0 and below scheduler.beta_end"),
         ("vae_train.epochs", "0", "--vae_train.epochs 0: must be at least 1"),
+        ("unet_train.images", "0", "--unet_train.images 0: must be at least 1, or none to count in epochs"),
         ("unet_train.batch_size", "0", "--unet_train.batch_size 0: must be at least 1"),
         ("vae_train.lr", "-1", "--vae_train.lr -1.0: must be a finite number above 0"),
         ("unet_train.lr", "nan", "--unet_train.lr nan: must be a finite number above 0"),
