@@ -68,6 +68,9 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (False, True, True)
     head_dim: int = 32
     context_dim: int = 256
+    # Learned context tokens per label (and for "no label"). With one, cross-attention's softmax is 1 over it
+    # and its query/key projections get no gradient; with several, each pixel weighs them.
+    label_tokens: int = 4
     num_classes: int = len(CLASS_NAMES)
     slice_conditioning: bool = False
     dropout: float = 0.0
@@ -171,7 +174,9 @@ def _tiny() -> Config:
     config.preset = "tiny"
     config.data.image_size, config.data.cache_dir = 32, None
     config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
-    config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
+    config.unet = UNetConfig(
+        channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16, label_tokens=1
+    )
     for stage in (config.vae_train, config.unet_train):
         stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
     config.run = RunConfig(sample_every=1, grid_samples=2, sample_steps=3, log_every=2)
@@ -246,6 +251,9 @@ def _from_json_value(value: object, hint: object) -> object:
 # Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
 # unet.latent_channels is vae.latent_channels (one definition of the latent space).
 RETIRED_FIELDS = {("unet", "latent_channels")}
+# Fields added later, with the value that a stored config without them meant, whatever the preset says now:
+# an old run keeps its one label token (its weights have that shape).
+ADDED_FIELDS = {("unet", "label_tokens"): 1}
 
 
 def config_to_dict(config: Config) -> dict:
@@ -255,6 +263,9 @@ def config_to_dict(config: Config) -> dict:
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from config.json; unknown fields mean another version."""
     config = make_config(str(data.get("preset", "adni")))
+    for (section_name, name), value in ADDED_FIELDS.items():
+        if isinstance(data.get(section_name), dict) and name not in data[section_name]:
+            setattr(getattr(config, section_name), name, value)
     for section_name, values in data.items():
         if section_name == "preset":
             continue
@@ -384,6 +395,7 @@ def _problems(config: Config) -> Iterator[str]:
         "unet.num_res_blocks",
         "unet.head_dim",
         "unet.context_dim",
+        "unet.label_tokens",
     ):
         section, name = key.split(".")
         yield from need(getattr(getattr(config, section), name) >= 1, key, "must be at least 1")

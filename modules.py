@@ -120,9 +120,9 @@ class SpatialSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """SD's spatial transformer: pixels attend to each other, then to the context tokens, then an MLP.
 
-    With the label as the only context token, the cross-attention weights are all 1: it adds one
-    learned vector per label to every pixel, and the layers after it make that image-dependent.
-    With the slice token beside it, each pixel's query weighs the two tokens."""
+    With a single context token the cross-attention weights are all 1: it adds one learned vector per
+    label to every pixel, and its query and key projections learn nothing. With several label tokens
+    (unet.label_tokens) and the slice token, each pixel's query weighs them."""
 
     def __init__(self, channels: int, head_dim: int, context_dim: int):
         super().__init__()
@@ -389,7 +389,7 @@ class Conditions:
 
 class UNet(nn.Module):
     """Latent noise predictor conditioned on the timestep (added in every ResBlock) and on context
-    tokens (cross-attention): a learned label embedding with one extra "no label" entry, and
+    tokens (cross-attention): label_tokens learned tokens per label, and as many for "no label", and
     optionally a slice-position token with a learned "no position" token.
 
     forward(x (B, C_z, h, w), timesteps (B,), conditions) → prediction (B, C_z, h, w)
@@ -404,7 +404,9 @@ class UNet(nn.Module):
         widths = config.channels
         time_dim = 4 * widths[0]
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
+        # Each row holds a label's label_tokens context tokens side by side; with one token the layout (and
+        # the initialisation's random draws) are those of runs made before there were several.
+        self.label_embedding = nn.Embedding(config.num_classes + 1, config.label_tokens * config.context_dim)
         if config.slice_conditioning:
             self.slice_mlp = nn.Sequential(
                 nn.Linear(config.context_dim, config.context_dim), nn.SiLU(), nn.Linear(config.context_dim, config.context_dim)
@@ -448,17 +450,20 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, latent_channels, 3, padding=1)))
 
     def context(self, conditions: Conditions) -> torch.Tensor:
-        """Context tokens (B, 1 or 2, context_dim)."""
+        """Context tokens (B, label_tokens [+ 1 slice token], context_dim); an absent label gets the
+        "no label" row's label_tokens tokens."""
         labels = conditions.labels
-        tokens = [self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))]
+        rows = self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))
+        tokens = rows.unflatten(-1, (self.config.label_tokens, self.config.context_dim))
         if self.config.slice_conditioning:
             position = conditions.slice_position
             if position is None:
                 raise ValueError("this UNet was built with slice_conditioning: pass a slice_position")
             encoded = self.slice_mlp(sinusoidal_embedding(position.clamp_min(0) * 1000, self.config.context_dim))
             missing = (position == Conditions.ABSENT)[:, None]
-            tokens.append(torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded))
-        return torch.stack(tokens, dim=1)
+            slice_token = torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded)
+            tokens = torch.cat([tokens, slice_token[:, None]], dim=1)
+        return tokens
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, return_features: bool = False):
         time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0]))

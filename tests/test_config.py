@@ -104,6 +104,7 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         ("unet.attention_levels", "true", "--unet.attention_levels true: needs one true/false per unet.channels level (3)"),
         ("unet.head_dim", "24", "--unet.head_dim 24: must split every unet.channels width (128,256,256) into equal heads"),
         ("unet.num_classes", "3", "--unet.num_classes 3: must be 2 (AD, NC)"),
+        ("unet.label_tokens", "0", "--unet.label_tokens 0: must be at least 1"),
         ("vae.recon_loss", "l3", "--vae.recon_loss l3: must be l1 or mse"),
         ("vae.kl_weight", "-1", "--vae.kl_weight -1.0: must be a finite number, 0 or more"),
         ("scheduler.prediction_type", "x0", "--scheduler.prediction_type x0: must be v or epsilon"),
