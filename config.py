@@ -53,6 +53,11 @@ class VAEConfig:
     recon_loss: str = "l1"  # "l1" | "mse"
     kl_weight: float = 1e-6  # on the per-image KL sum, beside the per-pixel mean reconstruction (as MONAI's LDM)
     ssim_weight: float = 0.2
+    # Optional sharpness terms, off unless asked for (not measured better yet: see the README's Model section).
+    fourier_weight: float = 0.0  # L1 between Fourier amplitude spectra: blur is missing high-frequency energy
+    adversarial_weight: float = 0.0  # hinge loss of a PatchGAN discriminator on the reconstructions; 0 = none
+    adversarial_start: int = 0  # VAE steps before the discriminator trains and its loss counts (as SD's autoencoder)
+    discriminator_channels: int = 32  # its first layer's width, doubled at each of its next two layers
 
     @property
     def downsample_factor(self) -> int:
@@ -95,6 +100,7 @@ class StageConfig:
     images: int | None = None  # a schedule in training images instead: epochs = ceil(images / training-set size)
     batch_size: int = 32
     lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)  # AdamW's (beta1, beta2); the VAE's discriminator uses them too
     weight_decay: float = 0.01
     warmup_steps: int = 200
     min_lr_ratio: float = 0.1
@@ -386,6 +392,7 @@ def _problems(config: Config) -> Iterator[str]:
     )
     yield from need(finite(data.val_fraction) and 0 < data.val_fraction < 1, "data.val_fraction", "must lie in (0, 1)")
     yield from need(data.split_seed >= 0, "data.split_seed", "must be 0 or more")
+    yield from need(vae.adversarial_start >= 0, "vae.adversarial_start", "must be 0 or more (VAE steps)")
     for key, widths in (("vae.channels", vae.channels), ("unet.channels", unet.channels)):
         yield from need(len(widths) >= 1 and all(w >= 4 for w in widths), key, "must be widths of at least 4, e.g. 32,64,128")
     for key in (
@@ -396,11 +403,19 @@ def _problems(config: Config) -> Iterator[str]:
         "unet.head_dim",
         "unet.context_dim",
         "unet.label_tokens",
+        "vae.discriminator_channels",
     ):
         section, name = key.split(".")
         yield from need(getattr(getattr(config, section), name) >= 1, key, "must be at least 1")
     yield from need(vae.recon_loss in ("l1", "mse"), "vae.recon_loss", "must be l1 or mse")
-    for key in ("vae.kl_weight", "vae.ssim_weight", "scheduler.min_snr_gamma", "scheduler.clip_sample"):
+    for key in (
+        "vae.kl_weight",
+        "vae.ssim_weight",
+        "vae.fourier_weight",
+        "vae.adversarial_weight",
+        "scheduler.min_snr_gamma",
+        "scheduler.clip_sample",
+    ):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         yield from need(finite(value) and value >= 0, key, "must be a finite number, 0 or more")
@@ -437,6 +452,11 @@ def _problems(config: Config) -> Iterator[str]:
         )
         yield from need(stage.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
         yield from need(finite(stage.lr) and stage.lr > 0, f"{name}.lr", "must be a finite number above 0")
+        yield from need(
+            len(stage.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in stage.betas),
+            f"{name}.betas",
+            "must be two numbers in [0, 1), e.g. 0.9,0.999",
+        )
         yield from need(finite(stage.weight_decay) and stage.weight_decay >= 0, f"{name}.weight_decay", "must be 0 or more")
         yield from need(stage.warmup_steps >= 0, f"{name}.warmup_steps", "must be 0 or more")
         yield from need(finite(stage.min_lr_ratio) and 0 <= stage.min_lr_ratio <= 1, f"{name}.min_lr_ratio", "must lie in [0, 1]")

@@ -256,9 +256,11 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def vae_loss(
     x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, config: VAEConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM).
+    """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM)
+    + fourier_weight * (L1 of the Fourier amplitude spectra).
 
-    Returns the total and its parts, detached; a patch discriminator would add one more part here."""
+    Returns the total and its parts, detached. The discriminator's term (generator_hinge_loss) is added
+    by the training loop, which owns the discriminator."""
     recon = recon.float()
     if config.recon_loss == "l1":
         reconstruction = F.l1_loss(recon, x)
@@ -273,7 +275,50 @@ def vae_loss(
         structural = 1.0 - ssim(recon, x).mean()
         parts["ssim"] = structural
         total = total + config.ssim_weight * structural
+    if config.fourier_weight > 0:
+        spectral = fourier_amplitude_distance(recon, x)
+        parts["fourier"] = spectral
+        total = total + config.fourier_weight * spectral
     return total, {name: value.detach() for name, value in parts.items()}
+
+
+def fourier_amplitude_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean |(|F x| - |F y|)| over the orthonormal 2D spectra of images (B, C, H, W): a blurred
+    reconstruction lacks the high-frequency amplitude that pixel L1 and SSIM barely charge for
+    (after Jiang et al. 2021's focal frequency loss, without its focal weights)."""
+    return F.l1_loss(torch.fft.rfft2(x.float(), norm="ortho").abs(), torch.fft.rfft2(y.float(), norm="ortho").abs())
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): images (B, C, H, W) → one real/fake logit per overlapping patch,
+    (B, 1, H/8 - 1, W/8 - 1). Three stride-2 4x4 convs (widths c, 2c, 4c, GroupNorm, LeakyReLU), then a
+    stride-1 conv to the logit map; small next to the VAE, and sensitive to texture such as blur or a grid."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        width = config.discriminator_channels
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for multiplier in (2, 4):
+            layers += [
+                nn.Conv2d(width * multiplier // 2, width * multiplier, 4, stride=2, padding=1),
+                group_norm(width * multiplier),
+                nn.LeakyReLU(0.2),
+            ]
+        layers.append(nn.Conv2d(4 * width, 1, 4, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), halved as in Rombach et al.'s autoencoder."""
+    return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean(D(reconstruction)): the VAE is rewarded for patches the discriminator calls real."""
+    return -fake_logits.float().mean()
 
 
 # --------------------------------------------------------------------------------------------- SSIM

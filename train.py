@@ -52,7 +52,16 @@ from config import (
     resolve_schedule,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from modules import EMA, AutoencoderKL, NoiseScheduler, ms_ssim, vae_loss
+from modules import (
+    EMA,
+    AutoencoderKL,
+    NoiseScheduler,
+    PatchDiscriminator,
+    discriminator_hinge_loss,
+    generator_hinge_loss,
+    ms_ssim,
+    vae_loss,
+)
 from pipeline import (
     LatentDataset,
     Pipeline,
@@ -188,7 +197,7 @@ def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=stage.lr,
-        betas=(0.9, 0.999),
+        betas=tuple(stage.betas),
         # One kernel for all parameters: 4x (demo UNet) and 6.5x (adni UNet) faster than the default on a CPU.
         fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
@@ -403,10 +412,60 @@ def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
+class Critic:
+    """The VAE's optional PatchGAN discriminator (vae.adversarial_weight > 0) with its own AdamW: it
+    learns, with a hinge loss, to tell training slices from their reconstructions from step
+    vae.adversarial_start on, and from then on the VAE's loss adds adversarial_weight times the
+    generator's hinge loss. Its weights and optimizer travel in vae.pt, so a resumed run stays exact."""
+
+    def __init__(self, config: Config, runtime: Runtime, restored: dict, path: Path):
+        self.settings = config.vae
+        self.model = PatchDiscriminator(config.vae).to(runtime.device)
+        stage = config.vae_train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, betas=tuple(stage.betas), weight_decay=0.0)
+        if restored:
+            if "discriminator" not in restored or "discriminator_optimizer" not in restored:
+                raise UsageError(f"{path} holds no discriminator to resume: resume from a copy or start a new --run")
+            load_weights(self.model, restored["discriminator"], path)
+            self.optimizer.load_state_dict(restored["discriminator_optimizer"])
+        self.trained = prepare_for_training(self.model, config, runtime)
+        self.runtime = runtime
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The VAE's adversarial term at global step `step` (None before the start), keeping the batch
+        for the discriminator's own step after the VAE's."""
+        if step < self.settings.adversarial_start:
+            return None
+        self.pending = images, recon.detach()
+        self.model.requires_grad_(False)  # its gradient from the VAE's loss would only be thrown away
+        try:
+            return self.settings.adversarial_weight * generator_hinge_loss(self.model(recon))
+        finally:
+            self.model.requires_grad_(True)
+
+    def step(self) -> None:
+        """One discriminator update on the batch the VAE just trained on, real and reconstructed in one pass."""
+        if self.pending is None:
+            return
+        images, recon = self.pending
+        self.pending = None
+        with self.runtime.autocast():
+            real_logits, fake_logits = self.trained(torch.cat([images, recon])).chunk(2)
+        loss = discriminator_hinge_loss(real_logits, fake_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        return {"discriminator": self.model.state_dict(), "discriminator_optimizer": self.optimizer.state_dict()}
+
+
 def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool) -> AutoencoderKL:
     torch.manual_seed(config.run.seed)
     vae = AutoencoderKL(config.vae).to(runtime.device)
     stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt")
+    critic = Critic(config, runtime, stage.restored, run_dir / "vae.pt") if config.vae.adversarial_weight > 0 else None
     val_loader = make_loader(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
@@ -415,9 +474,12 @@ def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         images = batch[0].to(runtime.device, non_blocking=True)
         recon, mean, logvar = stage.trained(images)
-        return vae_loss(images, recon, mean, logvar, config.vae)[0], len(images)
+        loss = vae_loss(images, recon, mean, logvar, config.vae)[0]
+        adversarial = None if critic is None else critic.generator_loss(images, recon, stage.lr_schedule.last_epoch)
+        return (loss if adversarial is None else loss + adversarial), len(images)
 
-    for entry in run_epochs(stage, config, runtime, compute_loss):
+    after_step = critic.step if critic is not None else lambda: None
+    for entry in run_epochs(stage, config, runtime, compute_loss, after_step=after_step):
         entry["val_loss"], entry["val_ms_ssim"] = evaluate_vae(vae, val_loader, config, runtime)
         stage.history.append(entry)
         if runtime.is_main:
@@ -427,7 +489,8 @@ def train_vae(config: Config, run_dir: Path, datasets: dict[str, SliceDataset], 
             )
             if entry["epoch"] == stage.settings.epochs:
                 set_latent_scale(vae, datasets["train"], stage.settings.batch_size, runtime)
-            save_checkpoint(stage.checkpoint(config, entry["epoch"]), run_dir / "vae.pt")
+            extra = critic.state() if critic is not None else {}
+            save_checkpoint(stage.checkpoint(config, entry["epoch"], **extra), run_dir / "vae.pt")
             write_history(run_dir, stage.history, [])
             plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
             save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
