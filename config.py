@@ -156,7 +156,9 @@ def _adni() -> Config:
     """The 192 px model for one GPU: f = 8 → 24x24 latents, attention at 12x12 and 6x6."""
     return Config(
         preset="adni",
-        vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500),
+        # betas 0.5,0.9 as autoencoders commonly use: measured on 2 CPU cores (the adni VAE at 64 px with
+        # channels 16-32-64-64, 270 steps) val MS-SSIM 0.906 against 0.865 with 0.9,0.999 (README "Training").
+        vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500, betas=(0.5, 0.9)),
         unet_train=UNetTrainConfig(epochs=100, batch_size=64, lr=2e-4, warmup_steps=1000),
     )
 
@@ -258,8 +260,8 @@ def _from_json_value(value: object, hint: object) -> object:
 # unet.latent_channels is vae.latent_channels (one definition of the latent space).
 RETIRED_FIELDS = {("unet", "latent_channels")}
 # Fields added later, with the value that a stored config without them meant, whatever the preset says now:
-# an old run keeps its one label token (its weights have that shape).
-ADDED_FIELDS = {("unet", "label_tokens"): 1}
+# an old run keeps its one label token (its weights have that shape) and resumes with the betas it began with.
+ADDED_FIELDS = {("unet", "label_tokens"): 1, ("vae_train", "betas"): (0.9, 0.999), ("unet_train", "betas"): (0.9, 0.999)}
 
 
 def config_to_dict(config: Config) -> dict:

@@ -5,6 +5,7 @@ and the optimizer's betas as a config field."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import train
-from config import VAEConfig, make_config
+from config import VAEConfig, config_to_dict, make_config, read_config
 from conftest import run_train
 from modules import (
     PatchDiscriminator,
@@ -95,3 +96,13 @@ def test_betas_reach_the_optimizer() -> None:
     stage.betas = (0.5, 0.9)
     optimizer, _ = train.make_optimizer(torch.nn.Linear(2, 2), stage, steps_per_epoch=1)
     assert all(group["betas"] == (0.5, 0.9) for group in optimizer.param_groups)
+
+
+def test_adni_vae_uses_betas_05_09_and_runs_saved_before_keep_theirs(tmp_path: Path) -> None:
+    assert make_config("adni").vae_train.betas == (0.5, 0.9)
+    assert make_config("adni").unet_train.betas == make_config("demo").vae_train.betas == (0.9, 0.999)
+    stored = config_to_dict(make_config("adni"))
+    del stored["vae_train"]["betas"], stored["unet_train"]["betas"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    old = read_config(tmp_path)
+    assert old.vae_train.betas == old.unet_train.betas == (0.9, 0.999), "a resumed old run keeps its optimizer"
