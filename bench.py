@@ -454,19 +454,21 @@ def import_diffusers() -> types.ModuleType:
 
 
 class DiffusersUNet(nn.Module):
-    """diffusers' UNet2DConditionModel behind our UNet's call signature: the label becomes one context
-    token from an embedding with an extra "no label" row, exactly as our UNet conditions itself. It has
-    no slice-position token."""
+    """diffusers' UNet2DConditionModel behind our UNet's call signature: the label becomes label_tokens
+    context tokens from an embedding with an extra "no label" row, exactly as our UNet conditions itself.
+    It has no slice-position token."""
 
     def __init__(self, unet: nn.Module, config: UNetConfig):
         super().__init__()
         self.unet = unet
         self.null_label = config.num_classes
-        self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
+        self.tokens = config.label_tokens
+        self.label_embedding = nn.Embedding(config.num_classes + 1, config.label_tokens * config.context_dim)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         labels = torch.where(conditions.labels == Conditions.ABSENT, self.null_label, conditions.labels)
-        return self.unet(x, timesteps, encoder_hidden_states=self.label_embedding(labels)[:, None]).sample
+        context = self.label_embedding(labels).unflatten(-1, (self.tokens, -1))  # (B, label_tokens, context_dim)
+        return self.unet(x, timesteps, encoder_hidden_states=context).sample
 
 
 def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_channels: int, latent_side: int) -> DiffusersUNet:

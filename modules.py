@@ -153,9 +153,9 @@ class SpatialSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """SD's spatial transformer: pixels attend to each other, then to the context tokens, then an MLP.
 
-    With the label as the only context token, the cross-attention weights are all 1: it adds one
-    learned vector per label to every pixel, and the layers after it make that image-dependent.
-    With the slice token beside it, each pixel's query weighs the two tokens."""
+    With a single context token the cross-attention weights are all 1: it adds one learned vector per
+    label to every pixel, and its query and key projections learn nothing. With several label tokens
+    (unet.label_tokens) and the slice token, each pixel's query weighs them."""
 
     def __init__(self, channels: int, head_dim: int, context_dim: int):
         super().__init__()
@@ -295,9 +295,11 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def vae_loss(
     x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, config: VAEConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM).
+    """Reconstruction (L1 or MSE, per-pixel mean) + kl_weight * KL + ssim_weight * (1 - SSIM)
+    + fourier_weight * (L1 of the Fourier amplitude spectra).
 
-    Returns the total and its parts, detached; a patch discriminator would add one more part here."""
+    Returns the total and its parts, detached. The discriminator's term (generator_hinge_loss) is added
+    by the training loop, which owns the discriminator."""
     recon = recon.float()
     if config.recon_loss == "l1":
         reconstruction = F.l1_loss(recon, x)
@@ -312,7 +314,50 @@ def vae_loss(
         structural = 1.0 - ssim(recon, x).mean()
         parts["ssim"] = structural
         total = total + config.ssim_weight * structural
+    if config.fourier_weight > 0:
+        spectral = fourier_amplitude_distance(recon, x)
+        parts["fourier"] = spectral
+        total = total + config.fourier_weight * spectral
     return total, {name: value.detach() for name, value in parts.items()}
+
+
+def fourier_amplitude_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean |(|F x| - |F y|)| over the orthonormal 2D spectra of images (B, C, H, W): a blurred
+    reconstruction lacks the high-frequency amplitude that pixel L1 and SSIM barely charge for
+    (after Jiang et al. 2021's focal frequency loss, without its focal weights)."""
+    return F.l1_loss(torch.fft.rfft2(x.float(), norm="ortho").abs(), torch.fft.rfft2(y.float(), norm="ortho").abs())
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017): images (B, C, H, W) → one real/fake logit per overlapping patch,
+    (B, 1, H/8 - 1, W/8 - 1). Three stride-2 4x4 convs (widths c, 2c, 4c, GroupNorm, LeakyReLU), then a
+    stride-1 conv to the logit map; small next to the VAE, and sensitive to texture such as blur or a grid."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        width = config.discriminator_channels
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for multiplier in (2, 4):
+            layers += [
+                nn.Conv2d(width * multiplier // 2, width * multiplier, 4, stride=2, padding=1),
+                group_norm(width * multiplier),
+                nn.LeakyReLU(0.2),
+            ]
+        layers.append(nn.Conv2d(4 * width, 1, 4, stride=1, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), halved as in Rombach et al.'s autoencoder."""
+    return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-mean(D(reconstruction)): the VAE is rewarded for patches the discriminator calls real."""
+    return -fake_logits.float().mean()
 
 
 # --------------------------------------------------------------------------------------------- SSIM
@@ -428,7 +473,7 @@ class Conditions:
 
 class UNet(nn.Module):
     """Latent noise predictor conditioned on the timestep (added in every ResBlock) and on context
-    tokens (cross-attention): a learned label embedding with one extra "no label" entry, and
+    tokens (cross-attention): label_tokens learned tokens per label, and as many for "no label", and
     optionally a slice-position token with a learned "no position" token.
 
     forward(x (B, C_z, h, w), timesteps (B,), conditions) → prediction (B, C_z, h, w)
@@ -445,7 +490,9 @@ class UNet(nn.Module):
         # A constant of every forward, made once; not persistent, so state dicts are as before.
         self.register_buffer("time_frequencies", sinusoidal_frequencies(widths[0]), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.label_embedding = nn.Embedding(config.num_classes + 1, config.context_dim)
+        # Each row holds a label's label_tokens context tokens side by side; with one token the layout (and
+        # the initialisation's random draws) are those of runs made before there were several.
+        self.label_embedding = nn.Embedding(config.num_classes + 1, config.label_tokens * config.context_dim)
         if config.slice_conditioning:
             self.slice_mlp = nn.Sequential(
                 nn.Linear(config.context_dim, config.context_dim), nn.SiLU(), nn.Linear(config.context_dim, config.context_dim)
@@ -489,17 +536,20 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, latent_channels, 3, padding=1)))
 
     def context(self, conditions: Conditions) -> torch.Tensor:
-        """Context tokens (B, 1 or 2, context_dim)."""
+        """Context tokens (B, label_tokens [+ 1 slice token], context_dim); an absent label gets the
+        "no label" row's label_tokens tokens."""
         labels = conditions.labels
-        tokens = [self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))]
+        rows = self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))
+        tokens = rows.unflatten(-1, (self.config.label_tokens, self.config.context_dim))
         if self.config.slice_conditioning:
             position = conditions.slice_position
             if position is None:
                 raise ValueError("this UNet was built with slice_conditioning: pass a slice_position")
             encoded = self.slice_mlp(sinusoidal_embedding(position.clamp_min(0) * 1000, self.config.context_dim))
             missing = (position == Conditions.ABSENT)[:, None]
-            tokens.append(torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded))
-        return torch.stack(tokens, dim=1)
+            slice_token = torch.where(missing, self.null_slice.to(encoded.dtype).expand_as(encoded), encoded)
+            tokens = torch.cat([tokens, slice_token[:, None]], dim=1)
+        return tokens
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, return_features: bool = False):
         time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0], self.time_frequencies))

@@ -39,6 +39,8 @@ from tqdm import tqdm
 from config import (
     CLASS_NAMES,
     COMPILE_MODES,
+    DEFAULT_DATA_DIR,
+    DEMO_DATA_DIR,
     PRESETS,
     Config,
     RunConfig,
@@ -50,9 +52,20 @@ from config import (
     make_config,
     override_keys,
     read_config,
+    resolve_schedule,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from modules import EMA, AutoencoderKL, NoiseScheduler, compile_model, ms_ssim, vae_loss
+from modules import (
+    EMA,
+    AutoencoderKL,
+    NoiseScheduler,
+    PatchDiscriminator,
+    compile_model,
+    discriminator_hinge_loss,
+    generator_hinge_loss,
+    ms_ssim,
+    vae_loss,
+)
 from pipeline import (
     LatentDataset,
     Pipeline,
@@ -92,7 +105,11 @@ def build_parser() -> ArgumentParser:
         epilog="config fields (override any as --section.field VALUE; tuples as 64,128,256):\n"
         + "\n".join(f"  --{key}" for key in override_keys()),
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="config preset for a new run (default: demo)")
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help=f"config preset for a new run (default: adni when {DEFAULT_DATA_DIR} exists, else demo)",
+    )
     parser.add_argument("--data-dir", help="dataset root with {train,test}/{AD,NC}/ (sets data.data_dir)")
     parser.add_argument(
         "--run",
@@ -101,7 +118,7 @@ def build_parser() -> ArgumentParser:
         help="run folder (default: runs/<preset>); under torchrun write --run-dir, as torchrun claims --run",
     )
     parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
-    parser.add_argument("--epochs", type=int, help="epochs of the stage(s) being trained")
+    parser.add_argument("--epochs", type=int, help="epochs of the stage(s) being trained (replaces a schedule in images)")
     parser.add_argument("--batch-size", type=int, help="per-process batch size of the stage(s) being trained")
     parser.add_argument("--lr", type=float, help="peak learning rate of the stage(s) being trained")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ... (sets run.device)")
@@ -129,6 +146,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
         if getattr(args, flag) is not None:
             for stage in stages:
                 overrides[f"{stage}.{flag}"] = str(getattr(args, flag))
+    for stage in ("vae_train", "unet_train"):
+        if f"{stage}.epochs" in overrides:
+            if f"{stage}.images" in overrides:
+                parser.error(f"--{stage}.epochs and --{stage}.images both set the schedule: give one of them")
+            # An epoch count asked for replaces a schedule in images that the preset or the run had.
+            overrides[f"{stage}.images"] = "none"
     if args.data_dir is not None:
         overrides["data.data_dir"] = args.data_dir
     if args.device is not None:
@@ -184,7 +207,7 @@ def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=stage.lr,
-        betas=(0.9, 0.999),
+        betas=tuple(stage.betas),
         # One kernel for all parameters: 4x (demo UNet) and 6.5x (adni UNet) faster than the default on a CPU.
         fused=next(model.parameters()).device.type in ("cpu", "cuda"),
     )
@@ -597,6 +620,55 @@ def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
+class Critic:
+    """The VAE's optional PatchGAN discriminator (vae.adversarial_weight > 0) with its own AdamW: it
+    learns, with a hinge loss, to tell training slices from their reconstructions from step
+    vae.adversarial_start on, and from then on the VAE's loss adds adversarial_weight times the
+    generator's hinge loss. Its weights and optimizer travel in vae.pt, so a resumed run stays exact."""
+
+    def __init__(self, config: Config, runtime: Runtime, restored: dict, path: Path):
+        self.settings = config.vae
+        self.model = PatchDiscriminator(config.vae).to(runtime.device)
+        stage = config.vae_train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, betas=tuple(stage.betas), weight_decay=0.0)
+        if restored:
+            if "discriminator" not in restored or "discriminator_optimizer" not in restored:
+                raise UsageError(f"{path} holds no discriminator to resume: resume from a copy or start a new --run")
+            load_weights(self.model, restored["discriminator"], path)
+            self.optimizer.load_state_dict(restored["discriminator_optimizer"])
+        self.trained = prepare_for_training(self.model, config, runtime)
+        self.runtime = runtime
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The VAE's adversarial term at global step `step` (None before the start), keeping the batch
+        for the discriminator's own step after the VAE's."""
+        if step < self.settings.adversarial_start:
+            return None
+        self.pending = images, recon.detach()
+        self.model.requires_grad_(False)  # its gradient from the VAE's loss would only be thrown away
+        try:
+            return self.settings.adversarial_weight * generator_hinge_loss(self.model(recon))
+        finally:
+            self.model.requires_grad_(True)
+
+    def step(self) -> None:
+        """One discriminator update on the batch the VAE just trained on, real and reconstructed in one pass."""
+        if self.pending is None:
+            return
+        images, recon = self.pending
+        self.pending = None
+        with self.runtime.autocast():
+            real_logits, fake_logits = self.trained(torch.cat([images, recon])).chunk(2)
+        loss = discriminator_hinge_loss(real_logits, fake_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        return {"discriminator": self.model.state_dict(), "discriminator_optimizer": self.optimizer.state_dict()}
+
+
 def train_vae(
     config: Config, run_dir: Path, datasets: dict[str, SliceDataset], runtime: Runtime, resume: bool, stop: StopRequest
 ) -> AutoencoderKL:
@@ -604,6 +676,7 @@ def train_vae(
     torch.manual_seed(config.run.seed)
     vae = AutoencoderKL(config.vae).to(runtime.device)
     stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt", clock, stop)
+    critic = Critic(config, runtime, stage.restored, run_dir / "vae.pt") if config.vae.adversarial_weight > 0 else None
     val_loader = make_loader(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
@@ -612,13 +685,19 @@ def train_vae(
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         images = batch[0].to(runtime.device, non_blocking=True)
         recon, mean, logvar = stage.trained(images)
-        return vae_loss(images, recon, mean, logvar, config.vae)[0], len(images)
+        loss = vae_loss(images, recon, mean, logvar, config.vae)[0]
+        adversarial = None if critic is None else critic.generator_loss(images, recon, stage.lr_schedule.last_epoch)
+        return (loss if adversarial is None else loss + adversarial), len(images)
 
     def write_logs() -> None:
         write_history(run_dir, stage.history, [])
         plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
 
-    for entry in run_epochs(stage, config, runtime, compute_loss):
+    def checkpoint(epoch: int) -> dict:
+        return stage.checkpoint(config, epoch, **(critic.state() if critic is not None else {}))
+
+    after_step = critic.step if critic is not None else lambda: None
+    for entry in run_epochs(stage, config, runtime, compute_loss, after_step=after_step):
         validated = validating(entry["epoch"], stage, config)
         if validated:
             with stage.clock.measure("validation"):
@@ -635,7 +714,7 @@ def train_vae(
             if validated:
                 with stage.clock.measure("sample_grids"):
                     save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
-        finish_epoch(stage, entry, runtime, run_dir / "vae.pt", lambda epoch: stage.checkpoint(config, epoch), write_logs)
+        finish_epoch(stage, entry, runtime, run_dir / "vae.pt", checkpoint, write_logs)
     if runtime.world_size > 1:
         dist.broadcast(vae.scale_factor, src=0)
     return vae
@@ -755,10 +834,23 @@ def train_unet(
 # ============================================================================ command line
 
 
+def pick_preset(requested: str | None) -> tuple[str, str]:
+    """The preset of a new run and why, in one line: the one asked for; else, as users of the original run
+    `python train.py` on a GPU workstation, `adni` when the ADNI folder exists, and `demo` when it does not."""
+    if requested:
+        return requested, f"preset {requested} (--preset)"
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return "adni", f"no --preset: training the adni preset (192 px, for a GPU) because {DEFAULT_DATA_DIR} exists"
+    return "demo", (
+        f"no --preset: training the demo preset (64 px, CPU minutes) on {DEMO_DATA_DIR}, because {DEFAULT_DATA_DIR} "
+        "does not exist (python project_setup.py unpacks data/ADNI.zip there)"
+    )
+
+
 def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> Config:
     """The run's config, validated: new from a preset, or the run's own config.json (which CLI values
     may not contradict where they define the model). Refuses to overwrite finished work without --resume."""
-    preset = args.preset or "demo"
+    preset = pick_preset(args.preset)[0]
     if (run_dir / "config.json").is_file():
         stored = read_config(run_dir)
         if args.preset and args.preset != stored.preset:
@@ -785,15 +877,19 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
                 f"{run_dir / (stage + '.pt')} exists: add --resume to continue it (or raise "
                 f"--{stage}_train.epochs to train longer), or choose a new --run"
             )
-    if "vae" in stages and (run_dir / "unet.pt").is_file():
+    validate(config)
+    return config
+
+
+def check_vae_is_final(config: Config, run_dir: Path, stage: str) -> None:
+    """A run whose UNet is trained on its VAE cannot train that VAE further (epochs as resolved)."""
+    if stage in ("vae", "all") and (run_dir / "unet.pt").is_file():
         vae_epochs = load_checkpoint(run_dir / "vae.pt")["epoch"] if (run_dir / "vae.pt").is_file() else 0
         if vae_epochs < config.vae_train.epochs:
             raise UsageError(
                 f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
                 "invalidate it: choose a new --run"
             )
-    validate(config)
-    return config
 
 
 def check_classes(datasets: dict[str, SliceDataset]) -> None:
@@ -816,6 +912,8 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
     check_classes(datasets)
+    resolved = resolve_schedule(config, len(datasets["train"]))
+    check_vae_is_final(config, run_dir, args.stage)
     # Only now, with the config and the data known to be usable, does the run folder get written.
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -826,6 +924,8 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
         save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
         print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
+        for line in resolved:
+            print(line)
     try:
         with StopRequest() as stop:
             if args.stage in ("vae", "all"):
@@ -848,7 +948,10 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(argv)
-    run_dir = Path(args.run or f"runs/{args.preset or 'demo'}")
+    preset, reason = pick_preset(args.preset)
+    run_dir = Path(args.run or f"runs/{preset}")
+    if args.preset is None and not (run_dir / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        print(reason)  # the first line: which model a bare `python train.py` is about to train, and why
     with usage_errors_exit():
         # One writer per run folder: torchrun's rank 0 holds the lock for all ranks of its job.
         with folder_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():

@@ -54,6 +54,8 @@ GOLDEN_CONFIG = [
     "16",
     "--unet.slice_conditioning",
     "true",
+    "--unet.label_tokens",  # one label token, as when the record was made (the demo preset now has 4)
+    "1",
     "--vae_train.epochs",
     "2",
     "--vae_train.batch_size",

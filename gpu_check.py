@@ -1,0 +1,108 @@
+"""Check a new GPU workstation end to end in one short command, and print one summary line.
+
+    python gpu_check.py                                   # the adni preset at 192 px on a 300-scan demo set
+    python gpu_check.py --vae_train.lr 1e-3               # any train.py config override is passed on
+
+It builds a demo set (project_setup.py; skipped when --data-dir already holds one), trains the chosen
+preset's VAE and UNet on a short schedule given in training images (train.py, one stage at a time),
+samples --samples images per label (predict.py) and evaluates --eval-samples per label (evaluate.py),
+each as its own process, timed. The last line printed is the summary: VAE validation MS-SSIM, Fréchet
+distance against its real-vs-real floor, conditioning accuracy against the classifier's accuracy on
+VAE reconstructions, the AD-vs-NC anatomy effect (Cohen's d) generated vs real, and seconds per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from config import collect_overrides
+from utils import ArgumentParser, UsageError, usage_errors_exit
+
+SCRIPTS = Path(__file__).resolve().parent
+# Sized to fit one 8-minute command on one H100 with the adni preset (measured there: VAE 302 and UNet
+# 889 training images/s, README "Benchmarks"): about 100 s of VAE and 110 s of UNet training.
+DEFAULT_VAE_IMAGES = 30_000
+DEFAULT_UNET_IMAGES = 100_000
+DEFAULT_SCANS = 300
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="adni", help="train.py preset (default adni)")
+    parser.add_argument("--data-dir", type=Path, default=Path("data/gpu_check/AD_NC"), help="demo set, built if missing")
+    parser.add_argument("--scans", type=int, default=DEFAULT_SCANS, help=f"demo scans to build (default {DEFAULT_SCANS})")
+    parser.add_argument("--run", type=Path, default=Path("runs/gpu_check"), help="run folder; must not exist yet")
+    parser.add_argument("--vae-images", type=int, default=DEFAULT_VAE_IMAGES, help="VAE training images")
+    parser.add_argument("--unet-images", type=int, default=DEFAULT_UNET_IMAGES, help="UNet training images")
+    parser.add_argument("--samples", type=int, default=64, help="predict.py images per label (default 64)")
+    parser.add_argument("--eval-samples", type=int, default=200, help="evaluate.py images per label (default 200)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps for predict and evaluate (default 50)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    return parser
+
+
+def run_stage(name: str, script: str, arguments: list[str], seconds: dict[str, float]) -> None:
+    """Run `python <script> <arguments>` with its output shown, and record its wall time under `name`."""
+    started = time.perf_counter()
+    finished = subprocess.run([sys.executable, str(SCRIPTS / script), *arguments], check=False)
+    seconds[name] = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise UsageError(f"the {name} stage ({script}) failed with exit status {finished.returncode}: see its message above")
+
+
+def summary_line(run_dir: Path, seconds: dict[str, float]) -> str:
+    """One line from the run's history.jsonl and metrics.json (evaluate.py's groups.all and anatomy keys)."""
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    ms_ssim = [entry["val_ms_ssim"] for entry in history if entry["stage"] == "vae"][-1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    overall, anatomy = metrics["groups"]["all"], metrics["anatomy"]
+    frechet, floor = overall["frechet_distance"], overall["frechet_floor"]
+    times = ", ".join(f"{name} {value:.0f}" for name, value in seconds.items())
+    return (
+        f"gpu check: VAE val MS-SSIM {ms_ssim:.4f} | Fréchet {frechet:.4g} = {frechet / floor:.1f}x its floor {floor:.4g} | "
+        f"conditioning accuracy {overall['conditioning_accuracy']:.3f} vs {overall['reconstructed_test_accuracy']:.3f} "
+        f"on reconstructions ({overall['real_test_accuracy']:.3f} on real) | anatomy d generated "
+        f"{anatomy['generated']['cohens_d_AD_minus_NC']:+.2f} vs real {anatomy['real_test']['cohens_d_AD_minus_NC']:+.2f} | "
+        f"seconds: {times}, total {sum(seconds.values()):.0f}"
+    )
+
+
+def check(args: argparse.Namespace, overrides: list[str]) -> str:
+    """Every stage in turn; returns the summary line."""
+    for flag in ("scans", "vae_images", "unet_images", "samples", "eval_samples", "steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.run.exists():
+        raise UsageError(f"{args.run} exists: the check trains a new run; delete it or pass another --run")
+    seconds: dict[str, float] = {}
+    if not args.data_dir.is_dir():
+        demo = ["--demo", "--scans", str(args.scans), "--data-dir", str(args.data_dir)]
+        run_stage("demo build", "project_setup.py", demo, seconds)
+    common = ["--preset", args.preset, "--data-dir", str(args.data_dir), "--run", str(args.run), "--device", args.device]
+    schedule = ["--vae_train.images", str(args.vae_images), "--unet_train.images", str(args.unet_images)]
+    for stage in ("vae", "unet"):
+        run_stage(stage, "train.py", [*common, *schedule, *overrides, "--stage", stage], seconds)
+    sampling = ["--run", str(args.run), "--device", args.device, "--steps", str(args.steps)]
+    run_stage("predict", "predict.py", [*sampling, "--label", "both", "--num-samples", str(args.samples)], seconds)
+    run_stage("evaluate", "evaluate.py", [*sampling, "--num-samples", str(args.eval_samples)], seconds)
+    return summary_line(args.run, seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        collect_overrides(overrides)  # checked now rather than after the demo build; train.py reads them
+    except ValueError as error:
+        parser.error(str(error))
+    with usage_errors_exit():
+        print(check(args, overrides), flush=True)
+
+
+if __name__ == "__main__":
+    main()

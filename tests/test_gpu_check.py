@@ -1,0 +1,66 @@
+"""gpu_check.py: every stage end to end on a tiny demo set (CPU), its one summary line, its refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_stage_runs_and_the_last_line_sums_it_up(tmp_path: Path) -> None:
+    tiny = ["--preset", "tiny", "--scans", "8", "--vae-images", "40", "--unet-images", "40"]
+    sizes = ["--samples", "2", "--eval-samples", "4", "--steps", "2", "--device", "cpu", "--run.sample_steps", "2"]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "gpu_check.py", *tiny, *sizes, "--data-dir", str(tmp_path / "data/AD_NC"), "--run", str(run_dir)]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    last = finished.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu check: VAE val MS-SSIM ") and " | Fréchet " in last and "seconds: demo build " in last
+    assert ", vae " in last and ", unet " in last and ", predict " in last and ", evaluate " in last
+    assert len(list((run_dir / "generated/AD").glob("*.png"))) == 2 and (run_dir / "metrics.json").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["vae_train"]["images"], config["unet_train"]["images"], config["run"]["sample_steps"]) == (40, 40, 2)
+
+
+def test_the_summary_line_reads_history_and_metrics(tmp_path: Path) -> None:
+    history = [{"stage": "vae", "val_ms_ssim": 0.5}, {"stage": "vae", "val_ms_ssim": 0.9712}, {"stage": "unet"}]
+    (tmp_path / "history.jsonl").write_text("\n".join(map(json.dumps, history)) + "\n")
+    overall = {
+        "frechet_distance": 0.01,
+        "frechet_floor": 0.002,
+        "conditioning_accuracy": 0.71,
+        "reconstructed_test_accuracy": 0.7,
+        "real_test_accuracy": 0.8,
+    }
+    anatomy = {"generated": {"cohens_d_AD_minus_NC": 1.5}, "real_test": {"cohens_d_AD_minus_NC": 1.63}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"groups": {"all": overall}, "anatomy": anatomy}))
+    assert gpu_check.summary_line(tmp_path, {"vae": 100.2, "unet": 50}) == (
+        "gpu check: VAE val MS-SSIM 0.9712 | Fréchet 0.01 = 5.0x its floor 0.002 | conditioning accuracy 0.710 vs "
+        "0.700 on reconstructions (0.800 on real) | anatomy d generated +1.50 vs real +1.63 | seconds: vae 100, unet 50, total 150"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--samples", "0"], "error: --samples must be at least 1, got 0"),
+        (["--unet-images", "-1"], "error: --unet-images must be at least 1, got -1"),
+        (["--vae.chanels", "8"], "error: unknown option --vae.chanels"),
+        (["--run", "{existing}"], "exists: the check trains a new run"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_before_any_work(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    argv = [arg.replace("{existing}", str(tmp_path)) for arg in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main([*argv, "--data-dir", str(tmp_path / "never_built")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "never_built").exists()
