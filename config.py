@@ -74,8 +74,9 @@ class UNetConfig:
     head_dim: int = 32
     context_dim: int = 256
     # Learned context tokens per label (and for "no label"). With one, cross-attention's softmax is 1 over it
-    # and its query/key projections get no gradient; with several, each pixel weighs them.
-    label_tokens: int = 4
+    # and its query/key projections get no gradient; with several, each pixel weighs them. One by
+    # measurement: four trained no better on the demo (README, "Several context tokens per label").
+    label_tokens: int = 1
     num_classes: int = len(CLASS_NAMES)
     slice_conditioning: bool = False
     dropout: float = 0.0
@@ -195,9 +196,7 @@ def _tiny() -> Config:
     config.preset = "tiny"
     config.data.image_size, config.data.cache_dir = 32, None
     config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
-    config.unet = UNetConfig(
-        channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16, label_tokens=1
-    )
+    config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
     for stage in (config.vae_train, config.unet_train):
         stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
     # A checkpoint every epoch, so tests can stop a run after any epoch and resume it.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from config import (
+    ADDED_FIELDS,
     PRESETS,
     apply_overrides,
     collect_overrides,
@@ -151,3 +152,16 @@ def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> Non
     config.unet.head_dim = 24
     with pytest.raises(UsageError, match=r"the model config does not fit together \(.*\): check --vae.\* and --unet.\*"):
         validate(config)
+
+
+def test_fields_added_later_keep_their_old_meaning_in_old_configs(tmp_path: Path) -> None:
+    """A config.json written before a field existed reads with the value it meant then (ADDED_FIELDS),
+    not with what the preset says now: an old adni VAE resumes with the betas it began with."""
+    stored = config_to_dict(make_config("adni"))
+    assert tuple(stored["vae_train"]["betas"]) != ADDED_FIELDS[("vae_train", "betas")]
+    for section, name in ADDED_FIELDS:
+        del stored[section][name]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    config = read_config(tmp_path)
+    for (section, name), old_value in ADDED_FIELDS.items():
+        assert getattr(getattr(config, section), name) == old_value

@@ -54,7 +54,7 @@ GOLDEN_CONFIG = [
     "16",
     "--unet.slice_conditioning",
     "true",
-    "--unet.label_tokens",  # one label token, as when the record was made (the demo preset now has 4)
+    "--unet.label_tokens",  # one label token, as when the record was made, whatever the demo preset says
     "1",
     "--vae_train.epochs",
     "2",
