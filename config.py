@@ -171,6 +171,9 @@ def _adni() -> Config:
         # betas 0.5,0.9 as autoencoders commonly use: measured on 2 CPU cores (the adni VAE at 64 px with
         # channels 16-32-64-64, 270 steps) val MS-SSIM 0.906 against 0.865 with 0.9,0.999 (README "Training").
         vae_train=StageConfig(epochs=100, batch_size=32, lr=2e-4, warmup_steps=500, betas=(0.5, 0.9)),
+        # The Fourier amplitude term: on the same CPU test 0.919 / 0.929 against 0.904 / 0.916 without
+        # (two seeds); a discriminator switched on at half of those steps fell to 0.794 (README "Training").
+        vae=VAEConfig(fourier_weight=0.5),
         unet_train=UNetTrainConfig(epochs=100, batch_size=64, lr=2e-4, warmup_steps=1000),
         # 100 epochs: a validation with every sample grid still draws 20 points per curve.
         run=RunConfig(validate_every=5),
@@ -276,7 +279,12 @@ RETIRED_FIELDS = {("unet", "latent_channels")}
 RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 # Fields added later, with the value that a stored config without them meant, whatever the preset says now:
 # an old run keeps its one label token (its weights have that shape) and resumes with the betas it began with.
-ADDED_FIELDS = {("unet", "label_tokens"): 1, ("vae_train", "betas"): (0.9, 0.999), ("unet_train", "betas"): (0.9, 0.999)}
+ADDED_FIELDS = {
+    ("unet", "label_tokens"): 1,
+    ("vae", "fourier_weight"): 0.0,
+    ("vae_train", "betas"): (0.9, 0.999),
+    ("unet_train", "betas"): (0.9, 0.999),
+}
 
 
 def config_to_dict(config: Config) -> dict:
