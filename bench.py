@@ -186,6 +186,11 @@ def time_vae_training(vae: AutoencoderKL, config: Config, runtime: Runtime, args
         )
         return steps * stage.batch_size
 
+    return time_training(train, runtime, args)
+
+
+def time_training(train: Callable[[int], int], runtime: Runtime, args: argparse.Namespace) -> Measurement:
+    """Images/s of a training function (steps → images trained on) over --train-steps, after --warmup single steps."""
     return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
 
 
@@ -242,21 +247,6 @@ def unet_training(
     return train
 
 
-def time_unet_training(
-    unet: nn.Module,
-    trained: nn.Module,
-    vae: AutoencoderKL,
-    scheduler: NoiseScheduler,
-    config: Config,
-    runtime: Runtime,
-    args: argparse.Namespace,
-    on_the_fly: bool,
-) -> Measurement:
-    """`unet_training`'s images/s over --train-steps, after --warmup single steps."""
-    train = unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly)
-    return measure(lambda: train(args.train_steps), lambda: train(1), runtime, args.repeats, args.warmup)
-
-
 def time_unet(
     unet: nn.Module,
     sample: Callable[..., torch.Tensor],
@@ -273,7 +263,9 @@ def time_unet(
     figures = {}
     for key, on_the_fly in (("unet_cached", False), ("unet_on_the_fly", True)):
         print(f"  {key.replace('_', ' ')} training ...", flush=True)
-        figures[key] = time_unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly)
+        figures[key] = time_training(
+            unet_training(unet, trained, vae, scheduler, config, runtime, args, on_the_fly), runtime, args
+        )
     print("  sampling ...", flush=True)
     labels = torch.arange(args.sample_count, device=runtime.device) % config.unet.num_classes
 
