@@ -85,6 +85,7 @@ CHUNK = 256  # images per forward pass when only measuring
 EVALUATION_FILES = ("metrics.json", "metrics.md", "memorisation.png")
 UMAP_FILE = "umap_features.png"
 SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
+GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
 
 
 # ============================================================================ images and their measurements
@@ -199,7 +200,7 @@ def memorisation(generated: ImageSet, real_sample: ImageSet) -> dict:
     distance_threshold = float(np.percentile(real_sample.nearest_distance, NEAR_COPY_PERCENTILE))
     correlation_threshold = float(np.percentile(real_sample.top_correlation, 100 - NEAR_COPY_PERCENTILE))
     report = {"near_copy_distance": distance_threshold, "near_copy_correlation": correlation_threshold}
-    for label, name in [(None, "all"), *enumerate(CLASS_NAMES)]:
+    for label, name in GROUPS:
         group = {}
         for origin, images in (("generated", generated.of_label(label)), ("real_test", real_sample.of_label(label))):
             group[origin] = {
@@ -463,8 +464,8 @@ def markdown_report(metrics: dict) -> str:
         "",
         "## Memorisation: nearest training image (memorisation.png shows the closest pairs)",
         "",
-        "| measure | " + " | ".join(name for name in CLASS_NAMES_AND_ALL) + " |",
-        "|---|" + "---:|" * len(CLASS_NAMES_AND_ALL),
+        "| measure | " + " | ".join(name for _, name in GROUPS) + " |",
+        "|---|" + "---:|" * len(GROUPS),
     ]
     for origin in ("generated", "real_test"):
         who = origin.replace("_", " ")
@@ -472,13 +473,13 @@ def markdown_report(metrics: dict) -> str:
             f"| RMS distance, {who}: median (1st percentile) | "
             + " | ".join(
                 f"{number(copies[g][origin]['nearest_distance']['median'], 3)} ({number(copies[g][origin]['nearest_distance']['p1'], 3)})"
-                for g in CLASS_NAMES_AND_ALL
+                for _, g in GROUPS
             )
             + " |",
             f"| correlation, {who}: median (99th percentile) | "
             + " | ".join(
                 f"{number(copies[g][origin]['top_correlation']['median'], 3)} ({number(copies[g][origin]['top_correlation']['p99'], 3)})"
-                for g in CLASS_NAMES_AND_ALL
+                for _, g in GROUPS
             )
             + " |",
         ]
@@ -487,14 +488,14 @@ def markdown_report(metrics: dict) -> str:
         + " | ".join(
             f"{number(copies[g]['generated']['near_copy_share_distance'], 3)} "
             f"({number(copies[g]['real_test']['near_copy_share_distance'], 3)})"
-            for g in CLASS_NAMES_AND_ALL
+            for _, g in GROUPS
         )
         + " |",
         "| near-copies by correlation: generated (real test ≈ 0.01) | "
         + " | ".join(
             f"{number(copies[g]['generated']['near_copy_share_correlation'], 3)} "
             f"({number(copies[g]['real_test']['near_copy_share_correlation'], 3)})"
-            for g in CLASS_NAMES_AND_ALL
+            for _, g in GROUPS
         )
         + " |",
         "",
@@ -529,9 +530,6 @@ def markdown_report(metrics: dict) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
-
-
-CLASS_NAMES_AND_ALL = ("all", *CLASS_NAMES)
 
 
 def sweep_report(sweep: dict) -> str:
@@ -641,10 +639,7 @@ def full_evaluation(
         save_umap_figure(generated, real_sample, args.seed, pipe.run_dir / UMAP_FILE)
     return {
         "generation_seconds": round(seconds, 3),
-        "groups": {
-            name: fidelity(generated, reference, label, args.seed, device)
-            for label, name in [(None, "all"), *enumerate(CLASS_NAMES)]
-        },
+        "groups": {name: fidelity(generated, reference, label, args.seed, device) for label, name in GROUPS},
         "anatomy": anatomy(generated, reference.real_test, args.seed),
         "tstr": train_on_synthetic(generated, reference.train_sample, reference.real_test, len(reference.train), device),
         "memorisation": memorisation(generated, real_sample),
