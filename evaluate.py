@@ -74,6 +74,7 @@ from utils import (
     save_figure,
     seed_everything,
     to_uint8,
+    umap_embedding,
     usage_errors_exit,
     write_json_atomic,
     write_text_atomic,
@@ -318,11 +319,7 @@ def save_memorisation_figure(generated: ImageSet, train_pixels: torch.Tensor, pa
 def save_umap_figure(generated: ImageSet, real: ImageSet, seed: int, path: Path) -> None:
     """UMAP of real test and generated images in the yardstick's features: coloured by label (do the
     classes separate?) and by origin (do generated images sit among real ones?)."""
-    import umap
-
-    embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1).fit_transform(
-        np.concatenate([real.features, generated.features])
-    )
+    embedding = umap_embedding(np.concatenate([real.features, generated.features]), seed)
     is_generated = np.r_[np.zeros(len(real.labels), bool), np.ones(len(generated.labels), bool)]
     labels = np.concatenate([real.labels, generated.labels])
     figure, axes = new_figure(1, 2, figsize=(11, 4.8), squeeze=False)

@@ -28,6 +28,7 @@ from utils import (
     save_image_grid,
     save_png,
     to_uint8,
+    umap_embedding,
     usage_errors_exit,
     write_json_atomic,
 )
@@ -189,7 +190,6 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
 
     If the control separates by the *passed* label as well as the real set does by the true one,
     the separation comes from the label token, not from the images (the original's flaw)."""
-    import umap
     from sklearn.metrics import silhouette_score
 
     real_images, real_labels = [], []
@@ -207,7 +207,7 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
     }
     features = {name: bottleneck_features(pipe, z, labels, args.seed) for name, (z, labels) in groups.items()}
     stacked = torch.cat(list(features.values())).numpy()
-    embedding = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=args.seed, n_jobs=1).fit_transform(stacked)
+    embedding = umap_embedding(stacked, args.seed)
 
     figure, axes = new_figure(1, len(groups), figsize=(5 * len(groups), 4.6), squeeze=False)
     scores, start = {}, 0

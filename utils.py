@@ -188,6 +188,21 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
 
 
+def umap_embedding(features: np.ndarray, seed: int, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
+    """2-D UMAP embedding (N, 2) of features (N, D), single-threaded and seeded, so it repeats.
+
+    The first UMAP fit of a process starts numba's OpenMP layer, which resets torch's thread count
+    to the core count (1 → 2 under OMP_NUM_THREADS=1) for everything computed after it; the count
+    is restored here."""
+    import umap
+
+    threads = torch.get_num_threads()
+    try:
+        return umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1).fit_transform(features)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as temp_path:
         temp_path.write_text(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,23 @@ def test_bad_input_is_one_line_from_the_command_line(trained_run: Path) -> None:
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--num-samples" in result.stderr
+
+
+def test_umap_fit_keeps_torch_thread_count() -> None:
+    """The first UMAP fit of a process starts numba's OpenMP layer, which raised torch from 1 to 2
+    threads for everything computed after it; utils.umap_embedding (used by evaluate.py --umap and
+    predict.py --umap) restores the count. A fresh process, because only the first fit does it."""
+    script = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from utils import umap_embedding\n"
+        "embedding = umap_embedding(np.random.default_rng(0).random((40, 6)), seed=0, n_neighbors=5)\n"
+        "assert embedding.shape == (40, 2), embedding.shape\n"
+        "print(torch.get_num_threads())\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "1", f"torch runs {result.stdout.split()[-1]} threads after a UMAP fit, not 1"
