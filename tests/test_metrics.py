@@ -156,3 +156,39 @@ def test_cohens_d_interval_covers_the_estimate_and_narrows_with_more_data() -> N
     assert metrics.cohens_d_interval(*small, seed=3) != (low, high)  # the seed draws the resamples
     assert metrics.cohens_d_interval(*small) == (low, high)  # and fixes them
     assert all(math.isnan(value) for value in metrics.cohens_d_interval(np.array([1.0]), small[1]))
+
+
+def test_psnr_of_a_constant_offset_is_its_closed_form() -> None:
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    assert torch.allclose(metrics.psnr(x, x + 0.1), torch.full((3,), 10 * math.log10(4 / 0.01)), atol=1e-3)
+    assert metrics.psnr(x, x).min() > 100  # identical: only limited by the clamp
+
+
+def test_spectral_energy_of_identical_sets_is_one_in_every_band() -> None:
+    images = torch.rand(6, 1, 32, 32) * 2 - 1
+    assert metrics.spectral_energy_kept(images, images) == pytest.approx(dict.fromkeys(metrics.SPECTRAL_BANDS, 1.0))
+
+
+def test_spectral_energy_of_a_gaussian_blur_follows_its_transfer_function() -> None:
+    """White noise blurred by a kernel w keeps |W(fy)|² |W(fx)|² of its power at each frequency, W the
+    kernel's discrete Fourier transform: averaged over each band's grid points, that is what
+    spectral_energy_kept must find. A 0.6 px blur keeps about 0.14 above 1/4 cycle per pixel, 0.6 between
+    1/8 and 1/4, 0.9 below; added noise lifts the top band above 1."""
+    from classifier import gaussian_blur
+
+    images = torch.randn(64, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    sigma, radius = 0.6, 2  # gaussian_blur's kernel reaches ceil(3 σ) pixels
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-offsets.square() / (2 * sigma**2))
+    weights /= weights.sum()
+    frequencies = torch.fft.fftfreq(64, dtype=torch.float64)
+    transfer = (weights[None] * torch.cos(2 * math.pi * frequencies[:, None] * offsets[None])).sum(1).square()  # |W(f)|²
+    power_kept = transfer[:, None] * transfer[None, :]
+    radial = torch.hypot(*torch.meshgrid(frequencies, frequencies, indexing="ij"))
+    kept = metrics.spectral_energy_kept(gaussian_blur(images, sigma), images)
+    for name, (low, high) in metrics.SPECTRAL_BANDS.items():
+        expected = float(power_kept[(radial >= low) & (radial < high)].mean())
+        assert kept[name] == pytest.approx(expected, rel=0.03), name
+    assert kept[">1/4"] < 0.2 < kept["1/8-1/4"] < kept["1/16-1/8"] < 1
+    noise = 0.5 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    assert metrics.spectral_energy_kept(images + noise, images)[">1/4"] > 1.2
