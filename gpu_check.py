@@ -58,13 +58,14 @@ def run_stage(name: str, script: str, arguments: list[str], seconds: dict[str, f
 def summary_line(run_dir: Path, seconds: dict[str, float]) -> str:
     """One line from the run's history.jsonl and metrics.json (evaluate.py's groups.all and anatomy keys)."""
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
-    ms_ssim = [entry["val_ms_ssim"] for entry in history if entry["stage"] == "vae"][-1]
+    vae = [entry for entry in history if entry["stage"] == "vae" and "val_ms_ssim" in entry][-1]
+    sharpness = f"PSNR {vae['val_psnr']:.1f} dB, spectral energy kept above 1/4 cycle/px {vae['val_spectral_energy']['>1/4']:.2f}"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     overall, anatomy = metrics["groups"]["all"], metrics["anatomy"]
     frechet, floor = overall["frechet_distance"], overall["frechet_floor"]
     times = ", ".join(f"{name} {value:.0f}" for name, value in seconds.items())
     return (
-        f"gpu check: VAE val MS-SSIM {ms_ssim:.4f} | Fréchet {frechet:.4g} = {frechet / floor:.1f}x its floor {floor:.4g} | "
+        f"gpu check: VAE val MS-SSIM {vae['val_ms_ssim']:.4f}, {sharpness} | Fréchet {frechet:.4g} = {frechet / floor:.1f}x its floor {floor:.4g} | "
         f"conditioning accuracy {overall['conditioning_accuracy']:.3f} vs {overall['reconstructed_test_accuracy']:.3f} "
         f"on reconstructions ({overall['real_test_accuracy']:.3f} on real) | anatomy d generated "
         f"{anatomy['generated']['cohens_d_AD_minus_NC']:+.2f} vs real {anatomy['real_test']['cohens_d_AD_minus_NC']:+.2f} | "

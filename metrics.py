@@ -187,20 +187,27 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def band_energy(images: torch.Tensor) -> torch.Tensor:
-    """Summed power |FFT|² of images (N, C, H, W) in each of SPECTRAL_BANDS, (len(SPECTRAL_BANDS),) float64."""
+    """Summed power |FFT|² of images (N, C, H, W) in each of SPECTRAL_BANDS: (len(SPECTRAL_BANDS),)
+    float64, on the images' device."""
     height, width = images.shape[-2:]
-    radius = torch.hypot(*torch.meshgrid(torch.fft.fftfreq(height), torch.fft.fftfreq(width), indexing="ij"))
+    frequencies = [torch.fft.fftfreq(side, device=images.device, dtype=torch.float64) for side in (height, width)]
+    radius = torch.hypot(*torch.meshgrid(*frequencies, indexing="ij"))
     masks = torch.stack([(radius >= low) & (radius < high) for low, high in SPECTRAL_BANDS.values()]).double()
-    total = torch.zeros(len(SPECTRAL_BANDS), dtype=torch.float64)
+    total = torch.zeros(len(SPECTRAL_BANDS), dtype=torch.float64, device=images.device)
     for chunk in images.split(CHUNK):
-        power = torch.fft.fft2(chunk.double().cpu()).abs().square().sum(dim=(0, 1))  # (H, W), summed over images
+        power = torch.fft.fft2(chunk.double()).abs().square().sum(dim=(0, 1))  # (H, W), summed over images
         total += (masks * power).sum(dim=(1, 2))
     return total
+
+
+def energy_ratio(energy: torch.Tensor, count: float, reference_energy: torch.Tensor, reference_count: float) -> dict[str, float]:
+    """Band energies (from band_energy) per image over a reference's per image, named by band."""
+    ratio = (energy / count) / (reference_energy / reference_count).clamp_min(1e-30)
+    return {name: float(value) for name, value in zip(SPECTRAL_BANDS, ratio)}
 
 
 def spectral_energy_kept(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """Per band, the spectral energy per image of `images` over that of `reference` (1.0 = as sharp):
     reconstructions against their slices, or generated against real images. Below 1 in the top band
     is blur; above 1 is noise or an artefact such as a checkerboard."""
-    ratio = (band_energy(images) / len(images)) / (band_energy(reference) / len(reference)).clamp_min(1e-30)
-    return {name: float(value) for name, value in zip(SPECTRAL_BANDS, ratio)}
+    return energy_ratio(band_energy(images), len(images), band_energy(reference), len(reference))

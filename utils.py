@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,8 +248,26 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
         Image.fromarray(array, mode="L").save(temp_path, format="PNG")
 
 
-def save_image_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike, ncols: int = 8) -> None:
-    save_png(image_grid(images, ncols=ncols), path)
+def with_caption(grid: np.ndarray, lines: list[str]) -> np.ndarray:
+    """A uint8 image (H, W) with `lines` of white text on a black strip beneath it (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    line_height, character_width = 12, 6  # of PIL's built-in font
+    lines = [part for line in lines for part in textwrap.wrap(line, max(10, grid.shape[1] // character_width - 1))]
+    canvas = Image.new("L", (grid.shape[1], grid.shape[0] + line_height * len(lines) + 4))
+    canvas.paste(Image.fromarray(grid, mode="L"))
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        draw.text((3, grid.shape[0] + 2 + index * line_height), line, fill=255)
+    return np.asarray(canvas)
+
+
+def save_image_grid(
+    images: np.ndarray | torch.Tensor, path: str | os.PathLike, ncols: int = 8, caption: list[str] | None = None
+) -> None:
+    """Tile images into a grid (utils.image_grid) and write it as a PNG, with caption lines beneath if given."""
+    grid = image_grid(images, ncols=ncols)
+    save_png(with_caption(grid, caption) if caption else grid, path)
 
 
 def save_figure(figure, path: str | os.PathLike) -> None:

@@ -30,7 +30,13 @@ def test_every_stage_runs_and_the_last_line_sums_it_up(tmp_path: Path) -> None:
 
 
 def test_the_summary_line_reads_history_and_metrics(tmp_path: Path) -> None:
-    history = [{"stage": "vae", "val_ms_ssim": 0.5}, {"stage": "vae", "val_ms_ssim": 0.9712}, {"stage": "unet"}]
+    sharpness = {"val_psnr": 31.26, "val_spectral_energy": {"1/16-1/8": 1.0, "1/8-1/4": 0.97, ">1/4": 0.834}}
+    history = [
+        {"stage": "vae", "val_ms_ssim": 0.5, "val_psnr": 20.0, "val_spectral_energy": {">1/4": 0.1}},
+        {"stage": "vae", "train_loss": 0.1},
+        {"stage": "vae", "val_ms_ssim": 0.9712, **sharpness},
+        {"stage": "unet"},
+    ]
     (tmp_path / "history.jsonl").write_text("\n".join(map(json.dumps, history)) + "\n")
     overall = {
         "frechet_distance": 0.01,
@@ -42,7 +48,7 @@ def test_the_summary_line_reads_history_and_metrics(tmp_path: Path) -> None:
     anatomy = {"generated": {"cohens_d_AD_minus_NC": 1.5}, "real_test": {"cohens_d_AD_minus_NC": 1.63}}
     (tmp_path / "metrics.json").write_text(json.dumps({"groups": {"all": overall}, "anatomy": anatomy}))
     assert gpu_check.summary_line(tmp_path, {"vae": 100.2, "unet": 50}) == (
-        "gpu check: VAE val MS-SSIM 0.9712 | Fréchet 0.01 = 5.0x its floor 0.002 | conditioning accuracy 0.710 vs "
+        "gpu check: VAE val MS-SSIM 0.9712, PSNR 31.3 dB, spectral energy kept above 1/4 cycle/px 0.83 | Fréchet 0.01 = 5.0x its floor 0.002 | conditioning accuracy 0.710 vs "
         "0.700 on reconstructions (0.800 on real) | anatomy d generated +1.50 vs real +1.63 | seconds: vae 100, unet 50, total 150"
     )
 
