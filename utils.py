@@ -12,6 +12,10 @@ import errno
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -87,6 +91,11 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {requested}: brainLDM runs on cpu or cuda; use one of those")
     return device
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -186,6 +195,63 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
+
+
+# Purposes of the hidden sibling folders that fresh_sibling makes: a dataset being built, unpacked or
+# converted, and an old one moved aside while its replacement is renamed into place.
+SIBLING_PURPOSES = ("building", "unpacking", "converting", "replaced")
+
+
+def fresh_sibling(path: Path, purpose: str) -> Path:
+    """A new hidden folder next to `path` (same file system, so renaming it onto `path` is one step).
+
+    Its name records this host and process, so remove_leftovers can tell a killed run's folder
+    from one that a live run is still filling. `purpose` is one of SIBLING_PURPOSES.
+    """
+    if purpose not in SIBLING_PURPOSES:
+        raise ValueError(f"purpose {purpose!r} is not one of {SIBLING_PURPOSES}")
+    temp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        temp.mkdir(parents=True)
+    except OSError as error:
+        raise UsageError(f"cannot create a folder next to {path} ({error}): choose a writable location") from None
+    return temp
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Signal 0 tests that a process exists without sending anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # Another user's process: it exists.
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the folders (see fresh_sibling) that killed builds, unpackings and conversions of `path` left.
+
+    Only folders whose process is known dead go: one made on this host by a PID that no longer
+    exists. Age alone would not do: a build running in another terminal is older than this one.
+    (A PID reused since only delays the cleanup to a later run.) Returns the folders removed.
+    """
+    purposes = "|".join(SIBLING_PURPOSES)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{purposes})-(.+)-([0-9]{{1,9}})-[0-9a-f]{{8}}")
+    try:
+        candidates = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
+    # Cleaning up is a courtesy; an unreadable folder is reported by whatever needs it next.
+    except OSError:
+        return []
+    removed = []
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match and match[1] == socket.gethostname() and not _process_is_alive(int(match[2])):
+            shutil.rmtree(candidate, ignore_errors=True)
+            if not candidate.exists():
+                removed.append(candidate)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -292,3 +358,4 @@ def plot_curves(
     axis.grid(alpha=0.3)
     axis.legend()
     save_figure(figure, path)
+

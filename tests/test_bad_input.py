@@ -409,7 +409,7 @@ def test_leftovers_of_dead_processes_are_removed(tiny_root: Path, run_setup) -> 
     code, out, err = run_setup("--data-dir", tiny_root)
     assert code == 0, err
     (note,) = [line for line in out.splitlines() if line.startswith("removed")]
-    assert note.startswith("removed 2 folder(s) that a killed demo build or unpacking left next to ")
+    assert note.startswith("removed 2 folder(s) that a killed demo build, unpacking or conversion left next to ")
     assert not any(folder.exists() for folder in leftovers) and all(folder.exists() for folder in kept)
 
 
