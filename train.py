@@ -82,12 +82,14 @@ from pipeline import (
 from utils import (
     ArgumentParser,
     Runtime,
+    TensorBoardLog,
     UsageError,
     folder_lock,
     load_checkpoint,
     pick_device,
     plot_curves,
     remove_temporary_files,
+    require_tensorboard,
     save_checkpoint,
     save_image_grid,
     usage_errors_exit,
@@ -681,6 +683,7 @@ def train_vae(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
     preview = datasets["val"][torch.linspace(0, len(datasets["val"]) - 1, 8).long().tolist()][0]
+    board = TensorBoardLog(run_dir / "tensorboard" / "vae", config.run.tensorboard and runtime.is_main, stage.start_epoch + 1)
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         images = batch[0].to(runtime.device, non_blocking=True)
@@ -692,6 +695,7 @@ def train_vae(
     def write_logs() -> None:
         write_history(run_dir, stage.history, [])
         plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
+        board.epoch(stage.history[-1], "vae")
 
     def checkpoint(epoch: int) -> dict:
         return stage.checkpoint(config, epoch, **(critic.state() if critic is not None else {}))
@@ -714,7 +718,9 @@ def train_vae(
             if validated:
                 with stage.clock.measure("sample_grids"):
                     save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime)
+                    board.image("vae/reconstructions", run_dir / "vae_reconstructions.png", entry["epoch"])
         finish_epoch(stage, entry, runtime, run_dir / "vae.pt", checkpoint, write_logs)
+    board.close()
     if runtime.world_size > 1:
         dist.broadcast(vae.scale_factor, src=0)
     return vae
@@ -763,14 +769,15 @@ def evaluate_unet(
     return float(totals[0] / totals[1])
 
 
-def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> None:
-    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare."""
+def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
+    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
     run = pipe.config.run
     for label, class_name in enumerate(CLASS_NAMES):
         generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
         conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
         latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
         save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
+    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
 
 
 def train_unet(
@@ -794,6 +801,7 @@ def train_unet(
         ema.load_state_dict(stage.restored["ema"])
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
     grids = Pipeline(config, vae, ema.model, scheduler, runtime)
+    board = TensorBoardLog(run_dir / "tensorboard" / "unet", config.run.tensorboard and runtime.is_main, stage.start_epoch + 1)
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         mean, logvar, conditions = batch
@@ -813,6 +821,7 @@ def train_unet(
     def write_logs() -> None:
         write_history(run_dir, vae_history, stage.history)
         plot_history(stage.history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
+        board.epoch(stage.history[-1], "unet")
 
     for entry in run_epochs(stage, config, runtime, compute_loss, after_step=lambda: ema.update(unet)):
         validated = validating(entry["epoch"], stage, config)
@@ -827,8 +836,10 @@ def train_unet(
             )
             if entry["epoch"] % config.run.sample_every == 0 or entry["epoch"] == stage.settings.epochs:
                 with stage.clock.measure("sample_grids"):
-                    save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}")
+                    for class_name, path in save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}"):
+                        board.image(f"unet/samples_{class_name}", path, entry["epoch"])
         finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs)
+    board.close()
 
 
 # ============================================================================ command line
@@ -908,6 +919,8 @@ def check_classes(datasets: dict[str, SliceDataset]) -> None:
 def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> None:
     """Validate, load the data, write the run's config and splits, then train the asked-for stages."""
     config = prepare_run(args, overrides, run_dir)
+    if config.run.tensorboard:
+        require_tensorboard()  # now, not after a stage of training
     runtime = start_runtime(config.run)
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)

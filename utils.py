@@ -359,3 +359,66 @@ def plot_curves(
     axis.legend()
     save_figure(figure, path)
 
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter class; a UsageError naming the install when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--run.tensorboard true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """Per-epoch scalars and images for TensorBoard (`tensorboard --logdir runs`), written to `folder`.
+
+    A disabled log does nothing, so callers need no `if`. An enabled one checks at once that the
+    package is installed, and makes its writer (and folder) at the first write. Steps are epochs:
+    `first_epoch`, the first one this process logs, hides what a killed run logged from it on
+    (SummaryWriter's purge_step), so a resumed stage draws one line, not two.
+    """
+
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True, first_epoch: int = 1):
+        self.folder, self.enabled, self.first_epoch = Path(folder), enabled, first_epoch
+        self._writer = None
+        if enabled:
+            require_tensorboard()
+
+    def _writer_now(self):
+        if self._writer is None:
+            self._writer = require_tensorboard()(log_dir=str(self.folder), purge_step=self.first_epoch)
+        return self._writer
+
+    def epoch(self, entry: dict, prefix: str) -> None:
+        """Every number of a history entry as `prefix/name` (a dict's as `prefix/name/key`) at step entry["epoch"]."""
+        if not self.enabled:
+            return
+        writer = self._writer_now()
+        for tag, value in _numbers(entry, prefix):
+            writer.add_scalar(tag, value, entry["epoch"])
+        writer.flush()
+
+    def image(self, tag: str, path: str | os.PathLike, epoch: int) -> None:
+        """A grayscale figure that was just saved to `path` (a PNG), as image `tag` at step `epoch`."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        self._writer_now().add_image(tag, pixels, epoch, dataformats="HW")
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _numbers(entry: dict, prefix: str) -> Iterator[tuple[str, float]]:
+    """(tag, value) for the numbers of a history entry, the epoch and step counters left out."""
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}/{name}")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and name not in ("epoch", "step"):
+            yield f"{prefix}/{name}", float(value)
