@@ -666,7 +666,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="build the demo dataset into --data-dir first (it must not exist yet)"
     )
-    parser.add_argument("--seed", type=int, help="demo: random seed; the same seed gives the same bytes (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="demo: random seed, the same seed gives the same bytes; --from-nifti: the split's seed (default 0)",
+    )
     parser.add_argument("--scans", type=int, help=f"demo: number of scans, AD and NC alternating (default {DEMO_SCANS})")
     parser.add_argument("--zip", type=Path, help=f"zip to unpack when --data-dir is missing (default {DEFAULT_ZIP})")
     parser.add_argument(
@@ -682,7 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     nifti.add_argument(
         "--labels", type=Path, metavar="TABLE", help="CSV with file, subject and diagnosis columns (visit optional)"
     )
-    nifti.add_argument("--out", type=Path, help=f"the layout to write (default {NIFTI_ROOT}); it must not exist yet")
+    nifti.add_argument(
+        "--out", type=Path, help=f"the layout to write (default {NIFTI_ROOT}); missing or empty, unless --overwrite"
+    )
     nifti.add_argument("--slices", type=int, help=f"contiguous 1 mm slices per volume (default {SLICES_PER_SCAN}, as ADNI)")
     nifti.add_argument("--test-fraction", type=float, help="share of each class's subjects that go to test (default 0.3)")
     nifti.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
