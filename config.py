@@ -138,6 +138,7 @@ class RunConfig:
     # Measured by `evaluate.py --guidance-sweep` on the demo run (README): at 2 generated AD and NC differ
     # in anatomy and separability about as much as real ones; 3 made a caricature (Cohen's d 3.0 vs 1.6).
     guidance_scale: float = 2.0
+    tensorboard: bool = False  # also log scalars and figures to <run>/tensorboard/ (train.py)
 
 
 @dataclass
@@ -284,6 +285,7 @@ ADDED_FIELDS = {
     ("vae", "fourier_weight"): 0.0,
     ("vae_train", "betas"): (0.9, 0.999),
     ("unet_train", "betas"): (0.9, 0.999),
+    ("run", "tensorboard"): False,
 }
 
 

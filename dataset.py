@@ -32,6 +32,9 @@ from utils import UsageError, atomic_path, write_json_atomic
 SPLITS = ("train", "test")
 DEFAULT_ROOT = Path(DEFAULT_DATA_DIR)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# ADNI's slices: 256 wide x 240 high, 20 contiguous per scan; the demo and --from-nifti write the same.
+IMAGE_HEIGHT, IMAGE_WIDTH = 240, 256
+SLICES_PER_SCAN = 20
 TRANSFORM_VERSION = 1  # bump when prepare_image changes, so stale disk caches are not reused
 # A larger "slice number" is a mistyped or hostile name, not a position in a scan.
 MAX_SLICE_INDEX = 10**6

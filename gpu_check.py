@@ -59,7 +59,7 @@ def summary_line(run_dir: Path, seconds: dict[str, float]) -> str:
     """One line from the run's history.jsonl and metrics.json (evaluate.py's groups.all and anatomy keys)."""
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     vae = [entry for entry in history if entry["stage"] == "vae" and "val_ms_ssim" in entry][-1]
-    sharpness = f"PSNR {vae['val_psnr']:.1f} dB, spectral energy kept above 1/4 cycle/px {vae['val_spectral_energy']['>1/4']:.2f}"
+    sharpness = f"PSNR {vae['val_psnr']:.1f} dB, spectral energy kept above 1/4 cycle/px {vae['val_spectral_energy']['high']:.2f}"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     overall, anatomy = metrics["groups"]["all"], metrics["anatomy"]
     frechet, floor = overall["frechet_distance"], overall["frechet_floor"]

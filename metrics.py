@@ -24,8 +24,10 @@ BOOTSTRAP_DRAWS = 2000
 CHUNK = 256  # images per batched comparison
 # Radial bands of the 2-D spectrum in cycles per pixel (Nyquist is 1/2): the coarse shape, edges, and the
 # 2-4 px texture (grey/white borders, thin sulci) that a blurring decoder loses first and MS-SSIM at
-# 64 px barely sees. The top band runs to the spectrum's corners (1/2 · √2).
-SPECTRAL_BANDS = {"1/16-1/8": (1 / 16, 1 / 8), "1/8-1/4": (1 / 8, 1 / 4), ">1/4": (1 / 4, math.inf)}
+# 64 px barely sees. The high band runs to the spectrum's corners (1/2 · √2). Keys are plain words so
+# that they name JSON fields and TensorBoard tags; BAND_LABELS says what each covers.
+SPECTRAL_BANDS = {"low": (1 / 16, 1 / 8), "mid": (1 / 8, 1 / 4), "high": (1 / 4, math.inf)}
+BAND_LABELS = {"low": "1/16-1/8", "mid": "1/8-1/4", "high": "above 1/4"}  # cycles per pixel
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -1,9 +1,10 @@
-"""Get the data ready: working folders, unpack data/ADNI.zip, build the demo dataset, check and report.
+"""Get the data ready: working folders, unpack data/ADNI.zip, build the demo, convert NIfTI volumes, check and report.
 
     python project_setup.py                       # unpack data/ADNI.zip if needed, then check data/ADNI/AD_NC
     python project_setup.py --data-dir D          # check any folder in the ADNI layout
     python project_setup.py --demo                # build data/demo/AD_NC from the MNI152 template, then check it
     python project_setup.py --demo --scans 40 --seed 1 --data-dir /tmp/demo --figures results
+    python project_setup.py --from-nifti scans/ --labels scans.csv   # your NIfTI volumes → data/mine/AD_NC, then check it
 
 The report counts images, scans, slices per scan, sizes, modes, classes per split, skipped and
 unreadable files, and scans filed in two places. Exit status 0 means the folder is usable; 2 comes
@@ -23,11 +24,8 @@ import ctypes
 import math
 import multiprocessing
 import os
-import re
-import secrets
 import shutil
 import signal
-import socket
 import stat
 import sys
 import time
@@ -47,6 +45,9 @@ from config import DEMO_DATA_DIR
 from dataset import (
     CLASS_NAMES,
     DEFAULT_ROOT,
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    SLICES_PER_SCAN,
     SPLITS,
     DatasetError,
     DatasetIndex,
@@ -62,16 +63,25 @@ from dataset import (
     scans_in_both,
     scans_in_both_classes,
 )
-from utils import ArgumentParser, UsageError, fail, save_image_grid, usage_errors_exit
+from utils import (
+    ArgumentParser,
+    UsageError,
+    available_cpus,
+    fail,
+    fresh_sibling,
+    remove_leftovers,
+    save_image_grid,
+    usage_errors_exit,
+)
+from volumes import convert_volumes
 
 WORK_FOLDERS = (Path("data"), Path("runs"))
 DEFAULT_ZIP = Path("data/ADNI.zip")
 DEMO_ROOT = Path(DEMO_DATA_DIR)
+NIFTI_ROOT = Path("data/mine/AD_NC")  # where --from-nifti writes without --out
 
 # ----------------------------------------------------------------------------- demo geometry
 DEMO_SCANS = 300
-SLICES_PER_SCAN = 20
-IMAGE_HEIGHT, IMAGE_WIDTH = 240, 256  # ADNI's slice size
 PIXELS_PER_MM = 1.1  # brains ~155 px wide and ~190 px long in the frame, as in ADNI
 FIRST_SLICE = (58, 78)  # template z of a scan's first slice: basal ganglia up to the ventricle roofs
 TEST_FRACTION = 0.3
@@ -310,10 +320,6 @@ def _write_scan(scan: DemoScan, seed: int, root: Path, atlas: Atlas | None = Non
         Image.fromarray(pixels).save(folder / f"{scan.scan_id}_{first_slice + offset}.jpeg", quality=JPEG_QUALITY)
 
 
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int = 0, workers: int | None = None) -> None:
     """Write the demo dataset into `root` (which must not hold anything yet), atomically.
 
@@ -329,7 +335,7 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
     atlas = load_atlas()
     workers = min(workers or available_cpus(), num_scans)
     # Built next to the target and renamed into place, so an interrupted build leaves no half dataset.
-    temp = _fresh_sibling(root, "building")
+    temp = fresh_sibling(root, "building")
     try:
         for split in SPLITS:
             for class_name in CLASS_NAMES:
@@ -356,55 +362,6 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
         raise UsageError(f"building the demo in {root} failed ({error}): check the free disk space") from None
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _fresh_sibling(path: Path, purpose: str) -> Path:
-    """A new hidden folder next to `path` (same file system, so renaming it onto `path` is one step).
-
-    Its name records this host and process, so remove_leftovers can tell a killed run's folder
-    from one that a live run is still filling.
-    """
-    temp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        temp.mkdir(parents=True)
-    except OSError as error:
-        raise UsageError(f"cannot create a folder next to {path} ({error}): choose a writable location") from None
-    return temp
-
-
-def _process_is_alive(pid: int) -> bool:
-    """Signal 0 tests that a process exists without sending anything."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # Another user's process: it exists.
-    except PermissionError:
-        pass
-    return True
-
-
-def remove_leftovers(path: Path) -> list[Path]:
-    """Delete the temp folders (see _fresh_sibling) of killed demo builds and unpackings of `path`.
-
-    Only folders whose process is known dead go: one made on this host by a PID that no longer
-    exists. Age alone would not do: a build running in another terminal is older than this one.
-    (A PID reused since only delays the cleanup to a later run.) Returns the folders removed.
-    """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:building|unpacking)-(.+)-([0-9]{{1,9}})-[0-9a-f]{{8}}")
-    try:
-        candidates = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
-    # Cleaning up is a courtesy; an unreadable folder is reported by whatever needs it next.
-    except OSError:
-        return []
-    removed = []
-    for candidate in candidates:
-        match = pattern.fullmatch(candidate.name)
-        if match and match[1] == socket.gethostname() and not _process_is_alive(int(match[2])):
-            shutil.rmtree(candidate, ignore_errors=True)
-            if not candidate.exists():
-                removed.append(candidate)
-    return removed
 
 
 # ============================================================================ unpacking data/ADNI.zip
@@ -496,7 +453,7 @@ def unpack_zip(zip_path: str | os.PathLike, root: str | os.PathLike) -> None:
     with archive:
         members = archive.infolist()
         _check_members(zip_path, root, members)
-        temp = _fresh_sibling(root, "unpacking")
+        temp = fresh_sibling(root, "unpacking")
         try:
             for member in tqdm(members, desc=f"unpacking {zip_path.name}", unit="file", disable=None):
                 target = temp.joinpath(*PureWindowsPath(member.filename).parts)
@@ -709,7 +666,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--demo", action="store_true", help="build the demo dataset into --data-dir first (it must not exist yet)"
     )
-    parser.add_argument("--seed", type=int, help="demo: random seed; the same seed gives the same bytes (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="demo: random seed, the same seed gives the same bytes; --from-nifti: the split's seed (default 0)",
+    )
     parser.add_argument("--scans", type=int, help=f"demo: number of scans, AD and NC alternating (default {DEMO_SCANS})")
     parser.add_argument("--zip", type=Path, help=f"zip to unpack when --data-dir is missing (default {DEFAULT_ZIP})")
     parser.add_argument(
@@ -718,12 +679,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="also write DIR/demo_AD.png and DIR/demo_NC.png (dataset_*.png without --demo): a slice of each class's first 8 scans",
     )
+    nifti = parser.add_argument_group("your own volumes (volumes.py says how they are sliced)")
+    nifti.add_argument(
+        "--from-nifti", type=Path, metavar="DIR", help="convert the .nii/.nii.gz volumes under DIR, then check the result"
+    )
+    nifti.add_argument(
+        "--labels", type=Path, metavar="TABLE", help="CSV with file, subject and diagnosis columns (visit optional)"
+    )
+    nifti.add_argument(
+        "--out", type=Path, help=f"the layout to write (default {NIFTI_ROOT}); missing or empty, unless --overwrite"
+    )
+    nifti.add_argument("--slices", type=int, help=f"contiguous 1 mm slices per volume (default {SLICES_PER_SCAN}, as ADNI)")
+    nifti.add_argument("--test-fraction", type=float, help="share of each class's subjects that go to test (default 0.3)")
+    nifti.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
     args = parser.parse_args(argv)
-    if not args.demo and (args.seed is not None or args.scans is not None):
-        parser.error("--seed and --scans only apply with --demo")
+    _check_combinations(parser, args)
+    return args
+
+
+def _check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.demo and args.from_nifti is None and (args.seed is not None or args.scans is not None):
+        parser.error("--seed and --scans only apply with --demo (--seed also with --from-nifti)")
     if args.demo and args.zip is not None:
         parser.error("--zip does not apply with --demo, which builds its data")
-    return args
+    conversion = {"--labels": args.labels, "--out": args.out, "--slices": args.slices, "--test-fraction": args.test_fraction}
+    given = [name for name, value in {**conversion, "--overwrite": args.overwrite or None}.items() if value is not None]
+    if args.from_nifti is None and given:
+        parser.error(f"{', '.join(given)} only apply with --from-nifti")
+    clashing = {"--demo": args.demo or None, "--data-dir": args.data_dir, "--zip": args.zip, "--scans": args.scans}
+    clashing = [name for name, value in clashing.items() if value is not None]
+    if args.from_nifti is not None and clashing:
+        parser.error(f"{', '.join(clashing)} do not apply with --from-nifti, which writes to --out")
+    if args.from_nifti is not None and args.labels is None:
+        parser.error("--from-nifti needs --labels TABLE: a CSV naming each volume's file, subject and diagnosis")
 
 
 def prepare_folder(root: Path, zip_path: Path | None) -> None:
@@ -752,13 +740,13 @@ def make_work_folders() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    root = args.data_dir or (DEMO_ROOT if args.demo else DEFAULT_ROOT)
+    root = (args.out or NIFTI_ROOT) if args.from_nifti else args.data_dir or (DEMO_ROOT if args.demo else DEFAULT_ROOT)
     with usage_errors_exit():
         make_work_folders()
         removed = remove_leftovers(root)
         if removed:
             print(
-                f"removed {len(removed)} folder(s) that a killed demo build or unpacking left next to "
+                f"removed {len(removed)} folder(s) that a killed demo build, unpacking or conversion left next to "
                 f"{display_path(root)}: " + ", ".join(display_path(folder.name) for folder in removed)
             )
         if args.demo and (root / "train").is_dir():
@@ -768,6 +756,10 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             build_demo(root, scans, args.seed or 0)
             print(f"built the demo: {scans} scans x {SLICES_PER_SCAN} slices in {root} ({time.perf_counter() - started:.0f} s)")
+        elif args.from_nifti:
+            options = {"slices": args.slices, "test_fraction": args.test_fraction, "seed": args.seed}
+            given = {name: value for name, value in options.items() if value is not None}
+            print("\n".join(convert_volumes(args.from_nifti, args.labels, root, overwrite=args.overwrite, **given)))
         else:
             prepare_folder(root, args.zip)
         report = check_dataset(root)

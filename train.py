@@ -55,7 +55,7 @@ from config import (
     resolve_schedule,
 )
 from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from metrics import SPECTRAL_BANDS, band_energy, energy_ratio, psnr
+from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
 from modules import (
     EMA,
     AutoencoderKL,
@@ -84,12 +84,14 @@ from pipeline import (
 from utils import (
     ArgumentParser,
     Runtime,
+    TensorBoardLog,
     UsageError,
     folder_lock,
     load_checkpoint,
     pick_device,
     plot_curves,
     remove_temporary_files,
+    require_tensorboard,
     save_checkpoint,
     save_image_grid,
     usage_errors_exit,
@@ -642,7 +644,7 @@ def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -
 
 def describe_reconstructions(entry: dict) -> list[str]:
     """The validation figures of a VAE epoch as caption lines for vae_reconstructions.png and the log."""
-    kept = "  ".join(f"{band} {value:.2f}" for band, value in entry["val_spectral_energy"].items())
+    kept = "  ".join(f"{BAND_LABELS[band]} {value:.2f}" for band, value in entry["val_spectral_energy"].items())
     return [
         f"MS-SSIM {entry['val_ms_ssim']:.4f}  SSIM {entry['val_ssim']:.3f}  PSNR {entry['val_psnr']:.1f} dB",
         f"spectral energy kept (cycles/px): {kept}",
@@ -710,6 +712,7 @@ def train_vae(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
     preview = datasets["val"][torch.linspace(0, len(datasets["val"]) - 1, 8).long().tolist()][0]
+    board = TensorBoardLog(run_dir / "tensorboard" / "vae", config.run.tensorboard and runtime.is_main, stage.start_epoch + 1)
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         images = batch[0].to(runtime.device, non_blocking=True)
@@ -721,6 +724,7 @@ def train_vae(
     def write_logs() -> None:
         write_history(run_dir, stage.history, [])
         plot_history(stage.history, run_dir / "vae_loss.png", "VAE loss")
+        board.epoch(stage.history[-1], "vae")
 
     def checkpoint(epoch: int) -> dict:
         return stage.checkpoint(config, epoch, **(critic.state() if critic is not None else {}))
@@ -745,7 +749,9 @@ def train_vae(
                     caption = [f"top: validation slices; bottom: reconstructions (epoch {entry['epoch']})"]
                     caption += describe_reconstructions(entry)
                     save_reconstructions(vae, preview, run_dir / "vae_reconstructions.png", runtime, caption)
+                    board.image("vae/reconstructions", run_dir / "vae_reconstructions.png", entry["epoch"])
         finish_epoch(stage, entry, runtime, run_dir / "vae.pt", checkpoint, write_logs)
+    board.close()
     if runtime.world_size > 1:
         dist.broadcast(vae.scale_factor, src=0)
     return vae
@@ -794,14 +800,15 @@ def evaluate_unet(
     return float(totals[0] / totals[1])
 
 
-def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> None:
-    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare."""
+def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
+    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
     run = pipe.config.run
     for label, class_name in enumerate(CLASS_NAMES):
         generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
         conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
         latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
         save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
+    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
 
 
 def train_unet(
@@ -825,6 +832,7 @@ def train_unet(
         ema.load_state_dict(stage.restored["ema"])
     vae_history = load_checkpoint(run_dir / "vae.pt")["history"] if runtime.is_main else []
     grids = Pipeline(config, vae, ema.model, scheduler, runtime)
+    board = TensorBoardLog(run_dir / "tensorboard" / "unet", config.run.tensorboard and runtime.is_main, stage.start_epoch + 1)
 
     def compute_loss(batch) -> tuple[torch.Tensor, int]:
         mean, logvar, conditions = batch
@@ -844,6 +852,7 @@ def train_unet(
     def write_logs() -> None:
         write_history(run_dir, vae_history, stage.history)
         plot_history(stage.history, run_dir / "diffusion_loss.png", "Diffusion loss (validation with EMA weights)")
+        board.epoch(stage.history[-1], "unet")
 
     for entry in run_epochs(stage, config, runtime, compute_loss, after_step=lambda: ema.update(unet)):
         validated = validating(entry["epoch"], stage, config)
@@ -858,8 +867,10 @@ def train_unet(
             )
             if entry["epoch"] % config.run.sample_every == 0 or entry["epoch"] == stage.settings.epochs:
                 with stage.clock.measure("sample_grids"):
-                    save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}")
+                    for class_name, path in save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}"):
+                        board.image(f"unet/samples_{class_name}", path, entry["epoch"])
         finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs)
+    board.close()
 
 
 # ============================================================================ command line
@@ -939,6 +950,8 @@ def check_classes(datasets: dict[str, SliceDataset]) -> None:
 def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> None:
     """Validate, load the data, write the run's config and splits, then train the asked-for stages."""
     config = prepare_run(args, overrides, run_dir)
+    if config.run.tensorboard:
+        require_tensorboard()  # now, not after a stage of training
     runtime = start_runtime(config.run)
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)

@@ -12,6 +12,10 @@ import errno
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import socket
 import sys
 import tempfile
 import textwrap
@@ -88,6 +92,11 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {requested}: brainLDM runs on cpu or cuda; use one of those")
     return device
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -202,6 +211,63 @@ def umap_embedding(features: np.ndarray, seed: int, n_neighbors: int = 15, min_d
         return umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1).fit_transform(features)
     finally:
         torch.set_num_threads(threads)
+
+
+# Purposes of the hidden sibling folders that fresh_sibling makes: a dataset being built, unpacked or
+# converted, and an old one moved aside while its replacement is renamed into place.
+SIBLING_PURPOSES = ("building", "unpacking", "converting", "replaced")
+
+
+def fresh_sibling(path: Path, purpose: str) -> Path:
+    """A new hidden folder next to `path` (same file system, so renaming it onto `path` is one step).
+
+    Its name records this host and process, so remove_leftovers can tell a killed run's folder
+    from one that a live run is still filling. `purpose` is one of SIBLING_PURPOSES.
+    """
+    if purpose not in SIBLING_PURPOSES:
+        raise ValueError(f"purpose {purpose!r} is not one of {SIBLING_PURPOSES}")
+    temp = path.parent / f".{path.name}.{purpose}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        temp.mkdir(parents=True)
+    except OSError as error:
+        raise UsageError(f"cannot create a folder next to {path} ({error}): choose a writable location") from None
+    return temp
+
+
+def _process_is_alive(pid: int) -> bool:
+    """Signal 0 tests that a process exists without sending anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # Another user's process: it exists.
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the folders (see fresh_sibling) that killed builds, unpackings and conversions of `path` left.
+
+    Only folders whose process is known dead go: one made on this host by a PID that no longer
+    exists. Age alone would not do: a build running in another terminal is older than this one.
+    (A PID reused since only delays the cleanup to a later run.) Returns the folders removed.
+    """
+    purposes = "|".join(SIBLING_PURPOSES)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:{purposes})-(.+)-([0-9]{{1,9}})-[0-9a-f]{{8}}")
+    try:
+        candidates = sorted(path.parent.iterdir()) if path.parent.is_dir() else []
+    # Cleaning up is a courtesy; an unreadable folder is reported by whatever needs it next.
+    except OSError:
+        return []
+    removed = []
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match and match[1] == socket.gethostname() and not _process_is_alive(int(match[2])):
+            shutil.rmtree(candidate, ignore_errors=True)
+            if not candidate.exists():
+                removed.append(candidate)
+    return removed
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -326,3 +392,67 @@ def plot_curves(
     axis.grid(alpha=0.3)
     axis.legend()
     save_figure(figure, path)
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter class; a UsageError naming the install when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--run.tensorboard true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """Per-epoch scalars and images for TensorBoard (`tensorboard --logdir runs`), written to `folder`.
+
+    A disabled log does nothing, so callers need no `if`. An enabled one checks at once that the
+    package is installed, and makes its writer (and folder) at the first write. Steps are epochs:
+    `first_epoch`, the first one this process logs, hides what a killed run logged from it on
+    (SummaryWriter's purge_step), so a resumed stage draws one line, not two.
+    """
+
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True, first_epoch: int = 1):
+        self.folder, self.enabled, self.first_epoch = Path(folder), enabled, first_epoch
+        self._writer = None
+        if enabled:
+            require_tensorboard()
+
+    def _writer_now(self):
+        if self._writer is None:
+            self._writer = require_tensorboard()(log_dir=str(self.folder), purge_step=self.first_epoch)
+        return self._writer
+
+    def epoch(self, entry: dict, prefix: str) -> None:
+        """Every number of a history entry as `prefix/name` (a dict's as `prefix/name/key`) at step entry["epoch"]."""
+        if not self.enabled:
+            return
+        writer = self._writer_now()
+        for tag, value in _numbers(entry, prefix):
+            writer.add_scalar(tag, value, entry["epoch"])
+        writer.flush()
+
+    def image(self, tag: str, path: str | os.PathLike, epoch: int) -> None:
+        """A grayscale figure that was just saved to `path` (a PNG), as image `tag` at step `epoch`."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        self._writer_now().add_image(tag, pixels, epoch, dataformats="HW")
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _numbers(entry: dict, prefix: str) -> Iterator[tuple[str, float]]:
+    """(tag, value) for the numbers of a history entry, the epoch and step counters left out."""
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}/{name}")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and name not in ("epoch", "step"):
+            yield f"{prefix}/{name}", float(value)

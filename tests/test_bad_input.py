@@ -397,7 +397,10 @@ def dead_pid() -> int:
 
 def test_leftovers_of_dead_processes_are_removed(tiny_root: Path, run_setup) -> None:
     host, dead = socket.gethostname(), dead_pid()
-    leftovers = [tiny_root.parent / f".AD_NC.{purpose}-{host}-{dead}-0123abcd" for purpose in ("building", "unpacking")]
+    leftovers = [
+        tiny_root.parent / f".AD_NC.{purpose}-{host}-{dead}-0123abcd"
+        for purpose in ("building", "unpacking", "converting", "replaced")
+    ]
     kept = [
         tiny_root.parent / f".AD_NC.building-{host}-{os.getpid()}-0123abcd",  # a live build
         tiny_root.parent / f".AD_NC.building-other-host-{dead}-0123abcd",  # its process is out of sight
@@ -409,7 +412,7 @@ def test_leftovers_of_dead_processes_are_removed(tiny_root: Path, run_setup) -> 
     code, out, err = run_setup("--data-dir", tiny_root)
     assert code == 0, err
     (note,) = [line for line in out.splitlines() if line.startswith("removed")]
-    assert note.startswith("removed 2 folder(s) that a killed demo build or unpacking left next to ")
+    assert note.startswith("removed 4 folder(s) that a killed demo build, unpacking or conversion left next to ")
     assert not any(folder.exists() for folder in leftovers) and all(folder.exists() for folder in kept)
 
 

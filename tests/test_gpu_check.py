@@ -30,9 +30,9 @@ def test_every_stage_runs_and_the_last_line_sums_it_up(tmp_path: Path) -> None:
 
 
 def test_the_summary_line_reads_history_and_metrics(tmp_path: Path) -> None:
-    sharpness = {"val_psnr": 31.26, "val_spectral_energy": {"1/16-1/8": 1.0, "1/8-1/4": 0.97, ">1/4": 0.834}}
+    sharpness = {"val_psnr": 31.26, "val_spectral_energy": {"low": 1.0, "mid": 0.97, "high": 0.834}}
     history = [
-        {"stage": "vae", "val_ms_ssim": 0.5, "val_psnr": 20.0, "val_spectral_energy": {">1/4": 0.1}},
+        {"stage": "vae", "val_ms_ssim": 0.5, "val_psnr": 20.0, "val_spectral_energy": {"high": 0.1}},
         {"stage": "vae", "train_loss": 0.1},
         {"stage": "vae", "val_ms_ssim": 0.9712, **sharpness},
         {"stage": "unet"},
