@@ -27,7 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from config import CLASS_NAMES, DEFAULT_DATA_DIR, DataConfig
-from utils import UsageError, atomic_path, write_json_atomic
+from utils import UsageError, atomic_path, check_memory, check_output_paths, display_path, write_json_atomic
 
 SPLITS = ("train", "test")
 DEFAULT_ROOT = Path(DEFAULT_DATA_DIR)
@@ -99,16 +99,6 @@ def parse_image_name(name: str) -> tuple[str, int] | None:
 def _is_scan_id(text: str) -> bool:
     """Visible ASCII only: no spaces, control characters or non-ASCII letters and digits."""
     return bool(text) and text.isascii() and text.isprintable() and " " not in text
-
-
-def display_path(path: str | os.PathLike) -> str:
-    """`path` as printable one-line text: undecodable bytes as `\\xff`, control characters escaped.
-
-    Printing a name whose bytes are not UTF-8 raises UnicodeEncodeError, and a newline in a name
-    would break a one-line message.
-    """
-    text = os.fsencode(path).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def index_dataset(root: str | os.PathLike) -> DatasetIndex:
@@ -254,9 +244,17 @@ def csf_dark_share(brain: np.ndarray) -> float:
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
-    """Difference of means in units of the pooled standard deviation."""
+    """Difference of means in units of the pooled standard deviation; NaN when that is zero (every
+    value of each group the same: `zero_spread`), where the ratio means nothing."""
+    if zero_spread(a, b):
+        return math.nan  # the rounding error of var() would otherwise divide the difference into ~1e15
     pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
     return float((a.mean() - b.mean()) / math.sqrt(pooled)) if pooled > 0 else math.nan
+
+
+def zero_spread(*groups: np.ndarray) -> bool:
+    """Whether every group holds one value only (exactly), so a pooled standard deviation is zero."""
+    return all(np.ptp(group) == 0 for group in groups if len(group))
 
 
 def make_splits(index: DatasetIndex, val_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
@@ -377,6 +375,7 @@ def decode_images(records: list[ImageRecord], image_size: int, cache_dir: str | 
     cannot be read back as exactly that (truncated by a full disk, replaced, edited) is rebuilt:
     it only ever holds what the dataset folder can give again.
     """
+    check_memory(len(records) * image_size**2, f"the {len(records)} decoded images at {image_size} px")
     cache_file = Path(cache_dir) / f"images_{_cache_key(records, image_size)}.npz" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         try:
@@ -458,6 +457,7 @@ def load_split_datasets(
 
     Unreadable images are reported by path and left out, never met mid-epoch.
     """
+    check_output_paths([config.data_dir], folders={"--data.cache_dir": config.cache_dir})
     index = index_dataset(config.data_dir)
     if splits is None:
         splits = make_splits(index, config.val_fraction, config.split_seed)

@@ -9,17 +9,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +40,24 @@ class UsageError(Exception):
 
 def fail(message: str) -> NoReturn:
     """Print a one-line error to stderr and exit with status 2 (usage or data error)."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters (a newline or an escape sequence in a path) and undecodable
+    bytes shown escaped (`\\n`, `\\xff`): a message stays one line and prints under any locale."""
+    try:
+        # Undecodable bytes of a file name arrive as surrogates: show them as the bytes they were.
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` as printable one-line text (see one_line)."""
+    return one_line(os.fsdecode(path))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,27 +67,108 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C's KeyboardInterrupt, so every `finally` (the
+    temporary file of an atomic write among them) runs before the process ends."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def _raise_stopped(number: int, frame: object) -> None:
+    raise Stopped(number)
+
+
 @contextmanager
 def usage_errors_exit() -> Iterator[None]:
-    """A script's error boundary: a UsageError, or an OSError from the machine (a full disk, a read-only
-    or unreadable folder), becomes `fail(message)`: one line and exit 2, no traceback. Every write is
-    atomic, so the file that was being replaced is still intact."""
+    """A script's error boundary: a UsageError, an OSError from the machine (a full disk, a read-only
+    or unreadable folder) or running out of memory becomes `fail(message)`: one line and exit 2, no
+    traceback. SIGTERM, SIGHUP and Ctrl-C end the command with one line and 128 + the signal's number,
+    after the temporary files of the writes under way are removed. Every write is atomic, so the file
+    that was being replaced is still intact."""
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+        previous = {number: signal.signal(number, _raise_stopped) for number in handled}
     try:
         yield
     except UsageError as error:
         fail(str(error))
     except OSError as error:
         fail(describe_os_error(error))
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        fail(out_of_memory(error))
+    except RuntimeError as error:
+        if not _ALLOCATION_FAILED.search(str(error)):
+            raise
+        fail(out_of_memory(error))
+    except (Stopped, KeyboardInterrupt) as stop:
+        number = stop.signal_number if isinstance(stop, Stopped) else signal.SIGINT
+        print(f"\nstopped by {signal.Signals(number).name}; no half-written file is left", file=sys.stderr)
+        raise SystemExit(128 + number) from None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+# How torch's CPU allocator words a failed allocation (a RuntimeError, unlike CUDA's OutOfMemoryError).
+_ALLOCATION_FAILED = re.compile(r"DefaultCPUAllocator|can't allocate memory|not enough memory")
+
+
+def out_of_memory(error: BaseException) -> str:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return f"out of memory ({reason}): lower --batch-size, --data.image_size or --num-samples, or use a machine with more memory"
+
+
+def memory_limit() -> int:
+    """Bytes of memory this process may use at most: the machine's, or less under `ulimit -v` / `-d`
+    or a cgroup (a container's or a batch job's) limit."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        soft = resource.getrlimit(kind)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    try:
+        limits.append(int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2 here, or "max"
+        pass
+    return min(limits)
+
+
+def check_memory(needed: int, what: str) -> None:
+    """A UsageError before allocating `needed` bytes for `what` when this process may not have them."""
+    limit = memory_limit()
+    if needed > limit:
+        raise UsageError(
+            f"{what} need {needed / 2**30:.1f} GiB of memory, more than the {limit / 2**30:.1f} GiB this process may use: "
+            "lower --data.image_size (ADNI's slices are 256x240) or use a machine with more memory"
+        )
 
 
 def describe_os_error(error: OSError) -> str:
     """One line for an OSError: what failed, on which file, and what to do about it."""
-    where = error.filename or "a file"
+    where = display_path(error.filename) if error.filename else "a file"
     if error.errno == errno.ENOSPC:
-        return f"no space left on the device writing {where}: free some disk space and run the command again"
+        return (
+            f"no space left on the device writing {where} ({free_space(error.filename)} free): free some disk space "
+            "and run the command again"
+        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read {where} ({error.strerror}): choose a folder you may write to, or fix its permissions"
     return f"{where}: {error.strerror or error}"
+
+
+def free_space(path: str | os.PathLike | None) -> str:
+    """The free space on the disk that holds `path` (its nearest existing folder), e.g. "1.2 GiB"."""
+    folder = Path(path or ".").absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
 
 
 def seed_everything(seed: int) -> None:
@@ -138,15 +239,35 @@ def _current_umask() -> int:
     return mask
 
 
+def process_is_alive(pid: int) -> bool:
+    """Signal 0 tests that a process exists without sending anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # Another user's process: it exists.
+    except PermissionError:
+        pass
+    return True
+
+
+def _temporary_prefix(path: Path) -> str:
+    """`.name.host-pid-`: a temporary file names its writer, so a cleaner can tell a dead writer's
+    leftover from the file a live one (another script writing into the same folder) is filling."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}-"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it onto `path` in one step.
+    """Yield a temporary path next to `path` (`.name.host-pid-XXXXXXXX.tmp`); on success rename it onto
+    `path` in one step.
 
-    A crash or a full disk mid-write leaves the old file intact and no half-written file behind.
+    A crash or a full disk mid-write leaves the old file intact and no half-written file behind; a
+    kill -9 leaves the temporary file, which `remove_temporary_files` deletes on the next start.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     os.close(handle)
     temp_path = Path(temp_name)
     try:
@@ -162,13 +283,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         temp_path.unlink(missing_ok=True)
 
 
-def remove_temporary_files(folder: str | os.PathLike) -> int:
-    """Delete the `.name.*.tmp` files that atomic writes of a killed process left under `folder`;
-    call it only while holding the folder's lock. Returns how many there were."""
-    stale = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
+def remove_temporary_files(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete the temporary files (atomic_path's) that writers which are no longer running left in
+    `folder` (and its subfolders when `recursive`): only those made on this host by a process that no
+    longer exists, so a live writer's file is never touched, whatever folder it shares. Returns how
+    many were deleted."""
+    pattern = re.compile(rf"\..+\.{re.escape(socket.gethostname())}-([0-9]+)-[a-z0-9_]+\.tmp")
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    candidates = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    removed = 0
+    for path in candidates:
+        match = pattern.fullmatch(path.name)
+        if match and path.is_file() and not process_is_alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file of `folder` (folder_lock's): `.<name>.lock` beside the folder it resolves to."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}.lock"
 
 
 @contextmanager
@@ -176,26 +313,43 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs, so two processes never write one run.
 
     The lock file is `.<name>.lock` beside the folder, so nothing is written inside it before the
-    caller decides to. A second holder gets a UsageError naming the first one's PID. The operating
-    system drops the lock when its process ends, even by kill -9, so it never goes stale."""
+    caller decides to, and it is removed on release. A second holder gets a UsageError naming the
+    first one's PID. The operating system drops the lock when its process ends, even by kill -9, so
+    it never goes stale. The folder is resolved through symlinks first: a link to a run folder takes
+    the lock of the folder itself."""
     import fcntl  # POSIX only, like the rest of the multi-process code
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()
+    path = lock_path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise UsageError(
-                f"{folder} is in use by process {holder}: wait for it to finish (or stop it), or choose another --run"
+                f"{display_path(folder)} is in use by process {holder}: wait for it to finish (or stop it), or choose another --run"
             ) from None
+        # The previous holder removes the file on release: if it did after this process opened it,
+        # the lock just won is on a file no longer there, and the one at `path` must be locked instead.
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding the lock (see above)
+        handle.close()
 
 
 def umap_embedding(features: np.ndarray, seed: int, n_neighbors: int = 15, min_dist: float = 0.1) -> np.ndarray:
@@ -234,18 +388,6 @@ def fresh_sibling(path: Path, purpose: str) -> Path:
     return temp
 
 
-def _process_is_alive(pid: int) -> bool:
-    """Signal 0 tests that a process exists without sending anything."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # Another user's process: it exists.
-    except PermissionError:
-        pass
-    return True
-
-
 def remove_leftovers(path: Path) -> list[Path]:
     """Delete the folders (see fresh_sibling) that killed builds, unpackings and conversions of `path` left.
 
@@ -263,7 +405,7 @@ def remove_leftovers(path: Path) -> list[Path]:
     removed = []
     for candidate in candidates:
         match = pattern.fullmatch(candidate.name)
-        if match and match[1] == socket.gethostname() and not _process_is_alive(int(match[2])):
+        if match and match[1] == socket.gethostname() and not process_is_alive(int(match[2])):
             shutil.rmtree(candidate, ignore_errors=True)
             if not candidate.exists():
                 removed.append(candidate)
@@ -277,6 +419,52 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_output_paths(
+    read_only: Iterable[str | os.PathLike],
+    folders: Mapping[str, str | os.PathLike | None] | None = None,
+    files: Mapping[str, str | os.PathLike | None] | None = None,
+) -> None:
+    """The one rule for everything a command writes, checked before it writes anything: no output lies
+    inside one of the `read_only` folders (the datasets the command reads: the caller knows which
+    those are), each resolved through symlinks; an output folder is not a file, an output file is not
+    a folder, and no folder on the way to either is a file. `folders` and `files` map how the user
+    named each output (an option such as "--out", or a file's role) to its path (None: not written).
+
+    A file is judged by the folder it lands in: atomic_path replaces a symlink there, never its target.
+    The first output that breaks the rule is a UsageError naming it and the fix."""
+    roots = [(Path(root), Path(root).resolve()) for root in read_only]
+    # Thousands of files share a few folders: each folder is resolved and walked once.
+    resolve_folder = functools.cache(Path.resolve)
+    file_on_the_way = functools.cache(_file_on_the_way)
+
+    outputs = [(name, Path(path), True) for name, path in (folders or {}).items() if path is not None]
+    outputs += [(name, Path(path), False) for name, path in (files or {}).items() if path is not None]
+    for name, path, is_folder in outputs:
+        real = resolve_folder(path) if is_folder else resolve_folder(path.parent) / path.name
+        for root, real_root in roots:
+            if real == real_root or real_root in real.parents:
+                raise UsageError(
+                    f"{name} {display_path(path)} lies inside the dataset folder {display_path(root)}, which brainLDM only "
+                    "ever reads (a file written there would be taken for data): choose a place outside it"
+                )
+        blocker = file_on_the_way(path.parent)
+        if blocker is not None:
+            raise UsageError(f"{name} {display_path(path)}: {display_path(blocker)} is a file, not a folder: choose another path")
+        if path.is_dir() != is_folder and path.exists():
+            kind, meant = ("a file", "a folder") if is_folder else ("a folder", "a file")
+            raise UsageError(
+                f"{name} {display_path(path)} is {kind}, where {meant} is to be written: move it away or choose another path"
+            )
+
+
+def _file_on_the_way(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that exists and is not a folder (None: the way is clear)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -358,7 +546,16 @@ def new_figure(*args, **kwargs) -> tuple:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save a dict of state dicts/tensors/numbers atomically (never a pickled module)."""
     with atomic_path(path) as temp_path:
-        torch.save(state, temp_path)
+        try:
+            torch.save(state, temp_path)
+        # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] . unexpected
+        # pos ..." or "file write failed", a RuntimeError without an errno.
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "RuntimeError"
+            raise UsageError(
+                f"writing the checkpoint {display_path(path)} failed ({reason}) with {free_space(path)} free on its disk: "
+                "free some disk space and run the command again (the previous checkpoint, if any, is intact)"
+            ) from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -366,14 +563,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"checkpoint {path} not found") from None
+        raise UsageError(f"checkpoint {display_path(path)} not found") from None
     except OSError as error:
-        raise UsageError(f"cannot read {path} ({error.strerror}): check the file's permissions") from None
+        raise UsageError(f"cannot read {display_path(path)} ({error.strerror}): check the file's permissions") from None
     # Whatever a damaged or foreign file makes the unpickler raise (UnpicklingError, RuntimeError,
     # EOFError, IndexError on plain text, ...), the file is not a checkpoint we can use.
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{path} is not a readable brainLDM checkpoint ({first_line[:120]})") from None
+        raise UsageError(f"{display_path(path)} is not a readable brainLDM checkpoint ({first_line[:120]})") from None
 
 
 def plot_curves(
