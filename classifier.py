@@ -192,16 +192,25 @@ def train_classifier(
 
 def position_balancing_weights(labels: np.ndarray, slice_indices: np.ndarray) -> np.ndarray:
     """Per-image weights under which every slice index is half AD, half NC, each index keeping its share
-    of the images. Indices that hold one class only get weight 0: position alone decides them."""
+    of the images. Indices that hold one class only get weight 0: position alone decides them (all
+    zero when no index holds both: `check_position_balance`)."""
     weights = np.zeros(len(labels))
     for index in np.unique(slice_indices):
         here = slice_indices == index
         counts = np.bincount(labels[here], minlength=len(CLASS_NAMES))
         if (counts > 0).all():
             weights[here] = here.sum() / (len(CLASS_NAMES) * counts[labels[here]])
-    if not weights.any():
-        raise UsageError("no slice index holds both AD and NC images: slice position alone separates the classes")
     return weights
+
+
+def check_position_balance(train: SliceDataset) -> None:
+    """The yardstick learns from a position-balanced draw of the training slices: some slice index must
+    hold both AD and NC, or slice position alone separates the classes and nothing is left to learn."""
+    if not position_balancing_weights(train.labels.numpy(), train.slice_indices.numpy()).any():
+        raise UsageError(
+            "no slice index of the training split holds both AD and NC images: slice position alone separates "
+            "the classes, so no yardstick can be trained on anatomy; use a dataset whose classes share slice positions"
+        )
 
 
 def classifier_fingerprint(
@@ -228,6 +237,7 @@ def train_yardstick(
     """The run's classifier: position-balanced real training slices plus (with_reconstructions) their
     reconstructions, chosen on val real and val reconstructions. Returns it and its val accuracy."""
     train, val = datasets["train"], datasets["val"]
+    check_position_balance(train)
     weights = torch.from_numpy(position_balancing_weights(train.labels.numpy(), train.slice_indices.numpy()))
     pixels, labels, validation = train.pixels, train.labels, [(val.pixels, val.labels)]
     if settings.with_reconstructions:
@@ -238,6 +248,26 @@ def train_yardstick(
         pixels, labels, settings, device, weights, validation, description="training the AD/NC yardstick"
     )
     return model, val_accuracy
+
+
+def cached_yardstick(
+    path: Path, fingerprint: str, settings: ClassifierSettings, device: torch.device
+) -> tuple[SliceClassifier, float] | None:
+    """The yardstick cached in `path` and its val accuracy, when it was trained on what `fingerprint`
+    describes; None for a stale cache, and for a damaged or foreign file (not a checkpoint, not a
+    dict, weights of another shape), which only costs a retraining."""
+    try:
+        state = load_checkpoint(path, device)
+    except UsageError:
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint or "val_accuracy" not in state:
+        return None
+    model = SliceClassifier(settings.channels).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError, AttributeError):
+        return None
+    return model.eval(), state["val_accuracy"]
 
 
 def load_or_train_yardstick(
@@ -257,14 +287,9 @@ def load_or_train_yardstick(
     fingerprint = classifier_fingerprint(splits, image_size, vae_fingerprint, settings)
     info = {"settings": asdict(settings)}
     if path.is_file() and not retrain:
-        try:
-            state = load_checkpoint(path, device)
-        except UsageError:
-            state = {}  # an unreadable cache is a stale cache
-        if state.get("fingerprint") == fingerprint:
-            model = SliceClassifier(settings.channels).to(device)
-            model.load_state_dict(state["model"])
-            return model.eval(), {"source": f"reused {path.name}", "val_accuracy": state["val_accuracy"]} | info
+        cached = cached_yardstick(path, fingerprint, settings, device)
+        if cached is not None:
+            return cached[0], {"source": f"reused {path.name}", "val_accuracy": cached[1]} | info
     model, val_accuracy = train_yardstick(datasets, reconstruct, settings, device)
     save_checkpoint(
         {"fingerprint": fingerprint, "settings": asdict(settings), "model": model.state_dict(), "val_accuracy": val_accuracy},
@@ -292,6 +317,7 @@ def classifier_controls(test_predictions: np.ndarray, train: SliceDataset, test:
     labels, slices = test.labels.numpy(), test.slice_indices.numpy()
     correct = test_predictions == labels
     position_correct = slice_position_only_predictions(train, test) == labels
+    balance = position_balancing_weights(labels, slices)  # all zero when no test slice index holds both labels
     edges = np.quantile(train.slice_indices.numpy(), [1 / 3, 2 / 3])
     tercile = np.searchsorted(edges, slices, side="right")
     terciles = []
@@ -309,7 +335,7 @@ def classifier_controls(test_predictions: np.ndarray, train: SliceDataset, test:
             )
     return {
         "test_accuracy": float(correct.mean()),
-        "test_accuracy_position_balanced": float(np.average(correct, weights=position_balancing_weights(labels, slices))),
+        "test_accuracy_position_balanced": float(np.average(correct, weights=balance)) if balance.any() else math.nan,
         "slice_position_only_test_accuracy": float(position_correct.mean()),
         "slice_terciles": terciles,
     }

@@ -24,6 +24,11 @@ from utils import UsageError
 CLASS_NAMES = ("AD", "NC")  # label = CLASS_NAMES.index(name): AD=0, NC=1, never directory-listing order
 DEFAULT_DATA_DIR = "data/ADNI/AD_NC"
 DEMO_DATA_DIR = "data/demo/AD_NC"
+# The demo's scan count: a train and a test scan per class at least; at most as many as its six-digit scan IDs.
+DEMO_SCAN_LIMITS = (4, 900_000)
+# Classifier-free guidance scales above this are refused, given or stored (run.guidance_scale, --guidance,
+# --guidance-sweep). Measured on a demo run: see MAX_GUIDANCE in the README ("What happens when things go wrong").
+MAX_GUIDANCE = 30.0
 
 
 # ============================================================================ the sections
@@ -231,6 +236,21 @@ def resolve_schedule(config: Config, train_size: int) -> list[str]:
     return resolved
 
 
+def check_batches(config: Config, train_size: int, stages: tuple[str, ...], world_size: int = 1) -> None:
+    """A UsageError for a stage whose batch (per process, times `world_size`) is larger than the
+    `train_size` training images: every epoch drops its last incomplete batch, so it would train
+    zero steps and still report done."""
+    for name in stages:
+        batch_size = getattr(config, f"{name}_train").batch_size
+        if batch_size * world_size > train_size:
+            processes = f" x {world_size} processes" if world_size > 1 else ""
+            raise UsageError(
+                f"--{name}_train.batch_size {batch_size}{processes} is larger than the training split ({train_size} "
+                f"images): an epoch would train zero steps; lower --batch-size to at most {train_size // world_size} "
+                "or add training images"
+            )
+
+
 def latent_shape(config: Config) -> tuple[int, int, int]:
     """(C_z, h, w) of the latents the UNet works on."""
     side = config.data.image_size // config.vae.downsample_factor
@@ -263,15 +283,28 @@ def parse_value(text: str, hint: object) -> object:
 
 
 def _from_json_value(value: object, hint: object) -> object:
-    if value is None:
-        return None
+    """A stored JSON value as the type a field is annotated with; ValueError naming what it should be
+    when its JSON type is wrong (a string where widths belong, 64.5 where a count belongs)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if args and type(None) in args:
-        return _from_json_value(value, next(a for a in args if a is not type(None)))
+    if args and type(None) in args:  # X | None
+        return None if value is None else _from_json_value(value, next(a for a in args if a is not type(None)))
     if origin is tuple:
-        return tuple(_from_json_value(v, args[0]) for v in value)
-    return hint(value)
+        if not isinstance(value, list | tuple):  # a list in JSON, a tuple in a checkpoint
+            raise ValueError(f"{json.dumps(value)} is not a list such as {_EXAMPLES[args[0]]}")
+        return tuple(_from_json_value(item, args[0]) for item in value)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int and is_number and float(value).is_integer():
+        return int(value)
+    if (hint is float and is_number) or (hint in (bool, str) and isinstance(value, hint)):
+        return hint(value)
+    raise ValueError(f"{json.dumps(value)} is not {_type_name(hint)}")
 
+
+def _type_name(hint: object) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+_EXAMPLES = {int: "[64, 128]", float: "[0.9, 0.999]", bool: "[false, true]"}
 
 # Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
 # unet.latent_channels is vae.latent_channels (one definition of the latent space).
@@ -294,7 +327,9 @@ def config_to_dict(config: Config) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from config.json; unknown fields mean another version."""
+    """Rebuild a Config from config.json or a checkpoint, through the same field checks as the command
+    line (check_fields): a stored value is trusted no more than a typed one. Unknown fields mean
+    another version; a value of the wrong JSON type or out of range is a UsageError naming the field."""
     config = make_config(str(data.get("preset", "adni")))
     for (section_name, name), value in ADDED_FIELDS.items():
         if isinstance(data.get(section_name), dict) and name not in data[section_name]:
@@ -313,11 +348,19 @@ def config_from_dict(data: dict) -> Config:
                 raise UsageError(f"config field {section_name}.{name} is unknown to this version of brainLDM")
             retired = RETIRED_VALUES.get((section_name, name), {})
             value = retired.get(value, value) if isinstance(value, bool) else value
-            setattr(section, name, _from_json_value(value, hints[name]))
+            try:
+                setattr(section, name, _from_json_value(value, hints[name]))
+            except (ValueError, OverflowError) as error:
+                raise UsageError(f"config field {section_name}.{name}: {error}") from None
+    try:
+        check_fields(config)
+    except UsageError as error:
+        raise UsageError(f"stored config field {str(error).removeprefix('--')}") from None
     return config
 
 
 def read_config(run_dir: Path) -> Config:
+    """A run's config.json, every field checked (config_from_dict)."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no config.json: it is not a brainLDM run folder")
@@ -327,7 +370,7 @@ def read_config(run_dir: Path) -> Config:
             raise ValueError(f"a JSON {type(data).__name__}, not an object")
         return config_from_dict(data)
     except UsageError as error:
-        raise UsageError(f"{path}: {error}") from None
+        raise UsageError(f"{path}: {error}: correct the value there, or start a new --run") from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as error:
         raise UsageError(
             f"{path} is not a valid brainLDM config ({error}): use the run's own config.json or a new --run"
@@ -508,10 +551,13 @@ def _problems(config: Config) -> Iterator[str]:
         f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})",
     )
     yield from need(
-        finite(run.guidance_scale) and run.guidance_scale >= 0,
+        finite(run.guidance_scale) and 0 <= run.guidance_scale <= MAX_GUIDANCE,
         "run.guidance_scale",
-        "must be a finite number, 0 or more (1 = no guidance)",
+        GUIDANCE_RULE,
     )
+
+
+GUIDANCE_RULE = f"must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance; higher scales give no images)"
 
 
 def check_fields(config: Config) -> None:

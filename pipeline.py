@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from config import (
     CLASS_NAMES,
+    GUIDANCE_RULE,
+    MAX_GUIDANCE,
     Config,
     check_fields,
     config_differences,
@@ -67,7 +69,11 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
     missing = [key for key in STAGE_KEYS[stage] if key not in state]
     if missing or not isinstance(state["config"], dict):
         raise UsageError(f"{path} is damaged (no {', '.join(missing) or 'config'}): resume from a copy or start a new --run")
-    changed = config_differences(config_from_dict(state["config"]), config)
+    try:
+        stored = config_from_dict(state["config"])
+    except UsageError as error:
+        raise UsageError(f"{path} holds a damaged config ({error}): resume from a copy or start a new --run") from None
+    changed = config_differences(stored, config)
     if changed:
         raise UsageError(
             f"{path} was trained with another config ({'; '.join(changed[:3])}): use the run's own config.json or a new --run"
@@ -129,6 +135,11 @@ def check_trained_on(state: dict, vae_fingerprint: str, path: Path) -> None:
 def build_unet(config: Config) -> UNet:
     """The UNet of a config, on the VAE's latent channels."""
     return UNet(config.unet, config.vae.latent_channels)
+
+
+def dataset_folders(config: Config) -> list[str]:
+    """The folders a run reads its images from, which nothing may write into (utils.check_output_paths)."""
+    return [config.data.data_dir]
 
 
 def validate(config: Config) -> None:
@@ -213,8 +224,8 @@ def check_sampling_options(args: argparse.Namespace, num_train_timesteps: int | 
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if steps is not None and num_train_timesteps is not None and steps > num_train_timesteps:
         raise UsageError(f"--steps {steps}: the run has {num_train_timesteps} diffusion steps; use at most that many")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise UsageError(f"--guidance must be 0 or more (1 = no guidance), got {guidance}")
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise UsageError(f"--guidance {guidance}: {GUIDANCE_RULE}")
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed must be 0 to {MAX_SEED}, got {seed}")
     if num_samples < 1:
@@ -374,6 +385,7 @@ def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
     config = read_config(run_dir)
+    validate(config)
     vae = load_trained_vae(config, run_dir, runtime.device)
     path = run_dir / "unet.pt"
     if not path.is_file():
