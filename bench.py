@@ -39,7 +39,16 @@ from config import COMPILE_MODES, PRESETS, Config, SchedulerConfig, UNetConfig, 
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, vae_loss
 from pipeline import Pipeline, build_unet
 from train import make_optimizer, prepare_for_training, train_one_epoch
-from utils import ArgumentParser, Runtime, UsageError, pick_device, usage_errors_exit, write_text_atomic
+from utils import (
+    ArgumentParser,
+    Runtime,
+    UsageError,
+    check_output_paths,
+    pick_device,
+    remove_temporary_files,
+    usage_errors_exit,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:  # diffusers is optional: imported for real only inside import_diffusers
     from diffusers import DDIMScheduler
@@ -659,8 +668,11 @@ def main(argv: list[str] | None = None) -> None:
         config = bench_config(args)
         device = pick_device(args.device)
         out = Path(args.out or f"results/{'profile' if args.profile else 'bench'}_{device.type}.md")
+        # The preset's dataset is not read here, but a table written into it would still be taken for data.
+        check_output_paths([config.data.data_dir], files={"--out": out})
         if out.exists() and not args.overwrite:
             raise UsageError(f"{out} exists: add --overwrite to replace it, or choose another --out")
+        remove_temporary_files(out.parent)
     runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
     if args.profile:
         page = run_profile(config, args, argv, runtime)

@@ -44,16 +44,27 @@ import numpy as np
 import torch
 
 from classifier import (
+    CLASSIFIER_FILE,
     ClassifierSettings,
     SliceClassifier,
     accuracy,
+    check_position_balance,
     classifier_controls,
     classify,
     load_or_train_yardstick,
     train_classifier,
 )
-from config import CLASS_NAMES
-from dataset import SliceDataset, brain_pixels, cohens_d, csf_dark_share, load_split_datasets, load_splits, to_model_range
+from config import CLASS_NAMES, MAX_GUIDANCE
+from dataset import (
+    SliceDataset,
+    brain_pixels,
+    cohens_d,
+    csf_dark_share,
+    load_split_datasets,
+    load_splits,
+    to_model_range,
+    zero_spread,
+)
 from metrics import (
     PRDC_NEIGHBOURS,
     cohens_d_interval,
@@ -66,11 +77,13 @@ from metrics import (
     precision_recall_density_coverage,
 )
 from modules import SAMPLERS
-from pipeline import Pipeline, check_sampling_options, fingerprint, load_run_for, sampling_options
+from pipeline import Pipeline, check_sampling_options, dataset_folders, fingerprint, load_run_for, sampling_options
 from utils import (
     ArgumentParser,
     UsageError,
+    check_output_paths,
     new_figure,
+    remove_temporary_files,
     save_figure,
     seed_everything,
     to_uint8,
@@ -221,7 +234,8 @@ def csf_shares(images: ImageSet) -> list[np.ndarray]:
 
 
 def anatomy_of(images: ImageSet, seed: int) -> dict:
-    """CSF-dark share by label and Cohen's d (AD minus NC) with its bootstrap 95% interval."""
+    """CSF-dark share by label and Cohen's d (AD minus NC) with its bootstrap 95% interval; where d is
+    undefined, `cohens_d_undefined` says why instead of a number."""
     by_label = csf_shares(images)
     report = {}
     for label, values in enumerate(by_label):
@@ -230,6 +244,11 @@ def anatomy_of(images: ImageSet, seed: int) -> dict:
     enough = min(map(len, by_label)) >= 2
     report["cohens_d_AD_minus_NC"] = cohens_d(*by_label) if enough else math.nan
     report["cohens_d_95ci"] = list(cohens_d_interval(*by_label, seed=seed))
+    if not enough:
+        counts = ", ".join(f"{CLASS_NAMES[label]} {len(values)}" for label, values in enumerate(by_label))
+        report["cohens_d_undefined"] = f"fewer than 2 images with brain pixels in a label ({counts})"
+    elif zero_spread(*by_label):
+        report["cohens_d_undefined"] = "no spread: every image of each label has the same CSF-dark share"
     return report
 
 
@@ -416,7 +435,13 @@ def markdown_report(metrics: dict) -> str:
             f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
             f"{interval(row['cohens_d_95ci'])} |"
         )
-    lines += ["", f"Directions agree: {agree}.", "", "## Conditioning accuracy and fidelity", "", *header]
+    undefined = [
+        f"{name.replace('_', ' ')}: {csf[name]['cohens_d_undefined']}"
+        for name in ("generated", "real_test")
+        if "cohens_d_undefined" in csf[name]
+    ]
+    lines += ["", f"Directions agree: {agree}." + "".join(f" Cohen's d undefined for {note}." for note in undefined)]
+    lines += ["", "## Conditioning accuracy and fidelity", "", *header]
     for title, key, digits in FIDELITY_ROWS:
         lines.append(f"| {title} | " + " | ".join(number(group[key], digits) for group in groups.values()) + " |")
     lines += [
@@ -571,8 +596,8 @@ def parse_scales(text: str) -> list[float]:
         scales = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1.5,2,3,5, got {text!r}") from None
-    if not all(math.isfinite(scale) and scale >= 0 for scale in scales):
-        raise argparse.ArgumentTypeError(f"guidance scales must be finite and 0 or more, got {text!r}")
+    if not all(math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE for scale in scales):
+        raise argparse.ArgumentTypeError(f"guidance scales must be numbers from 0 to {MAX_GUIDANCE:g}, got {text!r}")
     return scales
 
 
@@ -612,6 +637,34 @@ def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     if args.guidance_sweep is not None:
         return [run_dir / name for name in SWEEP_FILES]
     return [run_dir / name for name in (*EVALUATION_FILES, *((UMAP_FILE,) if args.umap else ()))]
+
+
+def check_outputs(pipe: Pipeline, outputs: list[Path], overwrite: bool) -> None:
+    """Before any work: what evaluate writes (its files, the yardstick's cache, the decode cache) obeys
+    utils.check_output_paths, and replaces earlier files only with --overwrite."""
+    check_output_paths(
+        dataset_folders(pipe.config),
+        folders={"--run": pipe.run_dir, "--data.cache_dir": pipe.config.data.cache_dir},
+        files={f"the run's {path.name}": path for path in (*outputs, pipe.run_dir / CLASSIFIER_FILE)},
+    )
+    existing = [path for path in outputs if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
+
+
+def check_data(datasets: dict[str, SliceDataset], data_dir: str) -> None:
+    """Before the yardstick trains or anything is sampled: at least 2 readable test and training slices
+    of each label (a spread, a Fréchet distance and KID need 2), and training slice indices that do not
+    alone tell AD from NC (the yardstick learns from a position-balanced draw)."""
+    for split in ("test", "train"):
+        counts = np.bincount(datasets[split].labels.numpy(), minlength=len(CLASS_NAMES))
+        for label, count in enumerate(counts):
+            if count < 2:
+                raise UsageError(
+                    f"the {split} split of {data_dir} has {count} readable {CLASS_NAMES[label]} slice(s): evaluate compares "
+                    f"generated images with at least 2 real ones per label; add slices to its {split}/{CLASS_NAMES[label]} folder"
+                )
+    check_position_balance(datasets["train"])
 
 
 def generate_and_measure(pipe: Pipeline, yardstick: SliceClassifier, args: argparse.Namespace) -> tuple[ImageSet, float]:
@@ -704,14 +757,16 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_run_for(args)
         device = pipe.runtime.device
         outputs = output_paths(pipe.run_dir, args)
-        existing = [path for path in outputs if path.exists()]
-        if existing and not args.overwrite:
-            raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
+        check_outputs(pipe, outputs, args.overwrite)
         if not (pipe.run_dir / "splits.json").is_file():
             raise UsageError(f"{pipe.run_dir} has no splits.json: it is not a finished brainLDM run")
         datasets, splits = load_split_datasets(
             pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
         )
+        check_data(datasets, pipe.config.data.data_dir)
+        removed = remove_temporary_files(pipe.run_dir)
+        if removed:
+            print(f"removed {removed} temporary file(s) that stopped writers left in {pipe.run_dir}")
         train, test = datasets["train"], datasets["test"]
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)

@@ -19,11 +19,21 @@ import torch
 from config import CLASS_NAMES, COMPILE_MODES, Config, latent_shape
 from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS, compile_model
-from pipeline import Pipeline, batch_generator, check_sampling_options, load_run_for, normalise_slices, sampling_options
+from pipeline import (
+    Pipeline,
+    batch_generator,
+    check_sampling_options,
+    dataset_folders,
+    load_run_for,
+    normalise_slices,
+    sampling_options,
+)
 from utils import (
     ArgumentParser,
     UsageError,
+    check_output_paths,
     new_figure,
+    remove_temporary_files,
     save_figure,
     save_image_grid,
     save_png,
@@ -43,7 +53,7 @@ def parse_label(text: str) -> list[int]:
         return list(range(len(CLASS_NAMES)))
     if key in CLASS_NAMES:
         return [CLASS_NAMES.index(key)]
-    if key.isdigit() and int(key) < len(CLASS_NAMES):
+    if key.isascii() and key.isdigit() and int(key) < len(CLASS_NAMES):  # str.isdigit alone also takes "²"
         return [int(key)]
     raise UsageError(f"unknown label {text!r}: use 0 or AD (Alzheimer's), 1 or NC (normal control), or both")
 
@@ -83,8 +93,6 @@ def check_arguments(args) -> list[int]:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
     if args.umap_count < 1:
         raise UsageError(f"--umap-count must be at least 1, got {args.umap_count}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder: choose a folder path")
     return labels
 
 
@@ -100,6 +108,29 @@ def planned_outputs(args, labels: list[int], out: Path) -> list[Path]:
     if args.umap:
         names += ["umap.png", "umap_scores.json"]
     return [out / name for name in names]
+
+
+def check_outputs(pipe: Pipeline, args, labels: list[int], out: Path) -> None:
+    """Before any sampling: the outputs (utils.check_output_paths: none inside the run's dataset, each
+    a folder or a file as meant), none that exists unless --overwrite, and test slices of every
+    label that --real or --umap shows."""
+    planned = planned_outputs(args, labels, out)
+    check_output_paths(
+        dataset_folders(pipe.config),
+        folders={"--out": out, **{f"--out's {CLASS_NAMES[label]} folder": out / CLASS_NAMES[label] for label in labels}},
+        files={f"--out's {path.relative_to(out)}": path for path in planned},
+    )
+    existing = [path for path in planned if path.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out")
+    if args.real or args.umap:
+        records = index_dataset(pipe.config.data.data_dir).records
+        for label in labels if not args.umap else range(len(CLASS_NAMES)):
+            if not any(record.split == "test" and record.label == label for record in records):
+                raise UsageError(
+                    f"{pipe.config.data.data_dir} has no {CLASS_NAMES[label]} test slices to show beside the samples "
+                    f"(--real, --umap): add them to its test/{CLASS_NAMES[label]} folder, or drop --real and --umap"
+                )
 
 
 def clear_single_images(out: Path, labels: list[int]) -> int:
@@ -239,6 +270,9 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
 
 def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_position: float | None) -> None:
     """Generate, save and report everything the options ask for."""
+    removed = sum(remove_temporary_files(folder) for folder in (out, *(out / CLASS_NAMES[label] for label in labels)))
+    if removed:
+        print(f"removed {removed} temporary file(s) that stopped writers left in {out}")
     if args.overwrite and clear_single_images(out, labels):
         print(f"--overwrite: removed the earlier single images of {', '.join(CLASS_NAMES[label] for label in labels)} in {out}")
     torch.manual_seed(args.seed)
@@ -310,13 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise UsageError(f"--slice {args.slice}: the run was trained on slices {low} to {high}; choose one of those")
             slice_position = float(normalise_slices(torch.tensor([args.slice]), pipe.slice_range))
         out = args.out or pipe.run_dir / "generated"
-        existing = [p for p in planned_outputs(args, labels, out) if p.exists()]
-        if existing and not args.overwrite:
-            raise UsageError(
-                f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out"
-            )
-        if args.real or args.umap:
-            index_dataset(pipe.config.data.data_dir)  # fail early, before sampling, if the data moved
+        check_outputs(pipe, args, labels, out)
         write_outputs(pipe, labels, args, out, slice_position)
 
 

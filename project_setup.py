@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from config import DEMO_DATA_DIR
+from config import DEMO_DATA_DIR, DEMO_SCAN_LIMITS
 from dataset import (
     CLASS_NAMES,
     DEFAULT_ROOT,
@@ -55,18 +55,20 @@ from dataset import (
     brain_pixels,
     cohens_d,
     csf_dark_share,
-    display_path,
     index_dataset,
     prepare_image,
     read_image,
     read_image_and_mode,
     scans_in_both,
     scans_in_both_classes,
+    zero_spread,
 )
 from utils import (
     ArgumentParser,
     UsageError,
     available_cpus,
+    check_output_paths,
+    display_path,
     fail,
     fresh_sibling,
     remove_leftovers,
@@ -327,8 +329,8 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
     so the worker count and the order scans finish in change nothing.
     """
     root = Path(root)
-    if num_scans < 2 * len(CLASS_NAMES):
-        raise UsageError(f"--scans {num_scans} is too few: the demo needs at least 4 (a train and a test scan per class)")
+    if not DEMO_SCAN_LIMITS[0] <= num_scans <= DEMO_SCAN_LIMITS[1]:
+        raise UsageError(f"--scans {num_scans}: the demo takes {DEMO_SCAN_LIMITS[0]} to {DEMO_SCAN_LIMITS[1]:,} scans")
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} already exists and is not empty: delete it or choose another --data-dir for the demo")
     scans = plan_demo(num_scans, seed)
@@ -541,14 +543,17 @@ def per_scan_means(report: DatasetReport, attribute: str) -> dict[str, np.ndarra
     }
 
 
-def _compare_classes(report: DatasetReport, attribute: str, what: str, digits: int) -> str | None:
+def _compare_classes(report: DatasetReport, attribute: str, what: str, digits: int) -> str:
+    """One line comparing the classes' per-scan means of `attribute`, or saying why it cannot."""
     by_class = per_scan_means(report, attribute)
+    counts = ", ".join(f"{name} {len(values)}" for name, values in by_class.items())
     if min(len(values) for values in by_class.values()) < 2:
-        return None
+        return f"{what}, per scan: not compared (scans with brain pixels: {counts}; 2 per class needed)"
     (a_name, a), (b_name, b) = by_class.items()
+    effect = "undefined: every scan of each class has the same value" if zero_spread(a, b) else f"{cohens_d(a, b):+.2f}"
     return (
         f"{what}, per scan: {a_name} {a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}, "
-        f"{b_name} {b.mean():.{digits}f} ± {b.std(ddof=1):.{digits}f} (Cohen's d {cohens_d(a, b):+.2f})"
+        f"{b_name} {b.mean():.{digits}f} ± {b.std(ddof=1):.{digits}f} (Cohen's d {effect})"
     )
 
 
@@ -585,12 +590,8 @@ def format_report(report: DatasetReport) -> list[str]:
             lines.append(
                 f"  {split:<6} {class_name:<6} {scans:>6} {len(chosen):>7} {sum(readable[i] for i in chosen):>9}  {span}"
             )
-    for comparison in (
-        _compare_classes(report, "dark_share", "CSF-dark share of brain pixels", 3),
-        _compare_classes(report, "brain_mean", "mean brain intensity", 1),
-    ):
-        if comparison:
-            lines.append(comparison)
+    lines.append(_compare_classes(report, "dark_share", "CSF-dark share of brain pixels", 3))
+    lines.append(_compare_classes(report, "brain_mean", "mean brain intensity", 1))
     lines += _listing("other files skipped", [display_path(path) for path in index.skipped])
     lines += _listing("unreadable images", [fact.problem for fact in facts if fact.problem])
     lines += _listing("scan IDs in both train and test", sorted(report.in_both_splits))
@@ -700,6 +701,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if not args.demo and args.from_nifti is None and (args.seed is not None or args.scans is not None):
         parser.error("--seed and --scans only apply with --demo (--seed also with --from-nifti)")
+    low, high = DEMO_SCAN_LIMITS
+    if args.scans is not None and not low <= args.scans <= high:
+        parser.error(
+            f"--scans must be {low} to {high:,} (a train and a test scan per class; six-digit scan IDs), got {args.scans}"
+        )
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
     if args.demo and args.zip is not None:
         parser.error("--zip does not apply with --demo, which builds its data")
     conversion = {"--labels": args.labels, "--out": args.out, "--slices": args.slices, "--test-fraction": args.test_fraction}
@@ -742,6 +750,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = (args.out or NIFTI_ROOT) if args.from_nifti else args.data_dir or (DEMO_ROOT if args.demo else DEFAULT_ROOT)
     with usage_errors_exit():
+        check_output_paths([root], folders={"--figures": args.figures})
         make_work_folders()
         removed = remove_leftovers(root)
         if removed:

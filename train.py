@@ -46,6 +46,7 @@ from config import (
     RunConfig,
     StageConfig,
     apply_overrides,
+    check_batches,
     collect_overrides,
     config_differences,
     config_to_dict,
@@ -74,6 +75,7 @@ from pipeline import (
     build_unet,
     check_trained_on,
     checkpoint_state,
+    dataset_folders,
     encode_split,
     fingerprint,
     load_stage_checkpoint,
@@ -86,8 +88,10 @@ from utils import (
     Runtime,
     TensorBoardLog,
     UsageError,
+    check_output_paths,
     folder_lock,
     load_checkpoint,
+    lock_path,
     pick_device,
     plot_curves,
     remove_temporary_files,
@@ -889,16 +893,22 @@ def pick_preset(requested: str | None) -> tuple[str, str]:
     )
 
 
+def requested_config(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> tuple[Config, Config | None]:
+    """The config asked for (the run's config.json with the command line's values, or a preset's for a
+    new run) and the stored one (None for a new run); every stored field checked, nothing else yet."""
+    stored = read_config(run_dir) if (run_dir / "config.json").is_file() else None
+    config = copy.deepcopy(stored) if stored is not None else make_config(pick_preset(args.preset)[0])
+    apply_overrides(config, overrides)
+    return config, stored
+
+
 def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> Config:
     """The run's config, validated: new from a preset, or the run's own config.json (which CLI values
     may not contradict where they define the model). Refuses to overwrite finished work without --resume."""
-    preset = pick_preset(args.preset)[0]
-    if (run_dir / "config.json").is_file():
-        stored = read_config(run_dir)
+    config, stored = requested_config(args, overrides, run_dir)
+    if stored is not None:
         if args.preset and args.preset != stored.preset:
             raise UsageError(f"{run_dir} is a {stored.preset!r} run, not {args.preset!r}: drop --preset or choose another --run")
-        config = copy.deepcopy(stored)
-        apply_overrides(config, overrides)
         changed = config_differences(stored, config)
         if changed:
             raise UsageError(
@@ -910,8 +920,6 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
             raise UsageError(f"{run_dir} exists and is not a brainLDM run folder: choose another --run")
         if args.resume:
             raise UsageError(f"--resume: {run_dir} holds no run to resume; drop --resume to start one")
-        config = make_config(preset)
-        apply_overrides(config, overrides)
     stages = ("vae", "unet") if args.stage == "all" else (args.stage,)
     for stage in stages:
         if (run_dir / f"{stage}.pt").is_file() and not args.resume:
@@ -921,6 +929,29 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
             )
     validate(config)
     return config
+
+
+# What train.py writes in a run folder, beside the sample grids in samples/.
+RUN_FILES = (
+    "config.json",
+    "splits.json",
+    "vae.pt",
+    "unet.pt",
+    "history.jsonl",
+    "vae_loss.png",
+    "diffusion_loss.png",
+    "vae_reconstructions.png",
+)
+
+
+def check_run_outputs(config: Config, run_dir: Path) -> None:
+    """The run folder, its lock file, its files and the decode cache: none inside the dataset (resolved
+    through symlinks), each a folder or a file as it is meant to be, before the lock file is written."""
+    check_output_paths(
+        dataset_folders(config),
+        folders={"--run": run_dir, "--run's samples folder": run_dir / "samples", "--data.cache_dir": config.data.cache_dir},
+        files={"the run's lock file": lock_path(run_dir), **{f"the run's {name}": run_dir / name for name in RUN_FILES}},
+    )
 
 
 def check_vae_is_final(config: Config, run_dir: Path, stage: str) -> None:
@@ -957,13 +988,14 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
     check_classes(datasets)
     resolved = resolve_schedule(config, len(datasets["train"]))
+    check_batches(config, len(datasets["train"]), ("vae", "unet") if args.stage == "all" else (args.stage,), runtime.world_size)
     check_vae_is_final(config, run_dir, args.stage)
     # Only now, with the config and the data known to be usable, does the run folder get written.
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_temporary_files(run_dir)
+        removed = remove_temporary_files(run_dir, recursive=True)
         if removed:
-            print(f"removed {removed} temporary file(s) that a stopped run left in {run_dir}")
+            print(f"removed {removed} temporary file(s) that stopped writers left in {run_dir}")
         write_json_atomic(run_dir / "config.json", config_to_dict(config))
         save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
@@ -997,6 +1029,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset is None and not (run_dir / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
         print(reason)  # the first line: which model a bare `python train.py` is about to train, and why
     with usage_errors_exit():
+        check_run_outputs(requested_config(args, overrides, run_dir)[0], run_dir)
         # One writer per run folder: torchrun's rank 0 holds the lock for all ranks of its job.
         with folder_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
             train(args, overrides, run_dir)
