@@ -464,3 +464,55 @@ def test_killed_demo_build_takes_its_workers_along_and_is_cleaned_up(tmp_path: P
     (leftover,) = root.parent.iterdir()
     assert leftover.name.startswith(".AD_NC.building-")
     assert project_setup.remove_leftovers(root) == [leftover] and not leftover.exists()
+
+
+# ----------------------------------------------------------------------------- 8. more than the machine can hold
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is how the test sets a memory limit")
+def test_images_too_large_for_the_memory_limit_are_refused_before_decoding(tiny_root: Path, tmp_path: Path) -> None:
+    """16384 px slices would need 6 GiB for 24 decoded images: one line under a 4 GiB limit, not numpy's traceback."""
+    import resource
+
+    limit = 4 * 2**30
+
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--preset", "tiny", "--data-dir", str(tiny_root), "--run", str(tmp_path / "run")]
+        + ["--data.image_size", "16384"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=set_limit,
+    )
+    assert_one_line_error(
+        result.returncode,
+        result.stderr,
+        "the 24 decoded images at 16384 px need 6.0 GiB of memory, more than the 4.0 GiB this process may use",
+        "lower --data.image_size",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_allocation_that_fails_anyway_is_one_line(capsys) -> None:
+    def allocate() -> None:
+        raise MemoryError("Unable to allocate 40.0 GiB for an array with shape (64, 16384, 16384) and data type uint8")
+
+    with pytest.raises(SystemExit) as exit_, usage_errors_exit():
+        allocate()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: out of memory (Unable to allocate 40.0 GiB for an array") and "lower --batch-size" in err
+
+
+# ----------------------------------------------------------------------------- 9. one line, whatever a path holds
+
+
+def test_an_error_line_shows_control_characters_and_undecodable_bytes_escaped(capsys) -> None:
+    with pytest.raises(SystemExit), usage_errors_exit():
+        raise dataset.DatasetError("dataset folder /data/a\nb\r\x1b[2J\udcff\u2028c not found")
+    assert capsys.readouterr().err == "error: dataset folder /data/a\\nb\\r\\x1b[2J\\xff\\u2028c not found\n"

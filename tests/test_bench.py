@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,8 +81,11 @@ def test_table_without_diffusers(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "import_diffusers", missing)
     out = tmp_path / "bench.md"
     out.write_text("an older table\n")
+    leftover = tmp_path / f".bench.md.{socket.gethostname()}-{dead_pid()}-abcd1234.tmp"  # of a bench.py killed mid-write
+    leftover.write_text("half a table")
     bench.main([*TINY, "--out", str(out), "--overwrite"])
     page = out.read_text()
+    assert not leftover.exists()
     assert "diffusers not installed: peer column skipped" in capsys.readouterr().out
     assert "diffusers not installed: peer column skipped" in page
     rows = table_rows(page)
@@ -97,6 +102,38 @@ def test_existing_output_needs_overwrite(tmp_path: Path, capsys) -> None:
     error = capsys.readouterr().err.strip()
     assert "--overwrite" in error and len(error.splitlines()) == 1
     assert out.read_text() == "an older table\n"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_benchmark(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.md").mkdir()
+    (tmp_path / "data" / "demo" / "AD_NC").mkdir(parents=True)  # the demo preset's dataset folder, relative to here
+    cases = [
+        (["--out", "folder.md", "--overwrite"], "--out folder.md is a folder, where a file is to be written"),
+        (
+            ["--preset", "demo", "--out", "data/demo/AD_NC/bench.md"],
+            "--out data/demo/AD_NC/bench.md lies inside the dataset folder",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main([*TINY, *argv])
+        output = capsys.readouterr()
+        errors = output.err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith(f"error: {message}")
+        assert "benchmarking" not in output.out
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "data",
+        "data/demo",
+        "data/demo/AD_NC",
+        "folder.md",
+    ]
 
 
 @pytest.mark.parametrize("argument", ["--repeats=0", "--sample-steps=1001", "--batch-size=0"])

@@ -15,7 +15,7 @@ from config import DataConfig, read_config
 from conftest import make_tiny_dataset, run_train
 from dataset import load_split_datasets, load_splits, to_model_range
 from pipeline import load_trained_vae
-from utils import to_uint8
+from utils import load_checkpoint, save_checkpoint, to_uint8
 
 CPU = torch.device("cpu")
 QUICK = classifier.ClassifierSettings(epochs=4)
@@ -95,3 +95,26 @@ def test_yardstick_reads_reconstructions_of_an_undertrained_vae_like_real_slices
     real_accuracy = classifier.accuracy(model, test.pixels, test.labels, CPU)
     reconstructed_accuracy = classifier.accuracy(model, reconstructed, test.labels, CPU)
     assert real_accuracy >= 0.9 and abs(real_accuracy - reconstructed_accuracy) <= 0.05
+
+
+@pytest.mark.parametrize("content", ["list", "other_weights", "garbage", "no_accuracy"])
+def test_a_damaged_or_foreign_yardstick_cache_is_retrained(tmp_path: Path, monkeypatch, content: str) -> None:
+    """classifier.pt only saves time: a file that holds a list, weights of another shape or no checkpoint at
+    all is a stale cache, replaced by a newly trained yardstick, never a traceback."""
+    splits = {"train": ["1"], "val": ["2"], "test": ["3"]}
+    fingerprint = classifier.classifier_fingerprint(splits, 32, "vae", QUICK)
+    path = tmp_path / classifier.CLASSIFIER_FILE
+    if content == "list":
+        save_checkpoint([1, 2], path)
+    elif content == "other_weights":
+        save_checkpoint({"fingerprint": fingerprint, "model": {"weight": torch.zeros(3)}, "val_accuracy": 0.5}, path)
+    elif content == "no_accuracy":
+        model = classifier.SliceClassifier(QUICK.channels)
+        save_checkpoint({"fingerprint": fingerprint, "model": model.state_dict()}, path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    trained = classifier.SliceClassifier(QUICK.channels)
+    monkeypatch.setattr(classifier, "train_yardstick", lambda *args: (trained, 0.75))
+    model, info = classifier.load_or_train_yardstick(tmp_path, {}, splits, 32, "vae", lambda pixels: pixels, CPU, False, QUICK)
+    assert model is trained and info["source"] == "trained, saved as classifier.pt" and info["val_accuracy"] == 0.75
+    assert load_checkpoint(path)["fingerprint"] == fingerprint

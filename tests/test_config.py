@@ -12,6 +12,7 @@ from config import (
     ADDED_FIELDS,
     PRESETS,
     apply_overrides,
+    check_batches,
     collect_overrides,
     config_from_dict,
     config_to_dict,
@@ -129,7 +130,9 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         ("run.checkpoint_minutes", "-1", "--run.checkpoint_minutes -1.0: must be a finite number of minutes, 0 or more"),
         ("run.checkpoint_minutes", "inf", "--run.checkpoint_minutes inf"),
         ("run.sample_steps", "1001", "--run.sample_steps 1001: must be 1 to scheduler.num_train_timesteps (1000)"),
-        ("run.guidance_scale", "nan", "--run.guidance_scale nan"),
+        ("run.guidance_scale", "nan", "--run.guidance_scale nan: must be a number from 0 to 30"),
+        ("run.guidance_scale", "30.5", "--run.guidance_scale 30.5: must be a number from 0 to 30"),
+        ("run.guidance_scale", "-3", "--run.guidance_scale -3.0: must be a number from 0 to 30"),
         ("run.seed", "-1", "--run.seed -1: must be 0 or more"),
     ],
 )
@@ -165,3 +168,52 @@ def test_fields_added_later_keep_their_old_meaning_in_old_configs(tmp_path: Path
     config = read_config(tmp_path)
     for (section, name), old_value in ADDED_FIELDS.items():
         assert getattr(getattr(config, section), name) == old_value
+
+
+@pytest.mark.parametrize(
+    "section, name, value, message",
+    [
+        ("unet", "channels", "abc", 'config field unet.channels: "abc" is not a list such as [64, 128]'),
+        ("unet", "channels", [32, "64"], 'config field unet.channels: "64" is not an integer'),
+        ("unet", "channels", [32, 64.5], "config field unet.channels: 64.5 is not an integer"),
+        ("data", "image_size", "64", 'config field data.image_size: "64" is not an integer'),
+        ("run", "seed", True, "config field run.seed: true is not an integer"),
+        ("vae", "kl_weight", "1e-6", 'config field vae.kl_weight: "1e-6" is not a number'),
+        ("unet", "slice_conditioning", 1, "config field unet.slice_conditioning: 1 is not true or false"),
+        ("data", "cache_dir", 5, "config field data.cache_dir: 5 is not a string"),
+        ("run", "guidance_scale", float("nan"), "stored config field run.guidance_scale nan: must be a number from 0 to 30"),
+        ("run", "guidance_scale", -3, "stored config field run.guidance_scale -3.0: must be a number from 0 to 30"),
+        ("unet", "head_dim", 24, "stored config field unet.head_dim 24: must split every unet.channels width"),
+    ],
+)
+def test_stored_values_go_through_the_command_lines_checks(section: str, name: str, value: object, message: str) -> None:
+    """A value read from config.json or a checkpoint is trusted no more than a typed one: its JSON type
+    must be the field's (no "abc" for widths, no 64.5 silently cut to 64) and its value in range."""
+    stored = json.loads(json.dumps(config_to_dict(make_config("demo"))))
+    stored[section][name] = value
+    with pytest.raises(UsageError) as error:
+        config_from_dict(stored)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_stored_whole_numbers_written_as_floats_still_read() -> None:
+    stored = config_to_dict(make_config("demo"))
+    stored["unet"]["channels"], stored["data"]["image_size"], stored["run"]["guidance_scale"] = [32.0, 64, 128], 64.0, 2
+    config = config_from_dict(stored)
+    assert config.unet.channels == (32, 64, 128) and config.data.image_size == 64 and config.run.guidance_scale == 2.0
+    assert all(type(width) is int for width in config.unet.channels) and type(config.data.image_size) is int
+
+
+def test_a_batch_larger_than_the_training_split_is_refused() -> None:
+    config = make_config("tiny")
+    config.vae_train.batch_size, config.unet_train.batch_size = 40, 21
+    check_batches(config, 40, ("vae", "unet"))  # one step per epoch, on one process
+    with pytest.raises(UsageError) as error:
+        check_batches(config, 40, ("vae", "unet"), world_size=2)
+    assert str(error.value) == (
+        "--vae_train.batch_size 40 x 2 processes is larger than the training split (40 images): an epoch would train "
+        "zero steps; lower --batch-size to at most 20 or add training images"
+    )
+    check_batches(config, 40, ("unet",), world_size=1)
+    with pytest.raises(UsageError, match=r"^--unet_train.batch_size 21 x 2 processes is larger"):
+        check_batches(config, 40, ("unet",), world_size=2)

@@ -152,6 +152,22 @@ def test_anatomy_means_cohens_d_interval_and_direction_on_known_shares() -> None
     assert cleaned["cohens_d_AD_minus_NC"] is None and cleaned["cohens_d_95ci"] == [None, None]
 
 
+def test_anatomy_without_spread_or_with_one_image_says_why_d_is_undefined() -> None:
+    """Every AD image one picture and every NC image another: d would be a difference divided by
+    var()'s rounding error (once 9.4e14); it is undefined, and the report says so."""
+    same = image_set(torch.stack([csf_image(4)] * 3 + [csf_image(2)] * 3), [0, 0, 0, 1, 1, 1], [0] * 6, 0)
+    report = evaluate.anatomy_of(same, seed=0)
+    assert report["AD_mean"] == pytest.approx(0.2) and report["AD_std"] == pytest.approx(0, abs=1e-12)
+    assert math.isnan(report["cohens_d_AD_minus_NC"]) and all(map(math.isnan, report["cohens_d_95ci"]))
+    assert report["cohens_d_undefined"] == "no spread: every image of each label has the same CSF-dark share"
+    single = image_set(torch.stack([csf_image(4), csf_image(2), csf_image(4)]), [0, 1, 1], [0] * 3, 1)
+    assert evaluate.anatomy_of(single, seed=0)["cohens_d_undefined"] == (
+        "fewer than 2 images with brain pixels in a label (AD 1, NC 2)"
+    )
+    varied = image_set(torch.stack([csf_image(4), csf_image(6), csf_image(2), csf_image(4)]), [0, 0, 1, 1], [0] * 4, 2)
+    assert "cohens_d_undefined" not in evaluate.anatomy_of(varied, seed=0)
+
+
 def test_tstr_of_real_images_equals_train_on_real_and_of_swapped_labels_is_below_chance(tiny_dataset: Path) -> None:
     """Known answers: "generated" images that are the real training sample give exactly the train-on-real
     accuracy; the same images with their labels swapped teach the opposite and score near 0."""
@@ -241,6 +257,20 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     assert "| metric | all | AD | NC |" in markdown and "ImageNet-FID is not computed" in markdown
     assert "Train on synthetic, test on real" in markdown and "95% CI" in markdown
     assert markdown in capsys.readouterr().out
+    # Where Cohen's d is undefined (a degenerate dataset: one image per class), the report says why, not a number.
+    degenerate = json.loads(json.dumps(metrics))
+    degenerate["anatomy"]["real_test"] |= {
+        "cohens_d_AD_minus_NC": None,
+        "cohens_d_95ci": [None, None],
+        "cohens_d_undefined": "no spread: every image of each label has the same CSF-dark share",
+    }
+    degenerate["anatomy"]["directions_agree"] = None
+    report = evaluate.markdown_report(degenerate)
+    assert "| n/a | n/a |\n" in report.split("| real test |")[1]
+    assert (
+        "Directions agree: n/a. Cohen's d undefined for real test: no spread: every image of each label has the same "
+        "CSF-dark share." in report
+    )
 
     with pytest.raises(SystemExit) as exit_info:
         run_evaluate(run_copy)
@@ -337,11 +367,13 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
     [
         (["--num-samples", "1"], "--num-samples must be at least 2"),
         (["--steps", "0"], "--steps must be at least 1"),
-        (["--guidance", "-1"], "--guidance must be 0 or more"),
+        (["--guidance", "-1"], "--guidance -1.0: must be a number from 0 to 30"),
+        (["--guidance", "1e30"], "--guidance 1e+30: must be a number from 0 to 30"),
         (["--run", "no/such/run"], "not found"),
         (["--guidance-sweep", "1,x"], "comma-separated numbers"),
-        (["--guidance-sweep", "1,-2"], "finite and 0 or more"),
-        (["--guidance-sweep", "1,nan"], "finite and 0 or more"),
+        (["--guidance-sweep", "1,-2"], "must be numbers from 0 to 30"),
+        (["--guidance-sweep", "1,nan"], "must be numbers from 0 to 30"),
+        (["--guidance-sweep", "2,1e30"], "must be numbers from 0 to 30, got '2,1e30'"),
         (["--guidance-sweep", "1,2", "--guidance", "2"], "exclude each other"),
         (["--guidance-sweep", "1,2", "--umap"], "--umap belongs to the full evaluation"),
     ],

@@ -192,3 +192,15 @@ def test_spectral_energy_of_a_gaussian_blur_follows_its_transfer_function() -> N
     assert kept["high"] < 0.2 < kept["mid"] < kept["low"] < 1
     noise = 0.5 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
     assert metrics.spectral_energy_kept(images + noise, images)["high"] > 1.2
+
+
+def test_cohens_d_of_groups_without_spread_is_undefined_not_huge() -> None:
+    """Every value of each group the same (a dataset of one AD image and one NC image): the pooled
+    standard deviation is zero, and var()'s rounding error must not turn that into d ~ 1e15."""
+    ad, nc = np.full(20, 0.1), np.full(20, 0.3)
+    assert np.var(ad, ddof=1) > 0  # the rounding error that used to be divided by
+    assert math.isnan(cohens_d(ad, nc)) and math.isnan(cohens_d(nc, ad))
+    assert all(map(math.isnan, metrics.cohens_d_interval(ad, nc)))
+    assert cohens_d(np.array([0.1, 0.1, 0.2]), nc) == pytest.approx(
+        (0.4 / 3 - 0.3) / math.sqrt(2 * np.var([0.1, 0.1, 0.2], ddof=1) / 21)
+    )

@@ -55,7 +55,7 @@ def test_repeated_labels_are_deduplicated() -> None:
     assert predict.check_arguments(args) == [1, 0]
 
 
-@pytest.mark.parametrize("text", ["2", "-1", "MCI", "", "A D"])
+@pytest.mark.parametrize("text", ["2", "-1", "MCI", "", "A D", "²", "١", "0\n"])
 def test_unknown_label_is_refused(text: str) -> None:
     with pytest.raises(UsageError, match="unknown label"):
         predict.parse_label(text)

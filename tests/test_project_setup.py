@@ -247,6 +247,52 @@ def test_seed_without_demo_is_a_usage_error(run_setup) -> None:
     assert_one_line_error(code, err, "--seed and --scans only apply with --demo")
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--scans", "900001"],
+            "--scans must be 4 to 900,000 (a train and a test scan per class; six-digit scan IDs), got 900001",
+        ),
+        (["--scans", "3"], "--scans must be 4 to 900,000"),
+        (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    ],
+)
+def test_demo_sizes_outside_what_it_can_build_are_refused_first(tmp_path: Path, argv: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "project_setup.py"), "--demo", *argv, "--data-dir", str(tmp_path / "demo" / "AD_NC")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert_one_line_error(result.returncode, result.stderr, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # not even the working folders
+
+
+def test_figures_are_never_written_into_the_dataset(copy_of_demo: Path, tmp_path: Path, run_setup) -> None:
+    before = tree_fingerprint(copy_of_demo)
+    link = tmp_path / "link"
+    link.symlink_to(copy_of_demo / "train")
+    for figures in (copy_of_demo, copy_of_demo / "train" / "AD", link):
+        code, _, err = run_setup("--data-dir", copy_of_demo, "--figures", figures)
+        assert_one_line_error(code, err, f"--figures {figures} lies inside the dataset folder {copy_of_demo}")
+    assert tree_fingerprint(copy_of_demo) == before
+
+
+def test_a_degenerate_dataset_is_reported_in_words_not_numbers(copy_of_demo: Path, run_setup) -> None:
+    """Every slice of a class one image: no spread between scans, so Cohen's d is undefined, not ~1e15."""
+    for class_name in CLASS_NAMES:
+        paths = sorted(copy_of_demo.glob(f"*/{class_name}/*.jpeg"))
+        for path in paths[1:]:
+            shutil.copyfile(paths[0], path)
+    code, out, err = run_setup("--data-dir", copy_of_demo)
+    assert code == 0, err
+    assert "(Cohen's d undefined: every scan of each class has the same value)" in out
+    assert "e+1" not in out
+
+
 def test_bad_dataset_from_the_command_line_exits_2_without_traceback(copy_of_demo: Path, tmp_path: Path) -> None:
     shutil.rmtree(copy_of_demo / "train" / "AD")
     result = subprocess.run(

@@ -331,6 +331,24 @@ def test_bad_arguments(tiny_dataset: Path, tmp_path: Path, argv, message, capsys
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "100"], "--vae_train.batch_size 100 is larger than the training split (40 images)"),
+        (["--stage", "unet", "--unet_train.batch_size", "41"], "--unet_train.batch_size 41 is larger than the training split"),
+    ],
+)
+def test_a_batch_larger_than_the_training_split_is_refused_before_training(
+    tiny_dataset: Path, tmp_path: Path, argv: list[str], message: str, capsys
+) -> None:
+    """drop_last would make every epoch zero steps, and the run would still print done."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tiny_dataset, tmp_path / "run", *argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "lower --batch-size to at most 40" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_dataset_is_one_line_exit_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "train.py", "--data-dir", str(tmp_path / "none"), "--run", str(tmp_path / "run")],
