@@ -591,7 +591,7 @@ def sweep_report(sweep: dict) -> str:
 
 
 def parse_scales(text: str) -> list[float]:
-    """`1,1.5,3` → [1.0, 1.5, 3.0]: the guidance scales of a sweep, each finite and 0 or more."""
+    """`1,1.5,3` → [1.0, 1.5, 3.0]: the guidance scales of a sweep, each from 0 to MAX_GUIDANCE."""
     try:
         scales = [float(part) for part in text.split(",")]
     except ValueError:

@@ -118,7 +118,8 @@ def test_a_failing_stage_adds_no_second_error_line(tmp_path: Path, capfd) -> Non
 
 def test_the_summary_line_of_a_degenerate_dataset_says_n_a(tmp_path: Path) -> None:
     """Identical slices: every real image the same, so the Fréchet floor is 0 and Cohen's d null in metrics.json."""
-    (tmp_path / "history.jsonl").write_text(json.dumps({"stage": "vae", "val_ms_ssim": 0.99}) + "\n")
+    entry = {"stage": "vae", "val_ms_ssim": 1.0, "val_psnr": float("inf"), "val_spectral_energy": {">1/4": 1.0}}
+    (tmp_path / "history.jsonl").write_text(json.dumps(entry) + "\n")
     overall = {
         "frechet_distance": 0.5,
         "frechet_floor": 0.0,
@@ -129,4 +130,4 @@ def test_the_summary_line_of_a_degenerate_dataset_says_n_a(tmp_path: Path) -> No
     anatomy = {"generated": {"cohens_d_AD_minus_NC": 0.2}, "real_test": {"cohens_d_AD_minus_NC": None}}
     (tmp_path / "metrics.json").write_text(json.dumps({"groups": {"all": overall}, "anatomy": anatomy}))
     line = gpu_check.summary_line(tmp_path, {"vae": 1})
-    assert "| Fréchet 0.5, its floor 0 |" in line and "anatomy d generated +0.20 vs real n/a |" in line
+    assert "PSNR n/a dB" in line and "| Fréchet 0.5, its floor 0 |" in line and "anatomy d generated +0.20 vs real n/a |" in line
