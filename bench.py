@@ -661,18 +661,25 @@ def report(
 # ============================================================================ main
 
 
+def output_file(args: argparse.Namespace, config: Config, device: torch.device) -> Path:
+    """--out (or its default), checked before anything is timed: outside the preset's dataset folder (not
+    read here, but a table written into it would be taken for data), not a folder, replaced only with
+    --overwrite; stopped bench.py runs' temporary files beside it removed."""
+    out = Path(args.out or f"results/{'profile' if args.profile else 'bench'}_{device.type}.md")
+    check_output_paths([config.data.data_dir], files={"--out": out})
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists: add --overwrite to replace it, or choose another --out")
+    remove_temporary_files(out.parent)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     with usage_errors_exit():
         config = bench_config(args)
         device = pick_device(args.device)
-        out = Path(args.out or f"results/{'profile' if args.profile else 'bench'}_{device.type}.md")
-        # The preset's dataset is not read here, but a table written into it would still be taken for data.
-        check_output_paths([config.data.data_dir], files={"--out": out})
-        if out.exists() and not args.overwrite:
-            raise UsageError(f"{out} exists: add --overwrite to replace it, or choose another --out")
-        remove_temporary_files(out.parent)
+        out = output_file(args, config, device)
     runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
     if args.profile:
         page = run_profile(config, args, argv, runtime)

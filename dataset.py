@@ -27,7 +27,15 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from config import CLASS_NAMES, DEFAULT_DATA_DIR, DataConfig
-from utils import UsageError, atomic_path, check_memory, check_output_paths, display_path, write_json_atomic
+from utils import (
+    UsageError,
+    atomic_path,
+    check_memory,
+    check_output_paths,
+    display_path,
+    remove_temporary_files,
+    write_json_atomic,
+)
 
 SPLITS = ("train", "test")
 DEFAULT_ROOT = Path(DEFAULT_DATA_DIR)
@@ -396,6 +404,7 @@ def decode_images(records: list[ImageRecord], image_size: int, cache_dir: str | 
             else:
                 pixels[position], readable[position] = image, True
     if cache_file is not None:
+        remove_temporary_files(cache_file.parent)  # of decoders stopped while writing a cache
         try:
             with atomic_path(cache_file) as temp_path:
                 with open(temp_path, "wb") as handle:

@@ -84,6 +84,7 @@ from utils import (
     check_output_paths,
     new_figure,
     remove_temporary_files,
+    report_removed,
     save_figure,
     seed_everything,
     to_uint8,
@@ -410,6 +411,15 @@ FIDELITY_ROWS = (
 )
 
 
+def undefined_effects(anatomy: dict) -> str:
+    """Why Cohen's d is undefined for generated or real images, where it is, as sentences ("" if defined)."""
+    return "".join(
+        f" Cohen's d undefined for {name.replace('_', ' ')}: {anatomy[name]['cohens_d_undefined']}."
+        for name in ("generated", "real_test")
+        if "cohens_d_undefined" in anatomy[name]
+    )
+
+
 def markdown_report(metrics: dict) -> str:
     settings, groups, controls = metrics["settings"], metrics["groups"], metrics["classifier"]
     csf, tstr, copies = metrics["anatomy"], metrics["tstr"], metrics["memorisation"]
@@ -435,13 +445,7 @@ def markdown_report(metrics: dict) -> str:
             f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
             f"{interval(row['cohens_d_95ci'])} |"
         )
-    undefined = [
-        f"{name.replace('_', ' ')}: {csf[name]['cohens_d_undefined']}"
-        for name in ("generated", "real_test")
-        if "cohens_d_undefined" in csf[name]
-    ]
-    lines += ["", f"Directions agree: {agree}." + "".join(f" Cohen's d undefined for {note}." for note in undefined)]
-    lines += ["", "## Conditioning accuracy and fidelity", "", *header]
+    lines += ["", f"Directions agree: {agree}.{undefined_effects(csf)}", "", "## Conditioning accuracy and fidelity", "", *header]
     for title, key, digits in FIDELITY_ROWS:
         lines.append(f"| {title} | " + " | ".join(number(group[key], digits) for group in groups.values()) + " |")
     lines += [
@@ -764,9 +768,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
         )
         check_data(datasets, pipe.config.data.data_dir)
-        removed = remove_temporary_files(pipe.run_dir)
-        if removed:
-            print(f"removed {removed} temporary file(s) that stopped writers left in {pipe.run_dir}")
+        report_removed(remove_temporary_files(pipe.run_dir), pipe.run_dir)
         train, test = datasets["train"], datasets["test"]
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)

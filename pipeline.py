@@ -37,6 +37,12 @@ from utils import Runtime, UsageError, load_checkpoint, pick_device
 CHECKPOINT_FORMAT = 1
 _COMMON_KEYS = ("config", "model", "optimizer", "lr_schedule", "epoch", "step", "history")
 STAGE_KEYS = {"vae": _COMMON_KEYS, "unet": (*_COMMON_KEYS, "ema", "slice_range")}  # what each stage's checkpoint holds
+STORED_TYPES = {key: dict for key in ("config", "model", "optimizer", "lr_schedule", "ema")} | {
+    "epoch": int,
+    "step": int,
+    "history": list,
+    "slice_range": tuple,
+}
 DEFAULT_SLICE_POSITION = 0.5  # mid-range of the training slices, for slice-conditioned runs sampled without --slice
 
 
@@ -67,8 +73,13 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("stage") != stage:
         raise UsageError(f"{path} is not a {stage} checkpoint of this brainLDM version: start a new --run")
     missing = [key for key in STAGE_KEYS[stage] if key not in state]
-    if missing or not isinstance(state["config"], dict):
-        raise UsageError(f"{path} is damaged (no {', '.join(missing) or 'config'}): resume from a copy or start a new --run")
+    if missing:
+        raise UsageError(f"{path} is damaged (no {', '.join(missing)}): resume from a copy or start a new --run")
+    wrong = [key for key in STAGE_KEYS[stage] if not _holds(state[key], STORED_TYPES[key])]
+    if wrong:
+        raise UsageError(
+            f"{path} is damaged ({wrong[0]} holds a {type(state[wrong[0]]).__name__}): resume from a copy or start a new --run"
+        )
     try:
         stored = config_from_dict(state["config"])
     except UsageError as error:
@@ -79,6 +90,16 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
             f"{path} was trained with another config ({'; '.join(changed[:3])}): use the run's own config.json or a new --run"
         )
     return state
+
+
+def _holds(value: object, kind: type) -> bool:
+    """Whether a checkpoint's `value` is of the stored `kind`: an int that is not a bool, a pair of ints
+    for the slice range (a list or tuple), or an instance."""
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, list | tuple) and len(value) == 2 and all(_holds(item, int) for item in value)
+    return isinstance(value, kind)
 
 
 def load_weights(model: nn.Module, weights: dict, path: Path) -> None:

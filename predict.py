@@ -34,6 +34,7 @@ from utils import (
     check_output_paths,
     new_figure,
     remove_temporary_files,
+    report_removed,
     save_figure,
     save_image_grid,
     save_png,
@@ -270,9 +271,7 @@ def umap_report(pipe: Pipeline, generated: dict[int, torch.Tensor], args, out: P
 
 def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_position: float | None) -> None:
     """Generate, save and report everything the options ask for."""
-    removed = sum(remove_temporary_files(folder) for folder in (out, *(out / CLASS_NAMES[label] for label in labels)))
-    if removed:
-        print(f"removed {removed} temporary file(s) that stopped writers left in {out}")
+    report_removed(sum(remove_temporary_files(folder) for folder in (out, *(out / CLASS_NAMES[label] for label in labels))), out)
     if args.overwrite and clear_single_images(out, labels):
         print(f"--overwrite: removed the earlier single images of {', '.join(CLASS_NAMES[label] for label in labels)} in {out}")
     torch.manual_seed(args.seed)

@@ -72,6 +72,8 @@ from utils import (
     fail,
     fresh_sibling,
     remove_leftovers,
+    remove_temporary_files,
+    report_removed,
     save_image_grid,
     usage_errors_exit,
 )
@@ -351,12 +353,21 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
                 # Forked on Linux (as Python 3.11 does anyway): the workers inherit the atlas without pickling
                 # it, and are this process's children, which is what _start_worker's PR_SET_PDEATHSIG watches.
                 context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-                with ProcessPoolExecutor(
-                    workers, mp_context=context, initializer=_start_worker, initargs=(atlas, os.getpid())
-                ) as pool:
+                others = set(multiprocessing.active_children())
+                pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(atlas, os.getpid()))
+                finished = False
+                try:
                     for job in [pool.submit(_write_scan, scan, seed, temp) for scan in scans]:
                         job.result()
                         progress.update()
+                    finished = True
+                finally:
+                    # After an error or a signal (SIGTERM, Ctrl-C) the queued scans are dropped and the running ones
+                    # stopped, instead of waited for (as the pool's exit, and Python's, would).
+                    pool.shutdown(wait=finished, cancel_futures=not finished)
+                    if not finished:
+                        for worker in set(multiprocessing.active_children()) - others:
+                            worker.kill()
         if root.is_dir():
             root.rmdir()  # empty (checked above); replacing a folder needs it gone on some systems
         os.replace(temp, root)
@@ -778,6 +789,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(problem)
     if args.figures:
         with usage_errors_exit():
+            report_removed(remove_temporary_files(args.figures), args.figures)
             for path in save_figures(report, args.figures, "demo" if args.demo else "dataset"):
                 print(f"wrote {path}")
     print(f"usable: {sum(report.readable)} readable images in {len(report.index.scans())} scans")

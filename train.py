@@ -95,6 +95,7 @@ from utils import (
     pick_device,
     plot_curves,
     remove_temporary_files,
+    report_removed,
     require_tensorboard,
     save_checkpoint,
     save_image_grid,
@@ -993,9 +994,7 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
     # Only now, with the config and the data known to be usable, does the run folder get written.
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_temporary_files(run_dir, recursive=True)
-        if removed:
-            print(f"removed {removed} temporary file(s) that stopped writers left in {run_dir}")
+        report_removed(remove_temporary_files(run_dir, recursive=True), run_dir)
         write_json_atomic(run_dir / "config.json", config_to_dict(config))
         save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())

@@ -308,6 +308,12 @@ def lock_path(folder: str | os.PathLike) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
+def report_removed(count: int, folder: str | os.PathLike) -> None:
+    """Say how many temporary files of stopped writers `remove_temporary_files` deleted in `folder`, if any."""
+    if count:
+        print(f"removed {count} temporary file(s) that stopped writers left in {display_path(folder)}")
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs, so two processes never write one run.

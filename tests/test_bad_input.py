@@ -516,3 +516,50 @@ def test_an_error_line_shows_control_characters_and_undecodable_bytes_escaped(ca
     with pytest.raises(SystemExit), usage_errors_exit():
         raise dataset.DatasetError("dataset folder /data/a\nb\r\x1b[2J\udcff\u2028c not found")
     assert capsys.readouterr().err == "error: dataset folder /data/a\\nb\\r\\x1b[2J\\xff\\u2028c not found\n"
+
+
+TERMINATED_BUILD = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import project_setup
+from utils import usage_errors_exit
+
+def slow_scan(scan, seed, root, atlas=None):
+    open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+    time.sleep(120)
+
+project_setup.load_atlas = lambda: None
+project_setup._write_scan = slow_scan
+with usage_errors_exit():
+    project_setup.build_demo(sys.argv[1], 6, seed=0, workers=2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigterm_stops_a_demo_build_at_once_and_leaves_nothing(tmp_path: Path) -> None:
+    """The queued scans are dropped, not waited for; the half-built folder goes; the workers die with the build."""
+    root, pids = tmp_path / "demo" / "AD_NC", tmp_path / "pids"
+    pids.mkdir()
+    build = subprocess.Popen(
+        [sys.executable, "-c", TERMINATED_BUILD, str(root), str(pids), str(REPO)], stderr=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers) < 2 and time.monotonic() < deadline and build.poll() is None:
+            time.sleep(0.1)
+            workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2, "the workers never started"
+        build.send_signal(signal.SIGTERM)
+        _, err = build.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "workers outlived the stopped build"
+    finally:
+        build.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert build.returncode == 128 + signal.SIGTERM and err.strip().endswith("stopped by SIGTERM; no half-written file is left")
+    assert list(root.parent.iterdir()) == []

@@ -272,12 +272,14 @@ def test_a_damaged_config_json_is_one_line(trained_run: Path, tmp_path: Path, ca
     assert "config" in err and str(run_dir) in err
 
 
-@pytest.mark.parametrize("damage", ["no_config", "no_ema", "tensor"])
+@pytest.mark.parametrize("damage", ["no_config", "no_ema", "tensor", "epoch", "slice_range", "history"])
 def test_a_wrongly_shaped_checkpoint_is_one_line(trained_run: Path, tmp_path: Path, capsys, damage: str) -> None:
     run_dir = copy_run(trained_run, tmp_path)
     state = load_checkpoint(run_dir / "unet.pt")
     if damage == "tensor":
         state = torch.zeros(3)
+    elif damage in ("epoch", "slice_range", "history"):  # a stored value of the wrong type
+        state[damage] = {"epoch": "two", "slice_range": "abc", "history": None}[damage]
     else:
         del state["config" if damage == "no_config" else "ema"]
     save_checkpoint(state, run_dir / "unet.pt")
