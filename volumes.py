@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from config import CLASS_NAMES
 from dataset import IMAGE_HEIGHT, IMAGE_WIDTH, SLICES_PER_SCAN, SPLITS, display_path
-from utils import UsageError, available_cpus, fresh_sibling
+from utils import UsageError, available_cpus, check_output_paths, fresh_sibling
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MANIFEST = "manifest.csv"
@@ -491,12 +491,8 @@ def slice_volume(volume: Volume, slices: int) -> tuple[np.ndarray, dict[str, str
 def check_output(out: Path, folder: Path, table: Path, overwrite: bool) -> None:
     """Refuse an output inside the input, an existing one without --overwrite, and an --overwrite that
     would delete something this command did not write (or the inputs themselves)."""
+    check_output_paths([folder], folders={"--out": out})  # the NIfTI folder is read, never written
     out_real, folder_real = out.resolve(), folder.resolve()
-    if out_real.is_relative_to(folder_real):
-        raise UsageError(
-            f"--out {display_path(out)} is inside the NIfTI folder {display_path(folder)}: nothing is written into "
-            "the data it reads; choose another --out"
-        )
     if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
         return  # nothing there, or an empty folder: nothing to lose
     if not overwrite:

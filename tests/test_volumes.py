@@ -462,7 +462,8 @@ def test_overwrite_replaces_only_an_earlier_conversion(nifti_study, run_setup, t
     assert code == 2 and "is not a folder that --from-nifti wrote (no manifest.csv in it)" in err
     assert tree_fingerprint(precious) == before
     code, _, err = run_setup("--from-nifti", folder, "--labels", table, "--out", folder / "AD_NC")
-    assert code == 2 and "is inside the NIfTI folder" in err and not (folder / "AD_NC").exists()
+    assert code == 2 and f"--out {folder / 'AD_NC'} lies inside the dataset folder {folder}" in err
+    assert not (folder / "AD_NC").exists()
 
 
 # ----------------------------------------------------------------------------- bad input
