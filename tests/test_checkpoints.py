@@ -299,7 +299,7 @@ def test_damaged_and_foreign_checkpoints_name_exactly_what_is_wrong(tmp_path: Pa
     save_checkpoint({**state, "config": "text"}, path)
     with pytest.raises(UsageError) as error:
         pipeline.load_stage_checkpoint(path, "vae", config, device)
-    assert str(error.value) == f"{path} is damaged (no config): resume from a copy or start a new --run"
+    assert str(error.value) == f"{path} is damaged (config holds a str): resume from a copy or start a new --run"
     # Four model fields differ: the message names the first three, separated by "; ".
     save_checkpoint(state, path)
     other = make_config("demo")
