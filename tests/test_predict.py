@@ -178,7 +178,7 @@ def test_out_that_is_a_file_is_refused(trained_run: Path, tmp_path: Path, capsys
     target.write_bytes(b"x")
     with pytest.raises(SystemExit) as exit_info:
         run_predict(trained_run, target, "--label", "AD")
-    assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is a file, where a folder is to be written" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- EMA weights
