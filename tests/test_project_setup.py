@@ -258,16 +258,9 @@ def test_seed_without_demo_is_a_usage_error(run_setup) -> None:
         (["--seed", "-1"], "--seed must be 0 or more, got -1"),
     ],
 )
-def test_demo_sizes_outside_what_it_can_build_are_refused_first(tmp_path: Path, argv: list[str], message: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "project_setup.py"), "--demo", *argv, "--data-dir", str(tmp_path / "demo" / "AD_NC")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert_one_line_error(result.returncode, result.stderr, message)
+def test_demo_sizes_outside_what_it_can_build_are_refused_first(tmp_path: Path, run_setup, argv: list[str], message: str) -> None:
+    code, _, err = run_setup("--demo", *argv, "--data-dir", tmp_path / "demo" / "AD_NC")
+    assert_one_line_error(code, err, message)
     assert sorted(path.name for path in tmp_path.iterdir()) == []  # not even the working folders
 
 
