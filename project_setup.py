@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from config import DEMO_DATA_DIR, DEMO_SCAN_LIMITS
+from config import DEMO_DATA_DIR, DEMO_SCAN_LIMITS, PAIRS_FOLDER, PAIRS_MANIFEST
 from dataset import (
     CLASS_NAMES,
     DEFAULT_ROOT,
@@ -99,8 +99,7 @@ CSF_LEVEL = 0.34  # template T1 intensity of CSF (GM ~0.65, WM ~0.87)
 # (ageing), so the classes overlap at the edges. The pairs render each test scan at each class's middle.
 SEVERITY_RANGES = {"AD": (0.3, 1.0), "NC": (0.0, 0.3)}
 TYPICAL_SEVERITY = {class_name: (low + high) / 2 for class_name, (low, high) in SEVERITY_RANGES.items()}
-PAIRS_FOLDER = "pairs"  # beside the demo's AD_NC: data/demo/pairs/{AD,NC}/<scanID>_<slice>.jpeg
-PAIRS_MANIFEST = "pairs.json"
+
 COARSE_STEP = 8  # pixels between the points where the warp is computed exactly; linear in between
 
 # ----------------------------------------------------------------------------- unpacking limits
