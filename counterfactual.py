@@ -48,7 +48,7 @@ from dataset import (
     to_model_range,
 )
 from modules import Conditions, guidance_conditions
-from pipeline import Pipeline, batch_generator
+from pipeline import DEFAULT_SLICE_POSITION, Pipeline, batch_generator, normalise_slices
 from utils import UsageError, display_path, new_figure, save_figure, to_uint8
 
 METHODS = ("ddim-inversion", "sdedit")
@@ -200,13 +200,27 @@ def slice_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_slices(files: list[Path], image_size: int) -> np.ndarray:
-    """Each file decoded and prepared as in training: uint8 (N, S, S); one that is not a readable
-    image is a UsageError naming it."""
+def read_originals(files: list[Path]) -> list[np.ndarray]:
+    """Each file decoded to uint8 (H, W); one that is not a readable image is a UsageError naming it."""
     try:
-        return np.stack([prepare_image(read_image(path), image_size) for path in files])
+        return [read_image(path) for path in files]
     except UnreadableImageError as error:
         raise UsageError(f"--counterfactual: {error}; pass image slices (.jpeg, .jpg, .png) only") from None
+
+
+def read_slices(files: list[Path], image_size: int) -> np.ndarray:
+    """Each file decoded and prepared as in training: uint8 (N, S, S) (read_originals' errors)."""
+    return np.stack([prepare_image(pixels, image_size) for pixels in read_originals(files)])
+
+
+def slice_positions(pipe: Pipeline, files: list[Path]) -> torch.Tensor | None:
+    """For a slice-conditioned run, each file's slice position (N,) from its <scanID>_<slice> name,
+    the default mid-range one where the name has none; None for other runs."""
+    if not pipe.config.unet.slice_conditioning:
+        return None
+    indices = [slice_index_from_path(path) for path in files]
+    known = normalise_slices(torch.tensor([-1 if index is None else index for index in indices]), pipe.slice_range)
+    return torch.tensor([DEFAULT_SLICE_POSITION if index is None else float(position) for index, position in zip(indices, known)])
 
 
 def label_from_path(path: Path) -> int | None:
