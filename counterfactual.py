@@ -363,13 +363,17 @@ class Pairs:
     renders: dict[int, np.ndarray]  # label → uint8 (N, S, S)
 
 
-def read_pairs(folder: Path, image_size: int, count: int, seed: int) -> Pairs:
-    """One random slice of each of up to `count` random scans in a pairs folder, both renders."""
+def check_pairs_folder(folder: Path) -> None:
     if not (folder / PAIRS_MANIFEST).is_file():
         raise UsageError(
             f"{display_path(folder)} holds no {PAIRS_MANIFEST}: build the pairs with python project_setup.py --demo-pairs "
             "(the --scans and --seed the demo was built with), or pass their folder with --pairs"
         )
+
+
+def read_pairs(folder: Path, image_size: int, count: int, seed: int) -> Pairs:
+    """One random slice of each of up to `count` random scans in a pairs folder, both renders."""
+    check_pairs_folder(folder)
     manifest = json.loads((folder / PAIRS_MANIFEST).read_text())
     rng = np.random.default_rng(seed)
     names = []
@@ -525,7 +529,9 @@ def save_image_table(
     from matplotlib.colors import Normalize
 
     rows, columns = len(cells), len(cells[0])
-    figure, axes = new_figure(rows, columns, figsize=(1.5 * columns + 1.2, 1.55 * rows + 0.4), squeeze=False)
+    height = 1.55 * rows + 0.4
+    figure, axes = new_figure(rows, columns, figsize=(1.5 * columns + 1.2, height), squeeze=False)
+    figure.subplots_adjust(top=1 - 0.45 / height, bottom=0.1 / height)
     for row, (images, row_title) in enumerate(zip(cells, row_titles)):
         for column, image in enumerate(images):
             axis = axes[row][column]
@@ -540,7 +546,7 @@ def save_image_table(
         ScalarMappable(Normalize(-scale, scale), colormaps[DIFFERENCE_COLOURS]), ax=axes, shrink=0.5, fraction=0.03, pad=0.02
     )
     bar.set_label("difference, grey levels", fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(title, fontsize=9, y=1 - 0.1 / height)
     save_figure(figure, path)
 
 

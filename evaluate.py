@@ -5,6 +5,7 @@ scale suits the run.
     python evaluate.py                                    # the latest run, 500 images per label
     python evaluate.py --run runs/adni --num-samples 1000 --device cuda --umap
     python evaluate.py --guidance-sweep 1,1.5,2,3,5       # pick the guidance scale
+    python evaluate.py --counterfactuals                  # counterfactuals against the demo's true ones
 
 No ImageNet network can be downloaded here, so the yardstick is the run's own: a small CNN trained to
 tell AD from NC on the run's training slices and their VAE reconstructions, with augmentations that
@@ -27,8 +28,9 @@ Slice position is a confound in ADNI; classifier.py's controls show what slice p
 
 Writes <run>/metrics.json, <run>/metrics.md (also printed) and <run>/memorisation.png; with --umap also
 <run>/umap_features.png (real and generated images in the yardstick's features); with --guidance-sweep
-instead <run>/guidance_sweep.{json,md,png}. The same --seed and settings give the same numbers; the
-samples are predict.py's for the same seed, steps and batch size.
+instead <run>/guidance_sweep.{json,md,png}; with --counterfactuals instead <run>/counterfactuals.{json,md,png}
+(counterfactual.py: NC → AD and AD → NC on the demo's pairs, both methods, a strength sweep). The same
+--seed and settings give the same numbers; the samples are predict.py's for the same seed, steps and batch size.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ from classifier import (
     load_or_train_yardstick,
     train_classifier,
 )
-from config import CLASS_NAMES, MAX_GUIDANCE
+from config import CLASS_NAMES, DEMO_DATA_DIR, MAX_GUIDANCE, PAIRS_FOLDER
+from counterfactual import TARGETS, check_pairs_folder, read_pairs, recommend, save_pairs_figure
+from counterfactual import Settings as CounterfactualSettings
+from counterfactual import markdown_report as counterfactual_report
+from counterfactual import sweep as counterfactual_sweep
 from dataset import (
     SliceDataset,
     brain_pixels,
@@ -100,6 +106,8 @@ CHUNK = 256  # images per forward pass when only measuring
 EVALUATION_FILES = ("metrics.json", "metrics.md", "memorisation.png")
 UMAP_FILE = "umap_features.png"
 SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
+COUNTERFACTUAL_FILES = ("counterfactuals.json", "counterfactuals.md", "counterfactuals.png")
+DEFAULT_PAIRS = Path(DEMO_DATA_DIR).parent / PAIRS_FOLDER
 GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
 
 
@@ -619,6 +627,7 @@ def build_parser() -> ArgumentParser:
         help="instead of the full evaluation, measure conditioning and fidelity at each of these scales (e.g. 1,1.5,2,3,5)",
     )
     parser.add_argument("--umap", action="store_true", help=f"also write {UMAP_FILE} (needs umap-learn)")
+    add_counterfactual_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
@@ -628,6 +637,7 @@ def build_parser() -> ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    check_counterfactual_arguments(args)
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
     if args.guidance_sweep is not None and args.guidance is not None:
@@ -638,6 +648,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+    if args.counterfactuals:
+        return [run_dir / name for name in COUNTERFACTUAL_FILES]
     if args.guidance_sweep is not None:
         return [run_dir / name for name in SWEEP_FILES]
     return [run_dir / name for name in (*EVALUATION_FILES, *((UMAP_FILE,) if args.umap else ()))]
@@ -754,6 +766,75 @@ def recommended_scale(scales: list[float], d_generated: np.ndarray, d_real: floa
     return best_scale(scales, anatomy_error + fidelity_loss)
 
 
+# ============================================================================ counterfactuals against the truth
+
+
+def parse_strengths(text: str) -> list[float]:
+    """`0.3,0.5` → [0.3, 0.5]: the strengths of a counterfactual sweep, each in (0, 1]."""
+    try:
+        strengths = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.3,0.5,0.7,0.8, got {text!r}") from None
+    if not all(math.isfinite(value) and 0 < value <= 1 for value in strengths):
+        raise argparse.ArgumentTypeError(f"strengths are shares of the noise schedule, in (0, 1], got {text!r}")
+    return strengths
+
+
+def add_counterfactual_arguments(parser: ArgumentParser) -> None:
+    group = parser.add_argument_group("counterfactuals against the demo's true ones (--counterfactuals)")
+    group.add_argument("--counterfactuals", action="store_true", help="instead of the full evaluation, score counterfactuals")
+    group.add_argument(
+        "--pairs", type=Path, help=f"the pairs folder (default {DEFAULT_PAIRS}, from project_setup.py --demo-pairs)"
+    )
+    group.add_argument("--strengths", type=parse_strengths, help="strength sweep (default 0.3,0.5,0.7,0.8)")
+    group.add_argument(
+        "--pair-slices", type=int, help="pair slices per direction, one per scan (default 90: every demo test scan)"
+    )
+
+
+def check_counterfactual_arguments(args: argparse.Namespace) -> None:
+    """--pairs, --strengths and --pair-slices only with --counterfactuals, which excludes the other modes."""
+    options = {"--pairs": args.pairs, "--strengths": args.strengths, "--pair-slices": args.pair_slices}
+    given = [name for name, value in options.items() if value is not None]
+    if not args.counterfactuals:
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --counterfactuals: add it, or drop them")
+        return
+    if args.guidance_sweep is not None or args.umap:
+        raise UsageError("--counterfactuals is an evaluation of its own: run it without --guidance-sweep and --umap")
+    args.pairs = args.pairs or DEFAULT_PAIRS
+    args.strengths = args.strengths or [0.3, 0.5, 0.7, 0.8]
+    args.pair_slices = 90 if args.pair_slices is None else args.pair_slices
+    if args.pair_slices < 2:
+        raise UsageError(f"--pair-slices must be at least 2 (a correlation across scans needs two), got {args.pair_slices}")
+    check_pairs_folder(args.pairs)
+
+
+def counterfactual_evaluation(pipe: Pipeline, yardstick: SliceClassifier, args: argparse.Namespace, outputs: list[Path]) -> str:
+    """Counterfactuals of the demo's pairs in both directions, both methods and every strength of
+    --strengths, scored against the true ones (counterfactual.py); writes `outputs` (json, md, png)
+    and returns the Markdown report."""
+    pairs = read_pairs(args.pairs, pipe.config.data.image_size, args.pair_slices, args.seed)
+    base = CounterfactualSettings(0, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    device = pipe.runtime.device
+    started = time.perf_counter()
+    result = counterfactual_sweep(
+        pipe, pairs, lambda pixels: classify(yardstick, torch.from_numpy(pixels), device)[0], args.strengths, base
+    )
+    chosen = recommend(result.rows)
+    settings = {key: value for key, value in dataclasses.asdict(base).items() if key not in ("target", "method", "strength")}
+    report = without_nan(
+        {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "pairs": str(args.pairs), "slices": len(pairs.names)}
+        | {"settings": settings | {"strengths": args.strengths}, "seconds": round(time.perf_counter() - started, 1)}
+        | {"targets": TARGETS, "recommended": chosen, "rows": result.rows, "slice_names": pairs.names}
+    )
+    save_pairs_figure(pairs, result, chosen, outputs[2])
+    write_json_atomic(outputs[0], report)
+    text = counterfactual_report(report)
+    write_text_atomic(outputs[1], text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with usage_errors_exit():
@@ -787,6 +868,9 @@ def main(argv: list[str] | None = None) -> None:
             device,
             args.retrain_classifier,
         )
+        if args.counterfactuals:
+            print(counterfactual_evaluation(pipe, yardstick, args, outputs))
+            return
         real_test = measured(yardstick, test.pixels, test.labels.numpy(), device)
         # The floors compare as many real training images as there are generated ones: Fréchet
         # distance, KID and PRDC depend on the sample size.
