@@ -311,19 +311,25 @@ def score(
     outside = brain & ~atrophy_prone(true)
     return {
         "slices": len(source),
-        "localisation_median": float(np.nanmedian(localisation)),
-        "localisation_ceiling_median": float(np.nanmedian(ceiling)),
+        "localisation_median": finite_median(localisation),
+        "localisation_ceiling_median": finite_median(ceiling),
         "csf_change_mean": float(np.nanmean(change)),
         "true_csf_change_mean": float(np.nanmean(true_change)),
         "effect_ratio": ratio,
         "effect_correlation": correlation(change, true_change),
         "closer_share": float(np.mean(distance < rms_inside(reconstruction, truth, brain))),
         "closer_share_than_raw_source": float(np.mean(distance < rms_inside(source, truth, brain))),
-        "rms_to_truth_median": float(np.nanmedian(distance)),
-        "rms_outside_atrophy_median": float(np.nanmedian(rms_inside(counterfactual, reconstruction, outside))),
-        "true_rms_outside_atrophy_median": float(np.nanmedian(rms_inside(truth, source, outside))),
+        "rms_to_truth_median": finite_median(distance),
+        "rms_outside_atrophy_median": finite_median(rms_inside(counterfactual, reconstruction, outside)),
+        "true_rms_outside_atrophy_median": finite_median(rms_inside(truth, source, outside)),
         "flip_rate": float(np.mean(flipped)),
     }
+
+
+def finite_median(values: np.ndarray) -> float:
+    """Median of the finite values; NaN (without numpy's warning) when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else math.nan
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
