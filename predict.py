@@ -381,7 +381,10 @@ def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_posi
     elapsed = time.perf_counter() - started
     total = args.num_samples * len(labels)
     print(f"generated {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s, decoding included) → {out}")
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    editing = {"counterfactual", *COUNTERFACTUAL_OPTIONS.values()}  # --counterfactual's options, unused here
+    settings = {
+        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items() if key not in editing
+    }
     write_json_atomic(
         out / "samples.json",
         {
