@@ -12,10 +12,11 @@ import pytest
 from test_train import assert_same
 
 import train
+import utils
 from conftest import run_train
 from utils import load_checkpoint
 
-SPAN_KEYS = {*train.TIME_CATEGORIES, "other", "total"}
+SPAN_KEYS = {*utils.TIME_CATEGORIES, "other", "total"}
 
 
 class FakeClock:
@@ -30,7 +31,7 @@ class FakeClock:
 
 def test_time_breakdown_counts_every_second_once() -> None:
     clock = FakeClock()
-    breakdown = train.TimeBreakdown(clock)
+    breakdown = utils.TimeBreakdown(clock)
     clock.now += 1  # start-up: other
     with breakdown.measure("train_steps"):
         clock.now += 2
@@ -40,7 +41,7 @@ def test_time_breakdown_counts_every_second_once() -> None:
         clock.now += 0.25
     first = breakdown.close()
     assert first == {
-        **dict.fromkeys(train.TIME_CATEGORIES, 0.0),
+        **dict.fromkeys(utils.TIME_CATEGORIES, 0.0),
         "train_steps": 2.0,
         "data": 0.5,
         "validation": 0.25,
@@ -55,7 +56,7 @@ def test_time_breakdown_counts_every_second_once() -> None:
     clock.now += 3  # after the last record: only in the summary
     summary = breakdown.summary()
     assert summary["total"] == 11.75 and summary["other"] == 5 and summary["train_steps"] == 2 and summary["checkpoints"] == 4
-    line = train.describe_time("unet", summary)
+    line = utils.describe_time("unet", summary)
     assert line.startswith("unet time 11.8 s: train steps 2.0 s (17%)") and "\n" not in line
 
 
@@ -67,7 +68,7 @@ def test_every_epoch_records_where_its_time_went(trained_run: Path) -> None:
         seconds = entry["seconds"]
         assert seconds.keys() == SPAN_KEYS
         assert all(value >= -1e-3 for value in seconds.values()), seconds
-        assert sum(seconds[key] for key in (*train.TIME_CATEGORIES, "other")) == pytest.approx(seconds["total"], abs=1e-3)
+        assert sum(seconds[key] for key in (*utils.TIME_CATEGORIES, "other")) == pytest.approx(seconds["total"], abs=1e-3)
         assert seconds["train_steps"] > 0 and seconds["data"] > 0 and seconds["validation"] > 0 and seconds["sample_grids"] > 0
     vae, unet = history[:2], history[2:]
     assert vae[0]["seconds"]["checkpoints"] == 0 < vae[1]["seconds"]["checkpoints"]
