@@ -147,6 +147,9 @@ class RunConfig:
     # in anatomy and separability about as much as real ones; 3 made a caricature (Cohen's d 3.0 vs 1.6).
     guidance_scale: float = 2.0
     tensorboard: bool = False  # also log scalars and figures to <run>/tensorboard/ (train.py)
+    # UNet epochs between snapshots/unet_epochNNN.pt (the stage checkpoint of that epoch, EMA included), which
+    # `evaluate.py --over-training` measures to draw quality against training time; 0 = none.
+    keep_every: int = 0
 
 
 @dataclass
@@ -561,6 +564,7 @@ def _run_rules(run: RunConfig, scheduler: SchedulerConfig) -> Iterator[Rule]:
     yield "run.compile", run.compile in COMPILE_MODES, f"must be one of {', '.join(COMPILE_MODES)}"
     for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
         yield f"run.{name}", getattr(run, name) >= 1, "must be at least 1"
+    yield "run.keep_every", run.keep_every >= 0, "must be 0 (no snapshots) or more (UNet epochs between snapshots)"
     yield (
         "run.checkpoint_minutes",
         _finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,

@@ -36,7 +36,7 @@ from config import (
 from dataset import SliceDataset, make_loader
 from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
 from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
-from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device
+from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device, save_image_grid
 
 CHECKPOINT_FORMAT = 1
 _COMMON_KEYS = ("config", "model", "optimizer", "lr_schedule", "epoch", "step", "history")
@@ -207,12 +207,30 @@ RUN_FILES = (
 )
 
 
+SNAPSHOTS = "snapshots"  # the folder of a run's kept UNet epochs (run.keep_every)
+
+
+def snapshot_path(run_dir: Path, stage: str, epoch: int) -> Path:
+    """Where the checkpoint of `stage` after `epoch` (1-based) is kept: snapshots/unet_epoch012.pt."""
+    return run_dir / SNAPSHOTS / f"{stage}_epoch{epoch:03d}.pt"
+
+
+def snapshots(run_dir: Path) -> list[Path]:
+    """The run's kept UNet checkpoints, oldest epoch first."""
+    return sorted((run_dir / SNAPSHOTS).glob("unet_epoch[0-9][0-9][0-9].pt"))
+
+
 def check_run_outputs(config: Config, run_dir: Path) -> None:
     """The run folder, its lock file, its files and the decode cache: none inside the dataset (resolved
     through symlinks), each a folder or a file as it is meant to be, before the lock file is written."""
     check_output_paths(
         dataset_folders(config),
-        folders={"--run": run_dir, "--run's samples folder": run_dir / "samples", "--data.cache_dir": config.data.cache_dir},
+        folders={
+            "--run": run_dir,
+            "--run's samples folder": run_dir / "samples",
+            "--run's snapshots folder": run_dir / SNAPSHOTS,
+            "--data.cache_dir": config.data.cache_dir,
+        },
         files={"the run's lock file": lock_path(run_dir), **{f"the run's {name}": run_dir / name for name in RUN_FILES}},
     )
 
@@ -373,6 +391,25 @@ def unet_validation_loss(
             totals[1] += len(conditions)
     totals = runtime.mean_across_ranks(totals)
     return float(totals[0] / totals[1])
+
+
+def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, runtime: Runtime, caption: list[str]) -> None:
+    """Top row: validation slices; bottom row: their reconstructions (posterior mean); the caption beneath."""
+    vae.eval()
+    with torch.no_grad():
+        recon = vae(images.to(runtime.device), sample_posterior=False)[0].float().clamp(-1, 1).cpu()
+    save_image_grid(torch.cat([images, recon]), path, ncols=len(images), caption=caption)
+
+
+def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
+    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
+    run = pipe.config.run
+    for label, class_name in enumerate(CLASS_NAMES):
+        generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
+        conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
+        latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
+        save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
+    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
 
 
 # ============================================================================ sampling options
@@ -547,14 +584,15 @@ def latest_run(runs_root: Path = Path("runs")) -> Path:
     return candidates[-1].parent
 
 
-def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
-    """A finished run's config, VAE and EMA UNet; one-line errors for anything missing or foreign."""
+def load_run(run_dir: Path, runtime: Runtime, unet_checkpoint: Path | None = None) -> Pipeline:
+    """A finished run's config, VAE and EMA UNet (from `unet_checkpoint`, e.g. one of its snapshots,
+    instead of unet.pt when given); one-line errors for anything missing or foreign."""
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
     config = read_config(run_dir)
     validate(config)
     vae = load_trained_vae(config, run_dir, runtime.device)
-    path = run_dir / "unet.pt"
+    path = unet_checkpoint or run_dir / "unet.pt"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
     state = load_stage_checkpoint(path, "unet", config, runtime.device)
