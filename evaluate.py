@@ -404,7 +404,7 @@ def save_sampler_sweep_figure(sweep: dict, path: Path) -> None:
         ("coverage", lambda row: row["prdc"]["coverage"], reference["prdc_floor"]["coverage"]),
         ("seconds per 64 images", lambda row: row["seconds_per_64_images"], None),
     ]
-    figure, axes = new_figure(2, 3, figsize=(14, 7.5), squeeze=False)
+    figure, axes = new_figure(2, 3, figsize=(14, 8), squeeze=False, layout="constrained")
     for axis, (title, value, real) in zip(axes.flat, panels):
         for sampler in dict.fromkeys(row["sampler"] for row in rows):
             mine = [row for row in rows if row["sampler"] == sampler]
@@ -424,6 +424,7 @@ def save_sampler_sweep_figure(sweep: dict, path: Path) -> None:
             axis.axhline(real, ls="--", c="grey", label="real test" if "accuracy" in title or "Cohen" in title else "floor")
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("steps")
+        axis.set_xticks(sorted({row["steps"] for row in rows}))
         axis.legend(fontsize=7)
     figure.suptitle(f"Sampler sweep: {sweep['run']} (seeds {', '.join(map(str, sweep['settings']['seeds']))})", fontsize=11)
     save_figure(figure, path)
