@@ -1,5 +1,5 @@
 """evaluate.py: each figure on known inputs (conditioning, fidelity, TSTR, memorisation, anatomy), end to
-end on the tiny run (full evaluation, --umap, --guidance-sweep), and bad input."""
+end on the tiny run (full evaluation, --umap, --guidance-sweep, --sampler-sweep), and bad input."""
 
 from __future__ import annotations
 
@@ -385,6 +385,93 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
     assert metrics["anatomy"]["generated"]["cohens_d_AD_minus_NC"] == sweep["scales"][1]["cohens_d_AD_minus_NC"]
 
 
+def test_sampler_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, capsys) -> None:
+    """Each sampler:steps at each seed, paired with the setting of most steps (which matches itself
+    exactly); a row draws the same images as a full evaluation with that sampler, steps and seed."""
+    quick_yardstick(monkeypatch)
+    common = ["--run", str(run_copy), "--num-samples", "4", "--batch-size", "3", "--device", "cpu"]
+    evaluate.main([*common, "--sampler-sweep", "ddim:3,dpmpp_2m:2", "--seeds", "0,1"])
+    sweep = json.loads((run_copy / "sampler_sweep.json").read_text())
+    assert [(row["sampler"], row["steps"], row["seed"]) for row in sweep["rows"]] == [
+        ("ddim", 3, 0),
+        ("ddim", 3, 1),
+        ("dpmpp_2m", 2, 0),
+        ("dpmpp_2m", 2, 1),
+    ]
+    assert all(row["seconds_per_64_images"] == pytest.approx(row["generation_seconds"] * 8, abs=1e-3) for row in sweep["rows"])
+    assert sweep["settings"] == {"num_samples": 4, "guidance": 2.0, "seed": 0, "seeds": [0, 1], "batch_size": 3}
+    assert sweep["baseline"] == {"sampler": "ddim", "steps": 3}
+    baseline = sweep["comparison"][0]
+    assert baseline["matches_baseline"] and set(baseline["paired_difference"].values()) <= {0.0, None}
+    assert sweep["recommended"] in ({"sampler": "ddim", "steps": 3}, {"sampler": "dpmpp_2m", "steps": 2})
+    assert not (run_copy / "metrics.json").exists()  # a sweep is not the full evaluation
+    with Image.open(run_copy / "sampler_sweep.png") as figure:
+        assert figure.width > 600
+    markdown = (run_copy / "sampler_sweep.md").read_text()
+    assert "| sampler | steps | seed |" in markdown and "**Recommended: " in markdown and markdown in capsys.readouterr().out
+    evaluate.main([*common, "--sampler", "dpmpp_2m", "--steps", "2", "--seed", "1"])
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["groups"]["all"]["frechet_distance"] == sweep["rows"][3]["frechet_distance"]
+    assert metrics["anatomy"]["generated"]["cohens_d_AD_minus_NC"] == sweep["rows"][3]["cohens_d_AD_minus_NC"]
+
+
+def sweep_rows(sampler: str, steps: int, accuracies: list[float], frechet: list[float]) -> list[dict]:
+    """Sampler-sweep rows of one setting at seeds 0, 1, ...: the given accuracies and Fréchet distances,
+    anatomy d 1.5, precision 0.8, coverage NaN (as in a sweep with too few images for k)."""
+    return [
+        {
+            "sampler": sampler,
+            "steps": steps,
+            "seed": seed,
+            "conditioning_accuracy": accuracy,
+            "cohens_d_AD_minus_NC": 1.5,
+            "frechet_distance": distance,
+            "prdc": {"precision": 0.8, "recall": 0.5, "density": 1.0, "coverage": math.nan},
+            "seconds_per_64_images": steps / 10,
+        }
+        for seed, (accuracy, distance) in enumerate(zip(accuracies, frechet))
+    ]
+
+
+def test_sampler_comparison_is_paired_per_seed_against_the_baseline_spread() -> None:
+    """Baseline ddim 50: accuracy 0.80 / 0.84 (spread 0.04), Fréchet 2.0 / 2.2 (spread 0.2). dpmpp 10 is off by
+    0.3 in Fréchet (outside); dpmpp 15 by +0.01 accuracy and -0.05 Fréchet (inside, a quarter of each spread);
+    ddim 15 by 0.03 and 0.15 (inside, but three quarters): dpmpp 15 is recommended. Coverage, NaN in the
+    baseline, is left out of the match."""
+    rows = [
+        *sweep_rows("ddim", 50, [0.80, 0.84], [2.0, 2.2]),
+        *sweep_rows("dpmpp_2m", 10, [0.80, 0.84], [2.3, 2.5]),
+        *sweep_rows("dpmpp_2m", 15, [0.82, 0.84], [2.0, 2.1]),
+        *sweep_rows("ddim", 15, [0.83, 0.87], [2.15, 2.35]),
+    ]
+    comparison, spread = evaluate.compare_settings(rows, ("ddim", 50), [0, 1])
+    assert spread == pytest.approx(
+        {"conditioning_accuracy": 0.04, "cohens_d_AD_minus_NC": 0, "frechet_distance": 0.2, "precision": 0, "coverage": math.nan},
+        nan_ok=True,
+    )
+    by_setting = {(entry["sampler"], entry["steps"]): entry for entry in comparison}
+    assert by_setting["dpmpp_2m", 10]["paired_difference"]["frechet_distance"] == pytest.approx(0.3)
+    assert by_setting["dpmpp_2m", 10]["within_spread"]["frechet_distance"] is False
+    matches = [entry["matches_baseline"] for entry in comparison]
+    assert [(entry["sampler"], entry["steps"]) for entry in comparison] == [
+        ("ddim", 50),
+        ("dpmpp_2m", 10),
+        ("dpmpp_2m", 15),
+        ("ddim", 15),
+    ]
+    assert matches == [True, False, True, True]
+    assert by_setting["dpmpp_2m", 15]["within_spread"] == {
+        "conditioning_accuracy": True,
+        "cohens_d_AD_minus_NC": True,
+        "frechet_distance": True,
+        "precision": True,
+        "coverage": None,
+    }
+    assert by_setting["dpmpp_2m", 15]["paired_difference"]["conditioning_accuracy"] == pytest.approx(0.01)
+    assert by_setting["dpmpp_2m", 15]["mean"]["seconds_per_64_images"] == pytest.approx(1.5)
+    assert evaluate.recommended_setting(comparison, spread) == {"sampler": "dpmpp_2m", "steps": 15}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -399,6 +486,16 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
         (["--guidance-sweep", "2,1e30"], "must be numbers from 0 to 30, got '2,1e30'"),
         (["--guidance-sweep", "1,2", "--guidance", "2"], "exclude each other"),
         (["--guidance-sweep", "1,2", "--umap"], "--umap belongs to the full evaluation"),
+        (["--sampler-sweep", "euler:10"], "sampler:steps with a sampler of ddim, ddpm, dpmpp_2m"),
+        (["--sampler-sweep", "ddim:0"], "at least 1 step"),
+        (["--sampler-sweep", "ddim:10,ddim:10"], "each sampler:steps once"),
+        (["--sampler-sweep", "ddim:2000"], "--sampler-sweep ddim:2000: the run has 1000 diffusion steps"),
+        (["--sampler-sweep", "ddim:10", "--seeds", "0"], "give two or more, e.g. 0,1"),
+        (["--sampler-sweep", "ddim:10", "--seeds", "0,0"], "distinct"),
+        (["--sampler-sweep", "ddim:10", "--steps", "5"], "drop --sampler and --steps"),
+        (["--sampler-sweep", "ddim:10", "--guidance-sweep", "1,2"], "exclude each other"),
+        (["--sampler-sweep", "ddim:10", "--umap"], "--umap belongs to the full evaluation"),
+        (["--seeds", "0,1"], "--seeds belongs to --sampler-sweep"),
     ],
 )
 def test_bad_input_exits_2(trained_run: Path, argv: list[str], message: str, capsys) -> None:
