@@ -146,11 +146,16 @@ class RunConfig:
     )
     validate_every: int = 1  # epochs between validations; the last epoch is always validated
     grid_samples: int = 16  # per label
-    sample_steps: int = 50  # DDIM steps for the grids
+    # How every script samples unless told otherwise: the training grids, predict.py and evaluate.py.
+    sampler: str = "ddim"  # one of modules.SAMPLERS
+    sample_steps: int = 50
     # Measured by `evaluate.py --guidance-sweep` on the demo run (README): at 2 generated AD and NC differ
     # in anatomy and separability about as much as real ones; 3 made a caricature (Cohen's d 3.0 vs 1.6).
     guidance_scale: float = 2.0
     tensorboard: bool = False  # also log scalars and figures to <run>/tensorboard/ (train.py)
+    # UNet epochs between snapshots/unet_epochNNN.pt (the stage checkpoint of that epoch, EMA included), which
+    # `evaluate.py --over-training` measures to draw quality against training time; 0 = none.
+    keep_every: int = 0
 
 
 @dataclass
@@ -202,7 +207,7 @@ def _demo() -> Config:
         unet=UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
         vae_train=StageConfig(epochs=4, batch_size=16, lr=1e-3, warmup_steps=100),
         unet_train=UNetTrainConfig(epochs=12, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
-        run=RunConfig(sample_every=6, grid_samples=16, sample_steps=50),
+        run=RunConfig(sample_every=6, grid_samples=16),
     )
 
 
@@ -332,13 +337,15 @@ RETIRED_FIELDS = {("unet", "latent_channels")}
 # Values older versions wrote for a field that now takes others: run.compile was true/false.
 RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 # Fields added later, with the value that a stored config without them meant, whatever the preset says now:
-# an old run keeps its one label token (its weights have that shape) and resumes with the betas it began with.
+# an old run keeps its one label token (its weights have that shape), resumes with the betas it began with
+# and samples as it did (DDIM, at its stored run.sample_steps).
 ADDED_FIELDS = {
     ("unet", "label_tokens"): 1,
     ("vae", "fourier_weight"): 0.0,
     ("vae_train", "betas"): (0.9, 0.999),
     ("unet_train", "betas"): (0.9, 0.999),
     ("run", "tensorboard"): False,
+    ("run", "sampler"): "ddim",
 }
 
 
@@ -565,6 +572,7 @@ def _run_rules(run: RunConfig, scheduler: SchedulerConfig) -> Iterator[Rule]:
     yield "run.compile", run.compile in COMPILE_MODES, f"must be one of {', '.join(COMPILE_MODES)}"
     for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
         yield f"run.{name}", getattr(run, name) >= 1, "must be at least 1"
+    yield "run.keep_every", run.keep_every >= 0, "must be 0 (no snapshots) or more (UNet epochs between snapshots)"
     yield (
         "run.checkpoint_minutes",
         _finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,

@@ -152,6 +152,7 @@ def edit_latents(
         target,
         steps=settings.steps,
         guidance_scale=settings.guidance,
+        sampler="ddim",  # eta 0: the inversion's mirror image, whatever the run samples with
         generator=generator,
         start=start,
         strength=settings.strength,

@@ -35,8 +35,8 @@ from config import (
 )
 from dataset import SliceDataset, make_loader
 from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
-from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device
+from modules import EMA, SAMPLERS, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
+from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device, save_image_grid
 
 CHECKPOINT_FORMAT = 1
 _COMMON_KEYS = ("config", "model", "optimizer", "lr_schedule", "epoch", "step", "history")
@@ -207,12 +207,30 @@ RUN_FILES = (
 )
 
 
+SNAPSHOTS = "snapshots"  # the folder of a run's kept UNet epochs (run.keep_every)
+
+
+def snapshot_path(run_dir: Path, stage: str, epoch: int) -> Path:
+    """Where the checkpoint of `stage` after `epoch` (1-based) is kept: snapshots/unet_epoch012.pt."""
+    return run_dir / SNAPSHOTS / f"{stage}_epoch{epoch:03d}.pt"
+
+
+def snapshots(run_dir: Path) -> list[Path]:
+    """The run's kept UNet checkpoints, oldest epoch first."""
+    return sorted((run_dir / SNAPSHOTS).glob("unet_epoch[0-9][0-9][0-9].pt"))
+
+
 def check_run_outputs(config: Config, run_dir: Path) -> None:
     """The run folder, its lock file, its files and the decode cache: none inside the dataset (resolved
     through symlinks), each a folder or a file as it is meant to be, before the lock file is written."""
     check_output_paths(
         dataset_folders(config),
-        folders={"--run": run_dir, "--run's samples folder": run_dir / "samples", "--data.cache_dir": config.data.cache_dir},
+        folders={
+            "--run": run_dir,
+            "--run's samples folder": run_dir / "samples",
+            "--run's snapshots folder": run_dir / SNAPSHOTS,
+            "--data.cache_dir": config.data.cache_dir,
+        },
         files={"the run's lock file": lock_path(run_dir), **{f"the run's {name}": run_dir / name for name in RUN_FILES}},
     )
 
@@ -233,6 +251,8 @@ def validate(config: Config) -> None:
     device (no memory, no compute), so a config whose parts do not fit together fails in a second
     with one line, before a run folder is written or an hour of VAE training is spent."""
     check_fields(config)
+    if config.run.sampler not in SAMPLERS:  # checked here, where the samplers are known
+        raise UsageError(f"--run.sampler {config.run.sampler!r}: must be one of {', '.join(SAMPLERS)}")
     side = config.data.image_size
     try:
         with torch.device("meta"):
@@ -375,6 +395,25 @@ def unet_validation_loss(
     return float(totals[0] / totals[1])
 
 
+def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, runtime: Runtime, caption: list[str]) -> None:
+    """Top row: validation slices; bottom row: their reconstructions (posterior mean); the caption beneath."""
+    vae.eval()
+    with torch.no_grad():
+        recon = vae(images.to(runtime.device), sample_posterior=False)[0].float().clamp(-1, 1).cpu()
+    save_image_grid(torch.cat([images, recon]), path, ncols=len(images), caption=caption)
+
+
+def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
+    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
+    run = pipe.config.run
+    for label, class_name in enumerate(CLASS_NAMES):
+        generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
+        conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
+        latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
+        save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
+    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
+
+
 # ============================================================================ sampling options
 
 
@@ -405,11 +444,15 @@ def check_sampling_options(args: argparse.Namespace, num_train_timesteps: int | 
 
 def load_run_for(args: argparse.Namespace) -> Pipeline:
     """The run a sampling script's options name (--run, else the newest), on --device, with its
-    options checked against it and --guidance defaulting to the run's own scale."""
+    options checked against it and --guidance, --sampler and --steps defaulting to the run's own
+    run.guidance_scale, run.sampler and run.sample_steps."""
     device = pick_device(args.device)
     pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
     check_sampling_options(args, pipe.scheduler.num_train_timesteps)
-    args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
+    run = pipe.config.run
+    args.guidance = run.guidance_scale if args.guidance is None else args.guidance
+    args.sampler = args.sampler or run.sampler
+    args.steps = args.steps or run.sample_steps
     return pipe
 
 
@@ -485,22 +528,22 @@ class Pipeline:
         *,
         steps: int,
         guidance_scale: float,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         start: torch.Tensor | None = None,
         strength: float = 1.0,
     ) -> torch.Tensor:
-        """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion, from
-        noise, or with `start` (B, C_z, h, w) from latents at noise level `strength` (the schedule's
-        last steps only: NoiseScheduler.timesteps)."""
+        """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion with
+        `sampler` (default: the run's run.sampler), from noise, or with `start` (B, C_z, h, w) from latents
+        at noise level `strength` (the schedule's last steps only: NoiseScheduler.timesteps)."""
         self.unet.eval()
         with self.runtime.autocast():
             latents = self.scheduler.sample(
                 self.unet,
                 (len(conditions), *latent_shape(self.config)),
                 conditions,
-                sampler=sampler,
+                sampler=sampler or self.config.run.sampler,
                 num_steps=steps,
                 eta=eta,
                 guidance_scale=guidance_scale,
@@ -518,16 +561,18 @@ class Pipeline:
         *,
         seed: int,
         batch_size: int = 64,
-        steps: int = 50,
+        steps: int | None = None,
         guidance_scale: float | None = None,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         slice_position: float | None = None,
         progress: str = "sampling",
     ) -> torch.Tensor:
         """`count` latents of one label (count, C_z, h, w), in batches seeded by `batch_generator`,
-        so the same (seed, label, batch_size) gives the same images on any call."""
+        so the same (seed, label, batch_size) gives the same images on any call. Steps, guidance and
+        sampler default to the run's (run.sample_steps, run.guidance_scale, run.sampler)."""
         guidance_scale = self.config.run.guidance_scale if guidance_scale is None else guidance_scale
+        steps = steps or self.config.run.sample_steps
         latents = []
         batches = range(0, count, batch_size)
         for batch_index, start in enumerate(tqdm(batches, desc=f"{progress} {CLASS_NAMES[label]}", leave=False)):
@@ -553,14 +598,15 @@ def latest_run(runs_root: Path = Path("runs")) -> Path:
     return candidates[-1].parent
 
 
-def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
-    """A finished run's config, VAE and EMA UNet; one-line errors for anything missing or foreign."""
+def load_run(run_dir: Path, runtime: Runtime, unet_checkpoint: Path | None = None) -> Pipeline:
+    """A finished run's config, VAE and EMA UNet (from `unet_checkpoint`, e.g. one of its snapshots,
+    instead of unet.pt when given); one-line errors for anything missing or foreign."""
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
     config = read_config(run_dir)
     validate(config)
     vae = load_trained_vae(config, run_dir, runtime.device)
-    path = run_dir / "unet.pt"
+    path = unet_checkpoint or run_dir / "unet.pt"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
     state = load_stage_checkpoint(path, "unet", config, runtime.device)

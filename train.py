@@ -34,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import (
-    CLASS_NAMES,
     COMPILE_MODES,
     DEFAULT_DATA_DIR,
     PRESETS,
@@ -64,7 +63,10 @@ from pipeline import (
     load_trained_vae,
     load_weights,
     restore_stage,
+    save_reconstructions,
+    save_sample_grids,
     set_latent_scale,
+    snapshot_path,
     unet_validation_loss,
     vae_validation_scores,
     validate,
@@ -86,7 +88,6 @@ from utils import (
     report_removed,
     require_tensorboard,
     save_checkpoint,
-    save_image_grid,
     start_runtime,
     usage_errors_exit,
     write_history,
@@ -370,12 +371,18 @@ def validating(epoch: int, stage: Stage, config: Config) -> bool:
 
 
 def finish_epoch(
-    stage: Stage, entry: dict, runtime: Runtime, path: Path, checkpoint: Callable[[int], dict], write_logs: Callable[[], None]
+    stage: Stage,
+    entry: dict,
+    runtime: Runtime,
+    path: Path,
+    checkpoint: Callable[[int], dict],
+    write_logs: Callable[[], None],
+    keep_every: int = 0,
 ) -> None:
     """Close the epoch's record (`seconds`: its time by category, since the previous record closed,
     so a checkpoint's write counts in the next epoch), add it to the history, write the checkpoint
-    when due (the stage's last epoch, a clean stop, or run.checkpoint_minutes after the last one),
-    then the logs; after a clean stop's checkpoint, raise TrainingStopped."""
+    when due (the stage's last epoch, a clean stop, or run.checkpoint_minutes after the last one) and
+    a snapshot every `keep_every` epochs, then the logs; after a clean stop's checkpoint, raise TrainingStopped."""
     stopping = stage.stop.agreed(runtime)
     entry["seconds"] = stage.clock.close()
     stage.history.append(entry)
@@ -385,6 +392,9 @@ def finish_epoch(
             with stage.clock.measure("checkpoints"):
                 save_checkpoint(checkpoint(entry["epoch"]), path)
             stage.cadence.written()
+        if keep_every and entry["epoch"] % keep_every == 0:
+            with stage.clock.measure("checkpoints"):
+                save_checkpoint(checkpoint(entry["epoch"]), snapshot_path(path.parent, stage.name, entry["epoch"]))
         write_logs()
     if stopping and not last:
         raise TrainingStopped(
@@ -469,26 +479,7 @@ def train_vae(
     return vae
 
 
-def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, runtime: Runtime, caption: list[str]) -> None:
-    """Top row: validation slices; bottom row: their reconstructions (posterior mean); the caption beneath."""
-    vae.eval()
-    with torch.no_grad():
-        recon = vae(images.to(runtime.device), sample_posterior=False)[0].float().clamp(-1, 1).cpu()
-    save_image_grid(torch.cat([images, recon]), path, ncols=len(images), caption=caption)
-
-
 # ============================================================================ stage 2: latent UNet
-
-
-def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
-    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
-    run = pipe.config.run
-    for label, class_name in enumerate(CLASS_NAMES):
-        generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
-        conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
-        latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
-        save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
-    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
 
 
 def train_unet(
@@ -549,7 +540,7 @@ def train_unet(
                 with stage.clock.measure("sample_grids"):
                     for class_name, path in save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}"):
                         board.image(f"unet/samples_{class_name}", path, entry["epoch"])
-        finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs)
+        finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs, config.run.keep_every)
     board.close()
 
 

@@ -9,8 +9,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import assert_same
 
+import pipeline
 import train
 import utils
 from conftest import run_train
@@ -169,3 +171,21 @@ def test_sigterm_stops_cleanly_after_the_epoch_with_a_checkpoint(tiny_dataset: P
     assert "stopped by SIGTERM after vae epoch 1/2" in err and "--resume" in err
     assert load_checkpoint(run_dir / "vae.pt")["epoch"] == 1
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_snapshots_keep_every_kth_unet_epoch_and_load_as_that_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--run.keep_every 2 over 4 UNet epochs keeps epochs 2 and 4 (not the VAE's); a snapshot loads as a
+    run at its epoch, and the last one holds the same EMA weights as unet.pt."""
+    run_dir = tmp_path / "kept"
+    run_train(tiny_dataset, run_dir, "--unet_train.epochs", "4", "--run.keep_every", "2")
+    kept = pipeline.snapshots(run_dir)
+    assert [path.name for path in kept] == ["unet_epoch002.pt", "unet_epoch004.pt"], kept
+    runtime = utils.Runtime(torch.device("cpu"))
+    middle, final = (pipeline.load_run(run_dir, runtime, path) for path in kept)
+    assert (middle.epoch, final.epoch) == (2, 4)
+    finished = pipeline.load_run(run_dir, runtime)
+    for name, weight in finished.unet.state_dict().items():
+        assert torch.equal(final.unet.state_dict()[name], weight), f"the epoch-4 snapshot's {name} is not unet.pt's"
+    assert any(not torch.equal(middle.unet.state_dict()[name], weight) for name, weight in finished.unet.state_dict().items()), (
+        "the epoch-2 snapshot holds the final weights"
+    )
