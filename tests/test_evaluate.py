@@ -585,7 +585,7 @@ def test_counterfactuals_write_the_table_and_the_figure(run_copy: Path, tmp_path
         (["--counterfactuals", "--strengths", "0,0.5"], "strengths are shares of the noise schedule, in (0, 1]"),
         (["--counterfactuals", "--strengths", "0.5,x"], "comma-separated numbers"),
         (["--counterfactuals", "--pair-slices", "1"], "--pair-slices must be at least 2"),
-        (["--counterfactuals", "--umap"], "without --guidance-sweep and --umap"),
+        (["--counterfactuals", "--umap"], "without --guidance-sweep, --sampler-sweep and --umap"),
         (
             ["--counterfactuals", "--pairs", "no/such/pairs"],
             "holds no pairs.json: build the pairs with python project_setup.py --demo-pairs",
