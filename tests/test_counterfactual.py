@@ -124,13 +124,18 @@ def test_a_perfect_counterfactual_scores_perfectly_and_no_edit_scores_nothing() 
     source, truth = brains([2, 3, 2.5, 3.5]), brains([4, 6, 4, 7])
     flipped = np.array([True, True, False, True])
     perfect = counterfactual.score(source, truth, source, truth, truth, flipped)
-    assert perfect["localisation_median"] == pytest.approx(1) and perfect["localisation_ceiling_median"] == pytest.approx(1)
+    assert perfect["localisation_median"] == pytest.approx(1) and perfect["localisation_median_ceiling"] == pytest.approx(1)
     assert perfect["effect_ratio"] == pytest.approx(1) and perfect["effect_correlation"] == pytest.approx(1)
     assert perfect["closer_share"] == 1 and perfect["rms_to_truth_median"] == 0
     assert perfect["rms_outside_atrophy_median"] == 0 and perfect["flip_rate"] == 0.75
     unchanged = counterfactual.score(source, truth, source, source, truth, flipped)
     assert math.isnan(unchanged["localisation_median"])  # no difference at all: no correlation
     assert unchanged["effect_ratio"] == 0 and unchanged["closer_share"] == 0
+    # The ceiling is the same measure of the truth's reconstruction, whatever the counterfactual.
+    assert {key: value for key, value in unchanged.items() if key.endswith("_ceiling")} == {
+        key: value for key, value in perfect.items() if key.endswith("_ceiling")
+    }
+    assert unchanged["effect_ratio_ceiling"] == pytest.approx(1) and unchanged["closer_share_ceiling"] == 1
     # The opposite edit: the disease taken away instead of added.
     opposite = 2 * source.astype(int) - truth.astype(int)
     reversed_ = counterfactual.score(source, truth, source, np.clip(opposite, 0, 255).astype(np.uint8), truth, flipped)
