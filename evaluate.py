@@ -64,6 +64,7 @@ from classifier import (
     train_classifier,
 )
 from config import CLASS_NAMES, DEMO_DATA_DIR, MAX_GUIDANCE, PAIRS_FOLDER
+from counterfactual import DEFAULT_GUIDANCE as COUNTERFACTUAL_GUIDANCE
 from counterfactual import TARGETS, check_pairs_folder, read_pairs, recommend, save_pairs_figure
 from counterfactual import Settings as CounterfactualSettings
 from counterfactual import markdown_report as counterfactual_report
@@ -1243,7 +1244,7 @@ def add_counterfactual_arguments(parser: ArgumentParser) -> None:
     group.add_argument(
         "--pairs", type=Path, help=f"the pairs folder (default {DEFAULT_PAIRS}, from project_setup.py --demo-pairs)"
     )
-    group.add_argument("--strengths", type=parse_strengths, help="strength sweep (default 0.3,0.5,0.7,0.8)")
+    group.add_argument("--strengths", type=parse_strengths, help="strength sweep (default 0.2,0.3,0.4,0.5,0.6)")
     group.add_argument(
         "--pair-slices", type=int, help="pair slices per direction, one per scan (default 90: every demo test scan)"
     )
@@ -1262,7 +1263,8 @@ def check_counterfactual_arguments(args: argparse.Namespace) -> None:
             "--counterfactuals is an evaluation of its own: run it without --guidance-sweep, --sampler-sweep and --umap"
         )
     args.pairs = args.pairs or DEFAULT_PAIRS
-    args.strengths = args.strengths or [0.3, 0.5, 0.7, 0.8]
+    args.strengths = args.strengths or [0.2, 0.3, 0.4, 0.5, 0.6]
+    args.guidance = COUNTERFACTUAL_GUIDANCE if args.guidance is None else args.guidance
     args.pair_slices = 90 if args.pair_slices is None else args.pair_slices
     if args.pair_slices < 2:
         raise UsageError(f"--pair-slices must be at least 2 (a correlation across scans needs two), got {args.pair_slices}")

@@ -26,6 +26,7 @@ import torch
 
 from config import CLASS_NAMES, COMPILE_MODES, Config, latent_shape
 from counterfactual import (
+    DEFAULT_GUIDANCE,
     DEFAULT_METHOD,
     DEFAULT_STRENGTH,
     INVERSION_ITERATIONS,
@@ -123,7 +124,11 @@ def build_parser() -> ArgumentParser:
     edit.add_argument(
         "--strength", type=float, help=f"share of the noise schedule they are carried to, in (0, 1] (default {DEFAULT_STRENGTH})"
     )
-    edit.add_argument("--method", choices=METHODS, help=f"how they get there (default {DEFAULT_METHOD})")
+    edit.add_argument(
+        "--method",
+        choices=METHODS,
+        help=f"how they get there (default {DEFAULT_METHOD}); --guidance defaults to {DEFAULT_GUIDANCE:g}",
+    )
     return parser
 
 
@@ -163,6 +168,7 @@ def check_counterfactual_arguments(args) -> None:
     args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
     check_strength(args.strength)
     args.method = args.method or DEFAULT_METHOD
+    args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
 
 
 def check_arguments(args) -> list[int]:

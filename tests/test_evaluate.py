@@ -563,6 +563,7 @@ def test_counterfactuals_write_the_table_and_the_figure(run_copy: Path, tmp_path
     chosen = report["recommended"]
     assert (chosen["method"], chosen["strength"]) in {(m, s) for _, m, s in settings}
     assert report["settings"]["steps"] == 3 and report["settings"]["strengths"] == [0.3, 0.6]
+    assert report["settings"]["guidance"] == 3.0  # counterfactuals' own default, not the run's 2
     for row in report["rows"]:
         assert 0 <= row["flip_rate"] <= 1 and 0 <= row["closer_share"] <= 1
         # The yardstick's references: the true counterfactuals and the sources, judged as the target label.

@@ -360,7 +360,12 @@ def test_counterfactual_outputs_per_slice_grid_and_record(trained_run: Path, tin
     assert [entry["source_label"] for entry in record["slices"]] == [path.parent.name for path in inputs]
     assert {entry["source_from"] for entry in record["slices"]} == {"folder"}
     settings = record["settings"]
-    assert settings["target"] == "AD" and settings["method"] == "ddim-inversion" and settings["strength"] == 0.5
+    assert (
+        settings["target"] == "AD"
+        and settings["method"] == "ddim-inversion"
+        and settings["strength"] == 0.3
+        and settings["guidance"] == 3.0
+    )
     assert (settings["seed"], settings["steps"], settings["batch_size"], settings["sampler"]) == (0, 4, 3, "ddim")
     assert [entry["batch"] for entry in record["slices"]][:4] == [0, 0, 0, 1]
     for entry in record["slices"]:
