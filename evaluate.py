@@ -19,6 +19,9 @@ mimic decoder artefacts, so that it reads anatomy and not rendering (classifier.
   the floor that real training images reach against the same test images: Fréchet distance, KID,
   precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020), k = 5; and
   MS-SSIM of random pairs (match real; mode collapse shows as a higher value);
+- sharpness: the spectral energy per frequency band (over the real test slices') of generated images,
+  of the test slices' VAE reconstructions and of real training slices, with the reconstructions' PSNR,
+  SSIM and MS-SSIM: the decoder's blur, which MS-SSIM at 64 px cannot see, shows in the top band;
 - use as training data: the same classifier trained on generated images only and tested on real test
   slices (TSTR), beside trained on as many real training slices, and on both;
 - memorisation: each generated image's nearest training image by RMS pixel distance and by Pearson
@@ -70,7 +73,9 @@ from dataset import (
     zero_spread,
 )
 from metrics import (
+    BAND_LABELS,
     PRDC_NEIGHBOURS,
+    SPECTRAL_BANDS,
     cohens_d_interval,
     distribution,
     frechet_distance,
@@ -79,8 +84,10 @@ from metrics import (
     nearest_distances,
     pairwise_ms_ssim,
     precision_recall_density_coverage,
+    psnr,
+    spectral_energy_kept,
 )
-from modules import SAMPLERS
+from modules import SAMPLERS, ms_ssim, ssim
 from pipeline import MAX_SEED, Pipeline, check_sampling_options, dataset_folders, fingerprint, load_run_for, sampling_options
 from utils import (
     ArgumentParser,
@@ -211,6 +218,33 @@ def fidelity(generated: ImageSet, reference: Reference, label: int | None, seed:
         "prdc_floor": prdc_or_nan(real_test.features, floor.features),
         "ms_ssim_generated": pairwise_ms_ssim(to_model_range(generated.pixels.unsqueeze(1)).to(device), seed=seed),
         "ms_ssim_real": pairwise_ms_ssim(to_model_range(floor.pixels.unsqueeze(1)).to(device), seed=seed),
+    }
+
+
+SHARPNESS_SETS = {  # what each row of the sharpness table measures against the real test slices
+    "generated": "generated",
+    "reconstructed_test": "VAE reconstructions of the test slices",
+    "train_sample": "real training slices (the floor)",
+}
+
+
+def sharpness(generated: ImageSet, reference: Reference, device: torch.device) -> dict:
+    """Spectral energy kept per band (metrics.SPECTRAL_BANDS; 1.0 = as sharp as the real test slices) of
+    each of SHARPNESS_SETS, and how close the test slices' reconstructions are to them (PSNR, SSIM,
+    MS-SSIM): the blur that MS-SSIM at 64 px cannot see shows in the top band."""
+
+    def model_range(images: ImageSet) -> torch.Tensor:
+        return to_model_range(images.pixels.unsqueeze(1)).to(device)
+
+    sets = {"generated": generated, "reconstructed_test": reference.reconstructed_test, "train_sample": reference.train_sample}
+    real, reconstructed = model_range(reference.real_test), model_range(reference.reconstructed_test)
+    return {
+        "spectral_energy": {name: spectral_energy_kept(model_range(images), real) for name, images in sets.items()},
+        "reconstruction": {
+            "psnr": float(psnr(reconstructed, real).mean()),
+            "ssim": float(ssim(reconstructed, real).mean()),
+            "ms_ssim": float(ms_ssim(reconstructed, real).mean()),
+        },
     }
 
 
@@ -480,6 +514,7 @@ def markdown_report(metrics: dict) -> str:
         ),
         *anatomy_section(metrics["anatomy"]),
         *fidelity_section(metrics["groups"]),
+        *sharpness_section(metrics["sharpness"]),
         *tstr_section(metrics["tstr"], metrics["real_test_images"]),
         *memorisation_section(metrics["memorisation"]),
         *yardstick_section(metrics["classifier"]),
@@ -543,6 +578,27 @@ def fidelity_section(groups: dict) -> list[str]:
             lambda g: number(g["ms_ssim_generated"], 3),
         ),
         row("MS-SSIM of random real pairs", lambda g: number(g["ms_ssim_real"], 3)),
+    ]
+
+
+def sharpness_section(sharp: dict) -> list[str]:
+    """Spectral energy kept per band by generated images, reconstructions and real training slices."""
+    lines = [
+        "",
+        "## Sharpness (spectral energy per frequency band, over the real test slices'; 1.0 = as sharp)",
+        "",
+        "| images | " + " | ".join(f"{BAND_LABELS[band]} cycle/px" for band in SPECTRAL_BANDS) + " |",
+        "|---|" + "---:|" * len(SPECTRAL_BANDS),
+    ]
+    for name, title in SHARPNESS_SETS.items():
+        kept = sharp["spectral_energy"][name]
+        lines.append(f"| {title} | " + " | ".join(number(kept[band], 2) for band in SPECTRAL_BANDS) + " |")
+    recon = sharp["reconstruction"]
+    return [
+        *lines,
+        "",
+        f"The test slices' reconstructions against the slices: PSNR {number(recon['psnr'], 1)} dB, SSIM "
+        f"{number(recon['ssim'], 3)}, MS-SSIM {number(recon['ms_ssim'], 3)}.",
     ]
 
 
@@ -979,6 +1035,7 @@ def full_evaluation(
     return {
         "generation_seconds": round(seconds, 3),
         "groups": {name: fidelity(generated, reference, label, args.seed, device) for label, name in GROUPS},
+        "sharpness": sharpness(generated, reference, device),
         "anatomy": anatomy(generated, reference.real_test, args.seed),
         "tstr": train_on_synthetic(generated, reference.train_sample, reference.real_test, len(reference.train), device),
         "memorisation": memorisation(generated, real_sample),

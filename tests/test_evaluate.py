@@ -21,8 +21,9 @@ import classifier
 import evaluate
 from config import DataConfig, read_config
 from conftest import SLICES_PER_SCAN
-from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits
-from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage
+from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits, to_model_range
+from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
+from modules import ms_ssim
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -73,6 +74,26 @@ def test_fidelity_on_known_inputs() -> None:
     collapsed = image_set(reference.train.pixels[[3] * 10], generated.labels, generated.predictions, 1)
     again = evaluate.fidelity(collapsed, reference, None, 0, CPU)
     assert again["ms_ssim_generated"] == pytest.approx(1.0, abs=1e-5) and again["ms_ssim_real"] == metrics["ms_ssim_real"]
+
+
+def test_sharpness_sees_blur_that_the_real_slices_do_not_have() -> None:
+    """Generated images that are the real test slices keep exactly their spectral energy (1.0 in every band);
+    reconstructions blurred by a 3x3 box keep far less above 1/4 cycle per pixel than below, and their
+    PSNR/SSIM/MS-SSIM against the slices are those of metrics and modules on the same tensors."""
+    reference = known_reference()
+    real = reference.real_test
+    box = torch.nn.functional.avg_pool2d(real.pixels.unsqueeze(1).float(), 3, stride=1, padding=1, count_include_pad=False)
+    blurred = image_set(box.squeeze(1).round().to(torch.uint8), real.labels, real.predictions, 3)
+    reference = dataclasses.replace(reference, reconstructed_test=blurred)
+    generated = image_set(real.pixels.clone(), real.labels, real.predictions, 1)
+    sharp = evaluate.sharpness(generated, reference, CPU)
+    assert sharp["spectral_energy"]["generated"] == pytest.approx({"low": 1.0, "mid": 1.0, "high": 1.0}, rel=1e-12)
+    kept = sharp["spectral_energy"]["reconstructed_test"]
+    assert kept["high"] < 0.25 < kept["low"], f"a 3x3 box blur should lose the top band most: {kept}"
+    as_model = [to_model_range(images.pixels.unsqueeze(1)) for images in (blurred, real)]
+    assert sharp["reconstruction"]["psnr"] == pytest.approx(float(psnr(*as_model).mean()))
+    assert sharp["reconstruction"]["ms_ssim"] == pytest.approx(float(ms_ssim(*as_model).mean()))
+    assert sharp["reconstruction"]["ssim"] < 1.0
 
 
 def test_memorisation_finds_planted_copies_by_distance_and_by_correlation() -> None:
@@ -218,6 +239,7 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     run_evaluate(run_copy, "--umap")
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"all", "AD", "NC"}
+    assert set(metrics["sharpness"]["spectral_energy"]) == {"generated", "reconstructed_test", "train_sample"}
     groups = metrics["groups"]
     for name, group in groups.items():
         assert set(group) == GROUP_KEYS
@@ -256,6 +278,7 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     markdown = (run_copy / "metrics.md").read_text()
     assert "| metric | all | AD | NC |" in markdown and "ImageNet-FID is not computed" in markdown
     assert "Train on synthetic, test on real" in markdown and "95% CI" in markdown
+    assert "| VAE reconstructions of the test slices |" in markdown and "above 1/4 cycle/px" in markdown
     assert markdown in capsys.readouterr().out
     # Where Cohen's d is undefined (a degenerate dataset: one image per class), the report says why, not a number.
     degenerate = json.loads(json.dumps(metrics))
