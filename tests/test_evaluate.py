@@ -20,7 +20,7 @@ from PIL import Image
 import classifier
 import evaluate
 from config import DataConfig, read_config
-from conftest import SLICES_PER_SCAN
+from conftest import SLICES_PER_SCAN, run_train
 from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits, to_model_range
 from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
 from modules import ms_ssim
@@ -376,6 +376,7 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
             "cohens_d_95ci",
             "frechet_distance",
             "prdc",
+            "spectral_energy",
             "generation_seconds",
         }
     assert sweep["lowest_frechet"] in (1.0, 3.0) and sweep["closest_anatomy"] in (1.0, 3.0) and sweep["recommended"] in (1.0, 3.0)
@@ -541,3 +542,41 @@ def test_umap_fit_keeps_torch_thread_count() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "1", f"torch runs {result.stdout.split()[-1]} threads after a UMAP fit, not 1"
+
+
+def test_over_training_measures_every_kept_epoch_and_draws_the_runs_together(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    """A run trained with --run.keep_every 1 is measured at UNet epochs 1 (its snapshot) and 2 (unet.pt),
+    each with the images seen and minutes so far; --quality-curves draws runs' records in one figure
+    and table. Without snapshots, or with --out missing, each is one line and exit 2."""
+    run_dir = tmp_path / "kept"
+    run_train(tiny_dataset, run_dir, "--run.keep_every", "1")
+    run_evaluate(run_dir, "--over-training")
+    record = json.loads((run_dir / "over_training.json").read_text())
+    rows = record["rows"]
+    config = read_config(run_dir)
+    steps_per_epoch = len(load_splits(run_dir / "splits.json")["train"]) * SLICES_PER_SCAN // config.unet_train.batch_size
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["images_seen"] for row in rows] == [n * steps_per_epoch * config.unet_train.batch_size for n in (1, 2)]
+    assert 0 < rows[0]["training_seconds"] < rows[1]["training_seconds"]
+    assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"], "both epochs measured the same weights"
+    assert set(rows[0]["spectral_energy"]) == {"low", "mid", "high"}
+    assert "| 2 |" in (run_dir / "over_training.md").read_text()
+    out = tmp_path / "curves.png"
+    twin = shutil.copytree(run_dir, tmp_path / "twin")
+    evaluate.main(["--quality-curves", str(run_dir), str(twin), "--out", str(out)])
+    with Image.open(out) as figure:
+        assert figure.width > 1000
+    assert (tmp_path / "curves.md").read_text().count("| epoch |") == 2
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns("snapshots", "over_training.*"))
+    for argv, message in (
+        (["--run", str(bare), "--over-training", "--device", "cpu"], "--run.keep_every"),
+        (["--quality-curves", str(run_dir)], "--out FILE.png"),
+        (["--quality-curves", str(bare), "--out", str(out), "--overwrite"], "--over-training` first"),
+        (["--run", str(run_dir), "--over-training", "--guidance-sweep", "1,2", "--overwrite"], "exclude each other"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
