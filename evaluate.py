@@ -530,7 +530,7 @@ def quality_curves_report(records: dict[str, dict]) -> str:
             "|---:|---:|---:|" + "---:|" * len(CURVE_PANELS),
         ]
         for row in record["rows"]:
-            minutes = number(row["training_seconds"] / 60, 1) if row["training_seconds"] is not None else "—"
+            minutes = f"{row['training_seconds'] / 60:.1f}" if row["training_seconds"] is not None else "—"
             images = f"{row['images_seen']:,}" if row["images_seen"] is not None else "—"
             cells = [number(as_float(value(row, reference)), 3) for _, value, _ in CURVE_PANELS]
             lines.append(f"| {row['epoch']} | {images} | {minutes} | " + " | ".join(cells) + " |")
