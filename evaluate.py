@@ -993,7 +993,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=500, help="generated images per label (default 500)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps (default: the run's run.sample_steps; another --sampler: 50, ddpm all)"
+    )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument(
         "--guidance-sweep",
