@@ -34,15 +34,19 @@ Writes <run>/metrics.json, <run>/metrics.md (also printed) and <run>/memorisatio
 <run>/umap_features.png (real and generated images in the yardstick's features); with --guidance-sweep
 instead <run>/guidance_sweep.{json,md,png}; with --sampler-sweep instead <run>/sampler_sweep.{json,md,png}
 (each sampler:steps at each of --seeds, paired per seed with the setting of most steps); with
---counterfactuals instead <run>/counterfactuals.{json,md,png} (counterfactual.py: NC → AD and AD → NC on
-the demo's pairs, both methods, a strength sweep). The same --seed and settings give the same numbers;
-the samples are predict.py's for the same seed, sampler, steps and batch size.
+--over-training instead <run>/over_training.{json,md,png} (the sweep's figures at every UNet epoch the run
+kept with --run.keep_every, against training images and minutes); `--quality-curves RUN ... --out F.png`
+draws several runs' over-training records in one figure (and table, F.md); with --counterfactuals instead
+<run>/counterfactuals.{json,md,png} (counterfactual.py: NC → AD and AD → NC on the demo's pairs, both
+methods, a strength sweep). The same --seed and settings give the same numbers; the samples are
+predict.py's for the same seed, sampler, steps and batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -95,7 +99,17 @@ from metrics import (
     spectral_energy_kept,
 )
 from modules import SAMPLERS, ms_ssim, ssim
-from pipeline import MAX_SEED, Pipeline, check_sampling_options, dataset_folders, fingerprint, load_run_for, sampling_options
+from pipeline import (
+    MAX_SEED,
+    Pipeline,
+    check_sampling_options,
+    dataset_folders,
+    fingerprint,
+    load_run,
+    load_run_for,
+    sampling_options,
+    snapshots,
+)
 from utils import (
     ArgumentParser,
     UsageError,
@@ -119,6 +133,7 @@ EVALUATION_FILES = ("metrics.json", "metrics.md", "memorisation.png")
 UMAP_FILE = "umap_features.png"
 SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
 SAMPLER_SWEEP_FILES = ("sampler_sweep.json", "sampler_sweep.md", "sampler_sweep.png")
+OVER_TRAINING_FILES = ("over_training.json", "over_training.md", "over_training.png")
 COUNTERFACTUAL_FILES = ("counterfactuals.json", "counterfactuals.md", "counterfactuals.png")
 DEFAULT_PAIRS = Path(DEMO_DATA_DIR).parent / PAIRS_FOLDER
 GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
@@ -471,6 +486,67 @@ def save_sampler_sweep_figure(sweep: dict, path: Path) -> None:
         axis.legend(fontsize=7)
     figure.suptitle(f"Sampler sweep: {sweep['run']} (seeds {', '.join(map(str, sweep['settings']['seeds']))})", fontsize=11)
     save_figure(figure, path)
+
+
+# What quality-over-training figures and tables show: title, value of a row given the run's reference, the real value.
+CURVE_PANELS = (
+    ("Fréchet distance / floor", lambda row, ref: row["frechet_distance"] / ref["frechet_floor"], lambda ref: 1.0),
+    ("precision", lambda row, ref: row["prdc"]["precision"], lambda ref: ref["prdc_floor"]["precision"]),
+    ("coverage", lambda row, ref: row["prdc"]["coverage"], lambda ref: ref["prdc_floor"]["coverage"]),
+    ("conditioning accuracy", lambda row, ref: row["conditioning_accuracy"], lambda ref: ref["real_test_accuracy"]),
+    ("anatomy: Cohen's d (AD − NC)", lambda row, ref: row["cohens_d_AD_minus_NC"], lambda ref: ref["cohens_d_AD_minus_NC"]),
+    ("spectral energy above 1/4 cycle/px", lambda row, ref: row["spectral_energy"]["high"], lambda ref: 1.0),
+)
+
+
+def save_quality_curves(records: dict[str, dict], path: Path) -> None:
+    """Each CURVE_PANELS figure of each run's over-training record against the training images seen
+    (top row) and the UNet stage's wall-clock minutes (bottom row); dashed: the first run's real value."""
+    figure, axes = new_figure(2, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 7), squeeze=False, layout="constrained")
+    for name, record in records.items():
+        rows, reference = record["rows"], record["reference"]
+        for column, (_, value, _) in enumerate(CURVE_PANELS):
+            ys = [as_float(value(row, reference)) for row in rows]
+            for axis, x_key, scale in ((axes[0, column], "images_seen", 1e-3), (axes[1, column], "training_seconds", 1 / 60)):
+                xs = [as_float(row[x_key]) * scale for row in rows]
+                axis.plot(xs, ys, "o-", markersize=3, label=Path(name).name)
+    first = next(iter(records.values()))["reference"]
+    for column, (title, _, real) in enumerate(CURVE_PANELS):
+        for row, xlabel in enumerate(("training images seen (thousands)", "UNet training minutes (this machine)")):
+            axis = axes[row, column]
+            axis.axhline(as_float(real(first)), ls="--", c="grey")
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel(xlabel, fontsize=9)
+            axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle("Sample quality over UNet training (dashed: real test slices or the real-train floor)", fontsize=11)
+    save_figure(figure, path)
+
+
+def quality_curves_report(records: dict[str, dict]) -> str:
+    """One table per run: each kept epoch's CURVE_PANELS figures beside its images seen and minutes."""
+    lines = ["# Sample quality over UNet training"]
+    for name, record in records.items():
+        settings, reference = record["settings"], record["reference"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{settings['num_samples']} images per label, {settings['sampler']} {settings['steps']} steps, guidance "
+            f"{settings['guidance']}, seed {settings['seed']}; Fréchet floor {number(reference['frechet_floor'])}.",
+            "",
+            "| epoch | images seen | minutes | " + " | ".join(title for title, _, _ in CURVE_PANELS) + " |",
+            "|---:|---:|---:|" + "---:|" * len(CURVE_PANELS),
+        ]
+        for row in record["rows"]:
+            minutes = f"{row['training_seconds'] / 60:.1f}" if row["training_seconds"] is not None else "—"
+            images = f"{row['images_seen']:,}" if row["images_seen"] is not None else "—"
+            cells = [number(as_float(value(row, reference)), 3) for _, value, _ in CURVE_PANELS]
+            lines.append(f"| {row['epoch']} | {images} | {minutes} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| real / floor | | | " + " | ".join(number(as_float(real(reference)), 3) for _, _, real in CURVE_PANELS) + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def as_float(value: float | None) -> float:
@@ -926,7 +1002,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=500, help="generated images per label (default 500)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps (default: the run's run.sample_steps; another --sampler: 50, ddpm all)"
+    )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument(
         "--guidance-sweep",
@@ -945,6 +1023,19 @@ def build_parser() -> ArgumentParser:
         type=parse_seeds,
         help="the generation seeds of --sampler-sweep, two or more (default 0,1); --seed still picks the floors' images",
     )
+    parser.add_argument(
+        "--over-training",
+        action="store_true",
+        help="instead of the full evaluation, measure each UNet epoch the run kept (--run.keep_every) and unet.pt",
+    )
+    parser.add_argument(
+        "--quality-curves",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="draw these runs' over_training.json in one figure, --out FILE.png (and its table beside it, .md)",
+    )
+    parser.add_argument("--out", type=Path, help="the figure --quality-curves writes")
     parser.add_argument("--umap", action="store_true", help=f"also write {UMAP_FILE} (needs umap-learn)")
     add_counterfactual_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -963,6 +1054,19 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--guidance and --guidance-sweep exclude each other: give the scales to --guidance-sweep only")
     if args.guidance_sweep is not None and args.umap:
         raise UsageError("--umap belongs to the full evaluation: run it without --guidance-sweep")
+    modes = [
+        name
+        for name, on in (
+            ("--guidance-sweep", args.guidance_sweep is not None),
+            ("--sampler-sweep", args.sampler_sweep is not None),
+            ("--over-training", args.over_training),
+        )
+        if on
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} exclude each other: run one at a time")
+    if args.over_training and args.umap:
+        raise UsageError("--umap belongs to the full evaluation: run it without --over-training")
     check_sampler_sweep(args)
     check_sampling_options(args)
 
@@ -994,6 +1098,8 @@ def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
         return [run_dir / name for name in SWEEP_FILES]
     if args.sampler_sweep is not None:
         return [run_dir / name for name in SAMPLER_SWEEP_FILES]
+    if args.over_training:
+        return [run_dir / name for name in OVER_TRAINING_FILES]
     return [run_dir / name for name in (*EVALUATION_FILES, *((UMAP_FILE,) if args.umap else ()))]
 
 
@@ -1085,6 +1191,9 @@ def sweep_row(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, 
         "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
         "frechet_distance": frechet_distance(generated.features, reference.real_test.features),
         "prdc": prdc_or_nan(reference.real_test.features, generated.features),
+        "spectral_energy": spectral_energy_kept(
+            *(to_model_range(images.pixels.unsqueeze(1)) for images in (generated, reference.real_test))
+        ),
         "generation_seconds": round(seconds, 3),
     }
 
@@ -1107,6 +1216,44 @@ def guidance_sweep(pipe: Pipeline, yardstick: SliceClassifier, reference: Refere
         "lowest_frechet": best_scale(scales, frechet),
         "recommended": recommended_scale(scales, d_generated, d_real, frechet),
     }
+
+
+def training_points(pipe: Pipeline) -> list[tuple[int, Path]]:
+    """(UNet epoch, checkpoint) of each of the run's snapshots (run.keep_every) and of unet.pt, oldest first."""
+    points = {int(path.stem.removeprefix("unet_epoch")): path for path in snapshots(pipe.run_dir)}
+    points[pipe.epoch] = pipe.run_dir / "unet.pt"
+    return sorted(points.items())
+
+
+def unet_history(run_dir: Path) -> dict[int, dict]:
+    """The UNet stage's history.jsonl entries by epoch."""
+    lines = (run_dir / "history.jsonl").read_text().splitlines() if (run_dir / "history.jsonl").is_file() else []
+    entries = [json.loads(line) for line in lines if line.strip()]
+    return {entry["epoch"]: entry for entry in entries if entry.get("stage") == "unet"}
+
+
+def over_training(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
+    """The sweep's figures (sweep_row) at each kept UNet epoch, sampled alike, with the training images
+    seen and the stage's wall-clock seconds (history.jsonl) up to that epoch: quality against training time."""
+    history = unet_history(pipe.run_dir)
+    if len(training_points(pipe)) < 2:
+        raise UsageError(
+            f"{pipe.run_dir} kept no UNet snapshots: train it with --run.keep_every K (e.g. 2) to measure over training"
+        )
+    rows = []
+    for epoch, path in training_points(pipe):
+        print(f"UNet epoch {epoch} ({path.name})")
+        at_epoch = load_run(pipe.run_dir, pipe.runtime, path)
+        seconds = sum(entry["seconds"]["total"] for done, entry in history.items() if done <= epoch and "seconds" in entry)
+        rows.append(
+            {
+                "epoch": epoch,
+                "images_seen": history[epoch]["step"] * pipe.config.unet_train.batch_size if epoch in history else None,
+                "training_seconds": round(seconds, 1) if history else None,
+            }
+            | sweep_row(at_epoch, yardstick, reference, args)
+        )
+    return {"reference": sweep_reference(reference, args.seed), "rows": rows}
 
 
 def best_scale(scales: list[float], cost: np.ndarray) -> float:
@@ -1207,6 +1354,10 @@ def evaluate_as_asked(
         record = without_nan(header | sampler_sweep(pipe, yardstick, reference, args))
         save_sampler_sweep_figure(record, figure)
         return record, sampler_sweep_report(record)
+    if args.over_training:
+        record = without_nan(header | over_training(pipe, yardstick, reference, args))
+        save_quality_curves({record["run"]: record}, figure)
+        return record, quality_curves_report({record["run"]: record})
     controls = classifier_controls(reference.real_test.predictions, datasets["train"], datasets["test"])
     details = {"real_test_images": len(datasets["test"]), "classifier": controls | yardstick_info}
     record = without_nan(header | details | full_evaluation(pipe, yardstick, reference, args, rng))
@@ -1221,7 +1372,28 @@ def describe(args: argparse.Namespace) -> str:
         settings = ",".join(f"{sampler}:{steps}" for sampler, steps in args.sampler_sweep)
         return f"sampler sweep {settings} | seeds {','.join(map(str, args.seeds))} | guidance {args.guidance}"
     guidance = "sweep " + ",".join(f"{scale:g}" for scale in args.guidance_sweep) if args.guidance_sweep else args.guidance
-    return f"{args.sampler} {args.steps} steps | guidance {guidance}"
+    kept = " | every kept UNet epoch" if args.over_training else ""
+    return f"{args.sampler} {args.steps} steps | guidance {guidance}{kept}"
+
+
+def draw_quality_curves(runs: list[Path], out: Path | None, overwrite: bool) -> None:
+    """--quality-curves: the runs' over_training.json in one figure at `out`, their tables beside it (.md)."""
+    if out is None or out.suffix != ".png":
+        raise UsageError("--quality-curves needs --out FILE.png (e.g. results/quality_per_minute_demo.png)")
+    table = out.with_suffix(".md")
+    records = {}
+    for run in runs:
+        path = run / OVER_TRAINING_FILES[0]
+        if not path.is_file():
+            raise UsageError(f"{path} not found: run `python evaluate.py --run {run} --over-training` first")
+        records[str(run)] = json.loads(path.read_text())
+    check_output_paths([], files={"--out": out, "--out's table": table})
+    existing = [path for path in (out, table) if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
+    save_quality_curves(records, out)
+    write_text_atomic(table, quality_curves_report(records))
+    print(f"wrote {out}, {table}")
 
 
 # ============================================================================ counterfactuals against the truth
@@ -1258,9 +1430,10 @@ def check_counterfactual_arguments(args: argparse.Namespace) -> None:
         if given:
             raise UsageError(f"{', '.join(given)} only apply with --counterfactuals: add it, or drop them")
         return
-    if args.guidance_sweep is not None or args.sampler_sweep is not None or args.umap:
+    if args.guidance_sweep is not None or args.sampler_sweep is not None or args.over_training or args.umap:
         raise UsageError(
-            "--counterfactuals is an evaluation of its own: run it without --guidance-sweep, --sampler-sweep and --umap"
+            "--counterfactuals is an evaluation of its own: "
+            "run it without --guidance-sweep, --sampler-sweep, --over-training and --umap"
         )
     args.pairs = args.pairs or DEFAULT_PAIRS
     args.strengths = args.strengths or [0.2, 0.3, 0.4, 0.5, 0.6]
@@ -1298,6 +1471,10 @@ def counterfactual_evaluation(pipe: Pipeline, yardstick: SliceClassifier, args: 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.quality_curves:
+        with usage_errors_exit():
+            draw_quality_curves(args.quality_curves, args.out, args.overwrite)
+        return
     with usage_errors_exit():
         check_arguments(args)
         pipe, outputs, datasets, splits = load_checked(args)

@@ -20,7 +20,7 @@ from PIL import Image
 import classifier
 import evaluate
 from config import DataConfig, read_config
-from conftest import SLICES_PER_SCAN
+from conftest import SLICES_PER_SCAN, run_train
 from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits, to_model_range
 from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
 from modules import ms_ssim
@@ -259,7 +259,14 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
         == (groups["AD"]["conditioning_accuracy"] + groups["NC"]["conditioning_accuracy"]) / 2
     )
     assert groups["all"]["real_test_accuracy"] == (groups["AD"]["real_test_accuracy"] + groups["NC"]["real_test_accuracy"]) / 2
-    assert metrics["settings"] == {"num_samples": 4, "steps": 2, "guidance": 2.0, "seed": 0, "sampler": "ddim", "batch_size": 3}
+    assert metrics["settings"] == {
+        "num_samples": 4,
+        "steps": 2,
+        "guidance": 2.0,
+        "seed": 0,
+        "sampler": "dpmpp_2m",
+        "batch_size": 3,
+    }
     controls = metrics["classifier"]
     assert controls["source"].startswith("trained") and (run_copy / "classifier.pt").is_file()
     assert controls["settings"]["with_reconstructions"] is True
@@ -369,6 +376,7 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
             "cohens_d_95ci",
             "frechet_distance",
             "prdc",
+            "spectral_energy",
             "generation_seconds",
         }
     assert sweep["lowest_frechet"] in (1.0, 3.0) and sweep["closest_anatomy"] in (1.0, 3.0) and sweep["recommended"] in (1.0, 3.0)
@@ -536,6 +544,44 @@ def test_umap_fit_keeps_torch_thread_count() -> None:
     assert result.stdout.split()[-1] == "1", f"torch runs {result.stdout.split()[-1]} threads after a UMAP fit, not 1"
 
 
+def test_over_training_measures_every_kept_epoch_and_draws_the_runs_together(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    """A run trained with --run.keep_every 1 is measured at UNet epochs 1 (its snapshot) and 2 (unet.pt),
+    each with the images seen and minutes so far; --quality-curves draws runs' records in one figure
+    and table. Without snapshots, or with --out missing, each is one line and exit 2."""
+    run_dir = tmp_path / "kept"
+    run_train(tiny_dataset, run_dir, "--run.keep_every", "1")
+    run_evaluate(run_dir, "--over-training")
+    record = json.loads((run_dir / "over_training.json").read_text())
+    rows = record["rows"]
+    config = read_config(run_dir)
+    steps_per_epoch = len(load_splits(run_dir / "splits.json")["train"]) * SLICES_PER_SCAN // config.unet_train.batch_size
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["images_seen"] for row in rows] == [n * steps_per_epoch * config.unet_train.batch_size for n in (1, 2)]
+    assert 0 < rows[0]["training_seconds"] < rows[1]["training_seconds"]
+    assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"], "both epochs measured the same weights"
+    assert set(rows[0]["spectral_energy"]) == {"low", "mid", "high"}
+    assert "| 2 |" in (run_dir / "over_training.md").read_text()
+    out = tmp_path / "curves.png"
+    twin = shutil.copytree(run_dir, tmp_path / "twin")
+    evaluate.main(["--quality-curves", str(run_dir), str(twin), "--out", str(out)])
+    with Image.open(out) as figure:
+        assert figure.width > 1000
+    assert (tmp_path / "curves.md").read_text().count("| epoch |") == 2
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns("snapshots", "over_training.*"))
+    for argv, message in (
+        (["--run", str(bare), "--over-training", "--device", "cpu"], "--run.keep_every"),
+        (["--quality-curves", str(run_dir)], "--out FILE.png"),
+        (["--quality-curves", str(bare), "--out", str(out), "--overwrite"], "--over-training` first"),
+        (["--run", str(run_dir), "--over-training", "--guidance-sweep", "1,2", "--overwrite"], "exclude each other"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
 # ----------------------------------------------------------------------------- counterfactuals against the truth
 
 
@@ -586,7 +632,8 @@ def test_counterfactuals_write_the_table_and_the_figure(run_copy: Path, tmp_path
         (["--counterfactuals", "--strengths", "0,0.5"], "strengths are shares of the noise schedule, in (0, 1]"),
         (["--counterfactuals", "--strengths", "0.5,x"], "comma-separated numbers"),
         (["--counterfactuals", "--pair-slices", "1"], "--pair-slices must be at least 2"),
-        (["--counterfactuals", "--umap"], "without --guidance-sweep, --sampler-sweep and --umap"),
+        (["--counterfactuals", "--umap"], "without --guidance-sweep, --sampler-sweep, --over-training and --umap"),
+        (["--counterfactuals", "--over-training"], "an evaluation of its own"),
         (
             ["--counterfactuals", "--pairs", "no/such/pairs"],
             "holds no pairs.json: build the pairs with python project_setup.py --demo-pairs",
