@@ -58,6 +58,7 @@ METHODS = ("ddim-inversion", "sdedit")
 DEFAULT_METHOD = "ddim-inversion"
 DEFAULT_STRENGTH = 0.3
 DEFAULT_GUIDANCE = 3.0  # unless --guidance is given: counterfactuals' own, not the run's sampling scale
+DEFAULT_STEPS = 50  # DDIM steps over the whole schedule (strength runs the last share), not the run's sampler's
 # Fixed-point refinements of each inversion step after plain DDIM inversion's guess (ε taken at
 # x_{t_prev}): each costs one more UNet call per step and shrinks the round trip's error.
 INVERSION_ITERATIONS = 2
@@ -83,7 +84,7 @@ class Settings:
     target: int
     method: str = DEFAULT_METHOD
     strength: float = DEFAULT_STRENGTH
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     batch_size: int = 64

@@ -69,6 +69,7 @@ from classifier import (
 )
 from config import CLASS_NAMES, DEMO_DATA_DIR, MAX_GUIDANCE, PAIRS_FOLDER
 from counterfactual import DEFAULT_GUIDANCE as COUNTERFACTUAL_GUIDANCE
+from counterfactual import DEFAULT_STEPS as COUNTERFACTUAL_STEPS
 from counterfactual import TARGETS, check_pairs_folder, read_pairs, recommend, save_pairs_figure
 from counterfactual import Settings as CounterfactualSettings
 from counterfactual import markdown_report as counterfactual_report
@@ -1438,6 +1439,7 @@ def check_counterfactual_arguments(args: argparse.Namespace) -> None:
     args.pairs = args.pairs or DEFAULT_PAIRS
     args.strengths = args.strengths or [0.2, 0.3, 0.4, 0.5, 0.6]
     args.guidance = COUNTERFACTUAL_GUIDANCE if args.guidance is None else args.guidance
+    args.steps = args.steps or COUNTERFACTUAL_STEPS
     args.pair_slices = 90 if args.pair_slices is None else args.pair_slices
     if args.pair_slices < 2:
         raise UsageError(f"--pair-slices must be at least 2 (a correlation across scans needs two), got {args.pair_slices}")

@@ -28,6 +28,7 @@ from config import CLASS_NAMES, COMPILE_MODES, Config, latent_shape
 from counterfactual import (
     DEFAULT_GUIDANCE,
     DEFAULT_METHOD,
+    DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     INVERSION_ITERATIONS,
     METHODS,
@@ -129,7 +130,7 @@ def build_parser() -> ArgumentParser:
     edit.add_argument(
         "--method",
         choices=METHODS,
-        help=f"how they get there (default {DEFAULT_METHOD}); --guidance defaults to {DEFAULT_GUIDANCE:g}",
+        help=f"how they get there (default {DEFAULT_METHOD}); --guidance defaults to {DEFAULT_GUIDANCE:g}, --steps (DDIM) to {DEFAULT_STEPS}",
     )
     return parser
 
@@ -171,6 +172,7 @@ def check_counterfactual_arguments(args) -> None:
     check_strength(args.strength)
     args.method = args.method or DEFAULT_METHOD
     args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    args.steps = args.steps or DEFAULT_STEPS
 
 
 def check_arguments(args) -> list[int]:

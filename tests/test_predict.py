@@ -423,6 +423,18 @@ def test_counterfactual_from_overrides_the_folder_and_sdedit_follows_the_seed(
         run_counterfactual(trained_run, tmp_path / "a", *common)
 
 
+def test_counterfactual_steps_and_guidance_are_their_own_not_the_runs(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The tiny run samples with 3 steps at guidance 2; counterfactuals default to DDIM 50 at guidance 3."""
+    slice_file = str(sorted((tiny_dataset / "test" / "AD").iterdir())[0])
+    predict.main(
+        ["--run", str(trained_run), "--out", str(tmp_path / "o"), "--counterfactual", slice_file, "--to", "NC", "--device", "cpu"]
+    )
+    settings = json.loads((tmp_path / "o" / "counterfactuals.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["strength"], settings["sampler"]) == (50, 3.0, 0.3, "ddim")
+
+
 def counterfactual_bad_inputs(tmp_path: Path, tiny_dataset: Path) -> dict[str, tuple[list[str], str]]:
     slice_file = str(sorted((tiny_dataset / "test" / "AD").iterdir())[0])
     (tmp_path / "notes.txt").write_text("not an image")
