@@ -159,8 +159,18 @@ def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> Non
     monkeypatch.setattr(pipeline, "check_fields", lambda config: None)
     config = make_config("adni")
     config.unet.head_dim = 24
-    with pytest.raises(UsageError, match=r"the model config does not fit together \(.*\): check --vae.\* and --unet.\*"):
+    with pytest.raises(
+        UsageError, match=r"the model config does not fit together \(unflatten: .*\): check --vae.\* and --unet.\*"
+    ):
         validate(config)
+    # An image size that the VAE does not give back (a field rule would refuse it first): the size to choose.
+    config = make_config("tiny")
+    config.data.image_size = 63
+    with pytest.raises(UsageError) as error:
+        validate(config)
+    assert str(error.value) == (
+        "--data.image_size 63 does not survive the VAE's 4x downsampling and the UNet's levels: choose a multiple of 8"
+    )
 
 
 def test_fields_added_later_keep_their_old_meaning_in_old_configs(tmp_path: Path) -> None:

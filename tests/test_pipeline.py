@@ -1,25 +1,43 @@
 """pipeline.py: the latent scale factor applied once each way, seeds that depend on the label, and the
-guidance scale reaching the generation loop, each against what the pipeline's own parts compute."""
+guidance scale reaching the generation loop, each against what the pipeline's own parts compute; the
+sampling options, slice conditions and split encoding on known inputs."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from config import latent_shape, make_config
+from config import MAX_GUIDANCE, latent_shape, make_config
+from dataset import SliceDataset
 from modules import AutoencoderKL, Conditions, NoiseScheduler
-from pipeline import Pipeline, batch_generator, build_unet
-from utils import Runtime
+from pipeline import (
+    DEFAULT_SLICE_POSITION,
+    MAX_IMAGES,
+    MAX_SEED,
+    Pipeline,
+    batch_generator,
+    build_unet,
+    check_sampling_options,
+    check_trained_on,
+    encode_split,
+    normalise_slices,
+    sampling_options,
+)
+from utils import Runtime, UsageError
 
 CPU = torch.device("cpu")
 SCALE = 0.25  # far from 1, so a factor applied twice, inverted or not at all changes every value
 
 
-def tiny_pipeline() -> Pipeline:
+def tiny_pipeline(slice_conditioning: bool = False) -> Pipeline:
     """The tiny preset's VAE and UNet with random weights: the UNet's zero-initialised output layers get
     random values too, so its prediction depends on the label (cond ≠ uncond) and guidance matters."""
     torch.manual_seed(0)
     config = make_config("tiny")
+    config.unet.slice_conditioning = slice_conditioning
     vae = AutoencoderKL(config.vae)
     vae.scale_factor.fill_(SCALE)
     unet = build_unet(config)
@@ -122,3 +140,135 @@ def test_guidance_scale_changes_the_samples_and_defaults_to_the_runs() -> None:
     assert not torch.allclose(weak, strong, atol=1e-4), "guidance 1 and 3 gave the same samples: the scale is ignored"
     pipe.config.run.guidance_scale = 3.0
     assert torch.equal(pipe.generate(0, 2, **options), strong), "without guidance_scale, generate must use the run's"
+
+
+def recording_scheduler(pipe: Pipeline) -> list[dict]:
+    """Replace the pipeline's reverse diffusion by one that records what each batch asked for and
+    returns the batch's first noise draw."""
+    calls = []
+
+    def record(model, shape, conditions, **options) -> torch.Tensor:
+        calls.append({"shape": shape, "conditions": conditions, **options})
+        return torch.randn(shape, generator=options["generator"], device=options["device"])
+
+    pipe.scheduler.sample = record
+    return calls
+
+
+def test_generate_passes_every_option_to_the_sampler_and_defaults_to_ddim_50_steps_in_batches_of_64() -> None:
+    pipe = tiny_pipeline()
+    calls = recording_scheduler(pipe)
+    assert pipe.generate(0, 65, seed=1).shape == (65, *latent_shape(pipe.config))
+    asked = [(call["shape"][0], call["sampler"], call["num_steps"], call["eta"], call["guidance_scale"]) for call in calls]
+    assert asked == [(64, "ddim", 50, 0.0, pipe.config.run.guidance_scale), (1, "ddim", 50, 0.0, pipe.config.run.guidance_scale)]
+    calls.clear()
+    latents = pipe.generate(1, 3, seed=1, batch_size=2, steps=7, sampler="ddpm", eta=0.5, guidance_scale=4.0)
+    assert latents.shape[0] == 3, "the last, partial batch must hold the remaining images only"
+    assert [(call["shape"][0], call["sampler"], call["num_steps"], call["eta"], call["guidance_scale"]) for call in calls] == [
+        (2, "ddpm", 7, 0.5, 4.0),
+        (1, "ddpm", 7, 0.5, 4.0),
+    ], "generate must hand its sampler, steps, eta and guidance to every batch"
+    assert all(call["conditions"].labels.tolist() == [1] * call["shape"][0] for call in calls)
+    assert all(call["conditions"].labels.dtype == torch.long and call["device"] == CPU for call in calls)
+
+
+def test_sample_defaults_to_deterministic_ddim() -> None:
+    pipe = tiny_pipeline()
+    conditions = Conditions(torch.tensor([0, 1]))
+    default = pipe.sample(conditions, steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    explicit = pipe.sample(
+        conditions, steps=3, guidance_scale=2.0, sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(default, explicit)
+    ddpm = pipe.sample(conditions, steps=3, guidance_scale=2.0, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    noisy = pipe.sample(conditions, steps=3, guidance_scale=2.0, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(ddpm, default) and not torch.allclose(noisy, default), "sampler and eta must reach the loop"
+
+
+def test_slice_conditioned_pipelines_pass_the_position_others_none() -> None:
+    pipe, labels = tiny_pipeline(slice_conditioning=True), torch.tensor([0, 1, 1])
+    for position, expected in (
+        (None, torch.full((3,), DEFAULT_SLICE_POSITION)),
+        (0.2, torch.full((3,), 0.2)),
+        (torch.tensor([0.1, 0.4, 0.9]), torch.tensor([0.1, 0.4, 0.9])),
+    ):
+        conditions = pipe.conditions(labels, position)
+        assert torch.equal(conditions.labels, labels) and torch.allclose(conditions.slice_position, expected), position
+    plain = tiny_pipeline().conditions(labels, 0.2)
+    assert torch.equal(plain.labels, labels) and plain.slice_position is None
+    calls = recording_scheduler(pipe)
+    pipe.generate(1, 2, seed=0, slice_position=0.3)
+    assert torch.allclose(calls[0]["conditions"].slice_position, torch.full((2,), 0.3)), "generate dropped the slice position"
+
+
+def test_decode_clamps_to_the_image_range() -> None:
+    pipe = tiny_pipeline()
+    last = [module for module in pipe.vae.decoder.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+    last.weight.mul_(100)  # a decoder that overshoots both ways
+    images = pipe.decode(torch.randn(4, *latent_shape(pipe.config), generator=torch.Generator().manual_seed(3)))
+    assert images.min() == -1.0 and images.max() == 1.0, "decode must clamp images to [-1, 1]"
+
+
+def test_batch_seeds_are_fixed_so_a_recorded_seed_keeps_its_images() -> None:
+    """seed · 1_000_003 + label · 10_007 + batch index: a new formula would change every image that a seed
+    recorded in an earlier samples.json gives."""
+    seeds = [batch_generator(seed, label, batch, CPU).initial_seed() for seed, label, batch in ((0, 0, 0), (3, 1, 2), (7, 0, 5))]
+    assert seeds == [0, 3_000_009 + 10_007 + 2, 7_000_021 + 5]
+    assert batch_generator(0, 1, 1, CPU).device == CPU
+
+
+def test_sampling_options_are_checked_in_one_line_each() -> None:
+    good = {"steps": 50, "guidance": 2.0, "seed": 0, "num_samples": 4, "batch_size": 2}
+    check_sampling_options(SimpleNamespace(**good), 1000)
+    check_sampling_options(SimpleNamespace(**good | {"steps": None, "guidance": None}))
+    for edge in ({"steps": 1}, {"steps": 1000}, {"guidance": 0.0}, {"guidance": float(MAX_GUIDANCE)}, {"seed": MAX_SEED},
+                 {"num_samples": 1}, {"num_samples": MAX_IMAGES}, {"batch_size": 1}):  # fmt: skip
+        check_sampling_options(SimpleNamespace(**good | edge), 1000)
+    for bad, message in (
+        ({"steps": 0}, "--steps must be at least 1, got 0"),
+        ({"steps": 1001}, "--steps 1001: the run has 1000 diffusion steps; use at most that many"),
+        ({"guidance": -0.5}, "--guidance -0.5: must be a number from 0 to 30"),
+        ({"guidance": MAX_GUIDANCE + 0.5}, "--guidance 30.5: must be a number from 0 to 30"),
+        ({"guidance": float("nan")}, "--guidance nan: must be a number from 0 to 30"),
+        ({"seed": -1}, f"--seed must be 0 to {MAX_SEED}, got -1"),
+        ({"seed": MAX_SEED + 1}, f"--seed must be 0 to {MAX_SEED}, got {MAX_SEED + 1}"),
+        ({"num_samples": 0}, "--num-samples must be at least 1, got 0"),
+        ({"num_samples": MAX_IMAGES + 1}, "--num-samples must be at most 1,000,000 per label, got 1,000,001"),
+        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ):
+        with pytest.raises(UsageError) as error:
+            check_sampling_options(SimpleNamespace(**good | bad), 1000)
+        assert str(error.value).startswith(message), (bad, str(error.value))
+    options = SimpleNamespace(**good | {"sampler": "ddpm"})
+    assert sampling_options(options) == {"seed": 0, "batch_size": 2, "steps": 50, "guidance_scale": 2.0, "sampler": "ddpm"}
+
+
+def test_slice_indices_map_onto_the_training_range() -> None:
+    positions = normalise_slices(torch.tensor([60, 70, 75, 80, 95]), (70, 80))
+    assert positions.dtype == torch.float32 and torch.allclose(positions, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(normalise_slices(torch.tensor([5, 6]), (5, 5)), torch.tensor([0.0, 1.0]))  # one slice: no division by 0
+
+
+def test_encode_split_keeps_each_images_posterior_and_conditions() -> None:
+    pipe = tiny_pipeline(slice_conditioning=True)
+    pipe.config.unet_train.batch_size = 1  # chunks of 4 images: 3 chunks for 9
+    pixels = (torch.rand(9, 32, 32, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+    images = SliceDataset(pixels.numpy(), [0, 1] * 4 + [0], list(range(70, 79)))
+    latents = encode_split(pipe.vae, images, pipe.config, pipe.runtime, (70, 78))
+    mean, logvar = pipe.vae.encode(images[list(range(9))][0])
+    assert torch.allclose(latents.mean, mean, atol=1e-6) and torch.allclose(latents.logvar, logvar, atol=1e-6)
+    assert len(latents) == 9 and torch.equal(latents.conditions.labels, images.labels)
+    assert torch.allclose(latents.conditions.slice_position, torch.arange(9) / 8)
+    batch_mean, batch_logvar, batch_conditions = latents[[4, 0]]
+    assert torch.equal(batch_mean, latents.mean[[4, 0]]) and torch.equal(batch_logvar, latents.logvar[[4, 0]])
+    assert batch_conditions.labels.tolist() == [0, 0] and torch.allclose(
+        batch_conditions.slice_position, torch.tensor([0.5, 0.0])
+    )
+    assert encode_split(pipe.vae, images, make_config("tiny"), pipe.runtime, (70, 78)).conditions.slice_position is None
+
+
+def test_a_unet_from_another_vae_is_refused_and_old_checkpoints_are_trusted() -> None:
+    check_trained_on({"vae_fingerprint": "abc"}, "abc", Path("unet.pt"))
+    check_trained_on({}, "abc", Path("unet.pt"))  # written before fingerprints existed
+    with pytest.raises(UsageError, match="^unet.pt was trained on another VAE than the vae.pt beside it"):
+        check_trained_on({"vae_fingerprint": "abd"}, "abc", Path("unet.pt"))
