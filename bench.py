@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from config import COMPILE_MODES, PRESETS, Config, SchedulerConfig, UNetConfig, latent_shape, make_config
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, vae_loss
+from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, make_optimizer, vae_loss
 from pipeline import Pipeline, build_unet
-from train import make_optimizer, prepare_for_training, train_one_epoch
+from train import prepare_for_training, train_one_epoch
 from utils import (
     ArgumentParser,
     Runtime,
@@ -586,17 +586,14 @@ def spread(measurement: Measurement) -> str:
 PEER_SKIPPED = "diffusers not installed: peer column skipped"
 
 
-def report(
+def table_rows(
     config: Config,
     args: argparse.Namespace,
-    argv: list[str],
-    runtime: Runtime,
     ours: dict[str, Measurement],
     peer: dict[str, Measurement] | None,
     parameters: dict[str, int],
-    diffusers_version: str | None,
-) -> str:
-    """The Markdown page: one header line, the table (ours, diffusers, ours / diffusers), how it was measured."""
+) -> list[tuple[str, str, str, str]]:
+    """(measurement, ours, diffusers, ours / diffusers) for each throughput, each peak memory and the sizes."""
     side = config.data.image_size
     figures = {
         "vae": f"VAE training, {side} px",
@@ -604,7 +601,7 @@ def report(
         "unet_on_the_fly": "UNet training, latents encoded on the fly",
         "sampling": f"DDIM sampling, {args.sample_count} images × {args.sample_steps} steps, guidance {config.run.guidance_scale:g}",
     }
-    rows: list[tuple[str, str, str, str]] = []  # measurement, ours, diffusers, ratio
+    rows: list[tuple[str, str, str, str]] = []
     for key, name in figures.items():
         theirs = peer.get(key) if peer else None
         ratio = f"{ours[key].median / theirs.median:.2f}x" if theirs else "—"
@@ -614,9 +611,13 @@ def report(
         rows.append((f"peak memory, {name} (MiB)", f"{ours[key].peak_mib:.0f}", f"{theirs.peak_mib:.0f}" if theirs else "—", "—"))
     rows.append(("UNet parameters", f"{parameters['ours']:,}", f"{parameters['diffusers']:,}" if peer else "—", "—"))
     rows.append(("VAE parameters", f"{parameters['vae']:,}", "—", "—"))
-    columns = ("measurement", "ours", f"diffusers {diffusers_version}", "ours / diffusers") if peer else ("measurement", "ours")
+    return rows
+
+
+def header_line(config: Config, args: argparse.Namespace, argv: list[str], runtime: Runtime) -> str:
+    """Where and how the page was measured, in one line, ending with the command that remakes it."""
     cuda = runtime.device.type == "cuda"
-    header = " | ".join(
+    return " | ".join(
         [
             f"device {device_name(runtime.device)}",
             f"torch {torch.__version__}",
@@ -629,13 +630,17 @@ def report(
             f"`{shlex.join(['python', 'bench.py', *argv])}`",
         ]
     )
+
+
+def method_notes(args: argparse.Namespace, runtime: Runtime, with_peer: bool) -> str:
+    """How each figure was measured: repeats, what a repeat is, what peak memory counts, what the peer is."""
     memory = (
         "the largest CUDA allocation"
-        if cuda
+        if runtime.device.type == "cuda"
         else "the largest resident set of the whole process (Python, torch and every model built so far)"
     )
-    passes = "2 passes in the order ours, diffusers, diffusers, ours, each of " if peer is not None else ""
-    notes = (
+    passes = "2 passes in the order ours, diffusers, diffusers, ours, each of " if with_peer else ""
+    return (
         f"Throughput: median (min–max) of {passes}{args.repeats} timed repeats after {args.warmup} untimed warm-up steps. A training "
         f"repeat is {args.train_steps} steps of train.py's loop (autocast, loss, backward, grad clip, AdamW; EMA update for "
         f"the UNet); a sampling repeat is one batch of {args.sample_count} images, cond and uncond in one forward. Random "
@@ -644,14 +649,28 @@ def report(
         "with the same loop (on-the-fly latents from our frozen VAE encoder in both columns) and sampled with its "
         "DDIMScheduler (trailing spacing)."
     )
+
+
+def report(
+    config: Config,
+    args: argparse.Namespace,
+    argv: list[str],
+    runtime: Runtime,
+    ours: dict[str, Measurement],
+    peer: dict[str, Measurement] | None,
+    parameters: dict[str, int],
+    diffusers_version: str | None,
+) -> str:
+    """The Markdown page: one header line, the table (ours, diffusers, ours / diffusers), how it was measured."""
+    columns = ("measurement", "ours", f"diffusers {diffusers_version}", "ours / diffusers") if peer else ("measurement", "ours")
     lines = [
-        header,
+        header_line(config, args, argv, runtime),
         "",
         "| " + " | ".join(columns) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(columns) - 1)) + " |",
-        *("| " + " | ".join(row[: len(columns)]) + " |" for row in rows),
+        *("| " + " | ".join(row[: len(columns)]) + " |" for row in table_rows(config, args, ours, peer, parameters)),
         "",
-        notes,
+        method_notes(args, runtime, peer is not None),
     ]
     if not peer:
         lines += ["", PEER_SKIPPED + "."]
@@ -673,6 +692,56 @@ def output_file(args: argparse.Namespace, config: Config, device: torch.device) 
     return out
 
 
+Denoisers = dict[str, tuple[nn.Module, Callable[..., torch.Tensor], "NoiseScheduler | DDIMScheduler"]]
+
+
+def build_denoisers(config: Config, diffusers: object | None) -> Denoisers:
+    """Each denoiser, with the sampler and scheduler it is sampled with, built on the CPU (it goes to
+    the device for its turn): ours, and diffusers' matched UNet where diffusers is installed."""
+    torch.manual_seed(0)
+    scheduler = NoiseScheduler(config.scheduler)
+    unets: Denoisers = {"ours": (build_unet(config), sample_with_ours, scheduler)}
+    if diffusers is not None:
+        unets["diffusers"] = (
+            build_peer(diffusers, config.unet, config.vae.latent_channels, latent_shape(config)[-1]),
+            sample_with_peer,
+            build_peer_scheduler(diffusers, config.scheduler),
+        )
+    return unets
+
+
+def measure_denoisers(
+    unets: Denoisers, vae: AutoencoderKL, config: Config, runtime: Runtime, args: argparse.Namespace
+) -> dict[str, dict[str, Measurement]]:
+    """Every figure of every denoiser: the VAE's training (ours only), then each UNet's training and sampling."""
+    print("VAE training ...", flush=True)
+    figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, runtime, args)}}
+    vae.eval().requires_grad_(False)  # from here on the frozen encoder of the on-the-fly UNet figures
+    scheduler = unets["ours"][2]
+    # ABBA order (ours, diffusers, diffusers, ours), repeats pooled: a drift in the machine's speed
+    # (clock boost, heat, allocator state) falls on both alike; measured one after the other, the
+    # same two models came out 0.84x apart on this CPU, interleaved 1.0x.
+    order = list(unets) + list(reversed(unets)) if len(unets) > 1 else list(unets)
+    for name in order:
+        print(f"{name}:", flush=True)
+        unet, sample, sampling_scheduler = unets[name]
+        measured = time_unet(unet.to(runtime.device), sample, sampling_scheduler, vae, scheduler, config, runtime, args)
+        unet.to("cpu")  # so the other model's peak memory holds none of this one's weights
+        gc.collect()
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        earlier = figures.setdefault(name, {})
+        earlier.update({key: earlier[key].pooled(m) if key in earlier else m for key, m in measured.items()})
+    return figures
+
+
+def publish(page: str, out: Path) -> None:
+    print(page)
+    with usage_errors_exit():
+        write_text_atomic(out, page)
+    print(f"saved {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -682,69 +751,22 @@ def main(argv: list[str] | None = None) -> None:
         out = output_file(args, config, device)
     runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
     if args.profile:
-        page = run_profile(config, args, argv, runtime)
-        print(page)
-        with usage_errors_exit():
-            write_text_atomic(out, page)
-        print(f"saved {out}")
+        publish(run_profile(config, args, argv, runtime), out)
         return
     try:
         diffusers = import_diffusers()
     except ImportError:
         diffusers = None
         print(PEER_SKIPPED)
-
-    torch.manual_seed(0)
-    scheduler = NoiseScheduler(config.scheduler)
-    side = latent_shape(config)[-1]
-    # Each denoiser, with the sampler and scheduler it is sampled with, built on the CPU: it goes to the device for its turn.
-    unets: dict[str, tuple[nn.Module, Callable[..., torch.Tensor], NoiseScheduler | DDIMScheduler]] = {
-        "ours": (build_unet(config), sample_with_ours, scheduler),
-    }
-    if diffusers is not None:
-        unets["diffusers"] = (
-            build_peer(diffusers, config.unet, config.vae.latent_channels, side),
-            sample_with_peer,
-            build_peer_scheduler(diffusers, config.scheduler),
-        )
+    unets = build_denoisers(config, diffusers)
     parameters = {name: count_parameters(unet) for name, (unet, _, _) in unets.items()}
     vae = AutoencoderKL(config.vae).to(device)
     parameters["vae"] = count_parameters(vae)
     print("UNet parameters: " + " | ".join(f"{name} {parameters[name]:,}" for name in unets))
     print(f"benchmarking preset {args.preset} on {device_name(device)} ({device}) ...", flush=True)
-
-    print("VAE training ...", flush=True)
-    figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, runtime, args)}}
-    vae.eval().requires_grad_(False)  # from here on the frozen encoder of the on-the-fly UNet figures
-    # ABBA order (ours, diffusers, diffusers, ours), repeats pooled: a drift in the machine's speed
-    # (clock boost, heat, allocator state) falls on both alike; measured one after the other, the
-    # same two models came out 0.84x apart on this CPU, interleaved 1.0x.
-    order = list(unets) + list(reversed(unets)) if len(unets) > 1 else list(unets)
-    for name in order:
-        print(f"{name}:", flush=True)
-        unet, sample, sampling_scheduler = unets[name]
-        measured = time_unet(unet.to(device), sample, sampling_scheduler, vae, scheduler, config, runtime, args)
-        unet.to("cpu")  # so the other model's peak memory holds none of this one's weights
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        earlier = figures.setdefault(name, {})
-        earlier.update({key: earlier[key].pooled(m) if key in earlier else m for key, m in measured.items()})
-
-    page = report(
-        config,
-        args,
-        argv,
-        runtime,
-        figures["ours"],
-        figures.get("diffusers"),
-        parameters,
-        diffusers.__version__ if diffusers is not None else None,
-    )
-    print(page)
-    with usage_errors_exit():
-        write_text_atomic(out, page)
-    print(f"saved {out}")
+    figures = measure_denoisers(unets, vae, config, runtime, args)
+    version = diffusers.__version__ if diffusers is not None else None
+    publish(report(config, args, argv, runtime, figures["ours"], figures.get("diffusers"), parameters, version), out)
 
 
 if __name__ == "__main__":

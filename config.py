@@ -11,7 +11,9 @@ run refuses to change them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import json
 import math
 import typing
@@ -145,6 +147,9 @@ class RunConfig:
     # in anatomy and separability about as much as real ones; 3 made a caricature (Cohen's d 3.0 vs 1.6).
     guidance_scale: float = 2.0
     tensorboard: bool = False  # also log scalars and figures to <run>/tensorboard/ (train.py)
+    # UNet epochs between snapshots/unet_epochNNN.pt (the stage checkpoint of that epoch, EMA included), which
+    # `evaluate.py --over-training` measures to draw quality against training time; 0 = none.
+    keep_every: int = 0
 
 
 @dataclass
@@ -222,6 +227,19 @@ def make_config(preset: str) -> Config:
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]()
+
+
+def pick_preset(requested: str | None) -> tuple[str, str]:
+    """The preset of a new run and why, in one line: the one asked for; else, as users of the original run
+    `python train.py` on a GPU workstation, `adni` when the ADNI folder exists, and `demo` when it does not."""
+    if requested:
+        return requested, f"preset {requested} (--preset)"
+    if Path(DEFAULT_DATA_DIR).is_dir():
+        return "adni", f"no --preset: training the adni preset (192 px, for a GPU) because {DEFAULT_DATA_DIR} exists"
+    return "demo", (
+        f"no --preset: training the demo preset (64 px, CPU minutes) on {DEMO_DATA_DIR}, because {DEFAULT_DATA_DIR} "
+        "does not exist (python project_setup.py unpacks data/ADNI.zip there)"
+    )
 
 
 def resolve_schedule(config: Config, train_size: int) -> list[str]:
@@ -440,125 +458,142 @@ def apply_overrides(config: Config, overrides: dict[str, str]) -> None:
             raise UsageError(f"--{key} {text}: {error}") from None
 
 
+def requested_config(preset: str | None, overrides: dict[str, str], run_dir: Path) -> tuple[Config, Config | None]:
+    """The config asked for (the run's config.json with the command line's values, or for a new run
+    the preset's: `preset`, else pick_preset's choice) and the stored one (None for a new run); every
+    stored field checked, nothing else yet."""
+    stored = read_config(run_dir) if (run_dir / "config.json").is_file() else None
+    config = copy.deepcopy(stored) if stored is not None else make_config(pick_preset(preset)[0])
+    apply_overrides(config, overrides)
+    return config, stored
+
+
 # ============================================================================ validation
+
+
+# The range checks, one generator per concern, each yielding (field, whether it holds, what the field must
+# be) in the order check_fields reports them; lazily, so a rule can rely on the rules before it.
+Rule = tuple[str, bool, str]
+GUIDANCE_RULE = f"must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance; higher scales give no usable images)"
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _data_rules(data: DataConfig, vae: VAEConfig) -> Iterator[Rule]:
+    yield "data.data_dir", bool(data.data_dir), "must name the dataset folder"
+    yield (
+        "data.image_size",
+        data.image_size >= 8 and data.image_size % vae.downsample_factor == 0,
+        f"must be a positive multiple of the VAE's downsampling factor {vae.downsample_factor}",
+    )
+    yield "data.val_fraction", _finite(data.val_fraction) and 0 < data.val_fraction < 1, "must lie in (0, 1)"
+    yield "data.split_seed", data.split_seed >= 0, "must be 0 or more"
+
+
+def _model_rules(vae: VAEConfig, unet: UNetConfig, scheduler: SchedulerConfig) -> Iterator[Rule]:
+    yield "vae.adversarial_start", vae.adversarial_start >= 0, "must be 0 or more (VAE steps)"
+    for key, widths in (("vae.channels", vae.channels), ("unet.channels", unet.channels)):
+        yield key, len(widths) >= 1 and all(w >= 4 for w in widths), "must be widths of at least 4, e.g. 32,64,128"
+    for section, name in (
+        *(("vae", name) for name in ("in_channels", "latent_channels", "num_res_blocks")),
+        *(("unet", name) for name in ("num_res_blocks", "head_dim", "context_dim", "label_tokens")),
+        ("vae", "discriminator_channels"),
+    ):
+        yield f"{section}.{name}", getattr(vae if section == "vae" else unet, name) >= 1, "must be at least 1"
+    yield "vae.recon_loss", vae.recon_loss in ("l1", "mse"), "must be l1 or mse"
+    for section, name in (
+        *(("vae", name) for name in ("kl_weight", "ssim_weight", "fourier_weight", "adversarial_weight")),
+        *(("scheduler", name) for name in ("min_snr_gamma", "clip_sample")),
+    ):
+        value = getattr(vae if section == "vae" else scheduler, name)
+        yield f"{section}.{name}", _finite(value) and value >= 0, "must be a finite number, 0 or more"
+    # Attention splits a width into max(1, width // head_dim) heads of equal size.
+    yield (
+        "unet.head_dim",
+        unet.head_dim >= 1 and all(w % max(1, w // unet.head_dim) == 0 for w in unet.channels),
+        f"must split every unet.channels width ({','.join(map(str, unet.channels))}) into equal heads, e.g. 32",
+    )
+    yield (
+        "unet.attention_levels",
+        len(unet.attention_levels) == len(unet.channels),
+        f"needs one true/false per unet.channels level ({len(unet.channels)})",
+    )
+    yield "unet.num_classes", unet.num_classes == len(CLASS_NAMES), f"must be {len(CLASS_NAMES)} (AD, NC)"
+    yield "unet.dropout", _finite(unet.dropout) and 0 <= unet.dropout < 1, "must lie in [0, 1)"
+
+
+def _scheduler_rules(scheduler: SchedulerConfig) -> Iterator[Rule]:
+    yield "scheduler.num_train_timesteps", 1 <= scheduler.num_train_timesteps <= 100_000, "must be 1 to 100000"
+    yield (
+        "scheduler.beta_schedule",
+        scheduler.beta_schedule in ("linear", "scaled_linear", "cosine"),
+        "must be linear, scaled_linear or cosine",
+    )
+    yield (
+        "scheduler.beta_start",
+        _finite(scheduler.beta_start) and _finite(scheduler.beta_end) and 0 < scheduler.beta_start < scheduler.beta_end < 1,
+        f"must be above 0 and below scheduler.beta_end ({scheduler.beta_end}), which must be below 1",
+    )
+    yield "scheduler.prediction_type", scheduler.prediction_type in ("v", "epsilon"), "must be v or epsilon"
+
+
+def _stage_rules(name: str, stage: StageConfig) -> Iterator[Rule]:
+    yield f"{name}.epochs", stage.epochs >= 1, "must be at least 1"
+    yield f"{name}.images", stage.images is None or stage.images >= 1, "must be at least 1, or none to count in epochs"
+    yield f"{name}.batch_size", stage.batch_size >= 1, "must be at least 1"
+    yield f"{name}.lr", _finite(stage.lr) and stage.lr > 0, "must be a finite number above 0"
+    yield (
+        f"{name}.betas",
+        len(stage.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in stage.betas),
+        "must be two numbers in [0, 1), e.g. 0.9,0.999",
+    )
+    yield f"{name}.weight_decay", _finite(stage.weight_decay) and stage.weight_decay >= 0, "must be 0 or more"
+    yield f"{name}.warmup_steps", stage.warmup_steps >= 0, "must be 0 or more"
+    yield f"{name}.min_lr_ratio", _finite(stage.min_lr_ratio) and 0 <= stage.min_lr_ratio <= 1, "must lie in [0, 1]"
+    yield f"{name}.grad_clip", _finite(stage.grad_clip) and stage.grad_clip > 0, "must be a finite number above 0"
+    if isinstance(stage, UNetTrainConfig):
+        for field_name in ("label_dropout", "ema_decay"):
+            value = getattr(stage, field_name)
+            yield f"{name}.{field_name}", _finite(value) and 0 <= value < 1, "must lie in [0, 1)"
+
+
+def _run_rules(run: RunConfig, scheduler: SchedulerConfig) -> Iterator[Rule]:
+    yield "run.seed", 0 <= run.seed < 2**63, "must be 0 or more"
+    yield "run.compile", run.compile in COMPILE_MODES, f"must be one of {', '.join(COMPILE_MODES)}"
+    for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
+        yield f"run.{name}", getattr(run, name) >= 1, "must be at least 1"
+    yield "run.keep_every", run.keep_every >= 0, "must be 0 (no snapshots) or more (UNet epochs between snapshots)"
+    yield (
+        "run.checkpoint_minutes",
+        _finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,
+        "must be a finite number of minutes, 0 or more (0 = every epoch)",
+    )
+    yield (
+        "run.sample_steps",
+        1 <= run.sample_steps <= scheduler.num_train_timesteps,
+        f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})",
+    )
+    yield "run.guidance_scale", _finite(run.guidance_scale) and 0 <= run.guidance_scale <= MAX_GUIDANCE, GUIDANCE_RULE
 
 
 def _problems(config: Config) -> Iterator[str]:
     """Each field outside its range, as '--section.field VALUE: what it must be'."""
-
-    def need(ok: bool, key: str, rule: str) -> Iterator[str]:
-        if not ok:
+    rules = itertools.chain(
+        _data_rules(config.data, config.vae),
+        _model_rules(config.vae, config.unet, config.scheduler),
+        _scheduler_rules(config.scheduler),
+        _stage_rules("vae_train", config.vae_train),
+        _stage_rules("unet_train", config.unet_train),
+        _run_rules(config.run, config.scheduler),
+    )
+    for key, holds, rule in rules:
+        if not holds:
             section, name = key.split(".")
             value = getattr(getattr(config, section), name)
             shown = ",".join(str(v).lower() for v in value) if isinstance(value, tuple) else value
             yield f"--{key} {shown}: {rule}"
-
-    def finite(value: float) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-
-    data, vae, unet, scheduler, run = config.data, config.vae, config.unet, config.scheduler, config.run
-    yield from need(bool(data.data_dir), "data.data_dir", "must name the dataset folder")
-    yield from need(
-        data.image_size >= 8 and data.image_size % vae.downsample_factor == 0,
-        "data.image_size",
-        f"must be a positive multiple of the VAE's downsampling factor {vae.downsample_factor}",
-    )
-    yield from need(finite(data.val_fraction) and 0 < data.val_fraction < 1, "data.val_fraction", "must lie in (0, 1)")
-    yield from need(data.split_seed >= 0, "data.split_seed", "must be 0 or more")
-    yield from need(vae.adversarial_start >= 0, "vae.adversarial_start", "must be 0 or more (VAE steps)")
-    for key, widths in (("vae.channels", vae.channels), ("unet.channels", unet.channels)):
-        yield from need(len(widths) >= 1 and all(w >= 4 for w in widths), key, "must be widths of at least 4, e.g. 32,64,128")
-    for key in (
-        "vae.in_channels",
-        "vae.latent_channels",
-        "vae.num_res_blocks",
-        "unet.num_res_blocks",
-        "unet.head_dim",
-        "unet.context_dim",
-        "unet.label_tokens",
-        "vae.discriminator_channels",
-    ):
-        section, name = key.split(".")
-        yield from need(getattr(getattr(config, section), name) >= 1, key, "must be at least 1")
-    yield from need(vae.recon_loss in ("l1", "mse"), "vae.recon_loss", "must be l1 or mse")
-    for key in (
-        "vae.kl_weight",
-        "vae.ssim_weight",
-        "vae.fourier_weight",
-        "vae.adversarial_weight",
-        "scheduler.min_snr_gamma",
-        "scheduler.clip_sample",
-    ):
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        yield from need(finite(value) and value >= 0, key, "must be a finite number, 0 or more")
-    # Attention splits a width into max(1, width // head_dim) heads of equal size.
-    yield from need(
-        unet.head_dim >= 1 and all(w % max(1, w // unet.head_dim) == 0 for w in unet.channels),
-        "unet.head_dim",
-        f"must split every unet.channels width ({','.join(map(str, unet.channels))}) into equal heads, e.g. 32",
-    )
-    yield from need(
-        len(unet.attention_levels) == len(unet.channels),
-        "unet.attention_levels",
-        f"needs one true/false per unet.channels level ({len(unet.channels)})",
-    )
-    yield from need(unet.num_classes == len(CLASS_NAMES), "unet.num_classes", f"must be {len(CLASS_NAMES)} (AD, NC)")
-    yield from need(finite(unet.dropout) and 0 <= unet.dropout < 1, "unet.dropout", "must lie in [0, 1)")
-    yield from need(1 <= scheduler.num_train_timesteps <= 100_000, "scheduler.num_train_timesteps", "must be 1 to 100000")
-    yield from need(
-        scheduler.beta_schedule in ("linear", "scaled_linear", "cosine"),
-        "scheduler.beta_schedule",
-        "must be linear, scaled_linear or cosine",
-    )
-    yield from need(
-        finite(scheduler.beta_start) and finite(scheduler.beta_end) and 0 < scheduler.beta_start < scheduler.beta_end < 1,
-        "scheduler.beta_start",
-        f"must be above 0 and below scheduler.beta_end ({scheduler.beta_end}), which must be below 1",
-    )
-    yield from need(scheduler.prediction_type in ("v", "epsilon"), "scheduler.prediction_type", "must be v or epsilon")
-    for name in ("vae_train", "unet_train"):
-        stage = getattr(config, name)
-        yield from need(stage.epochs >= 1, f"{name}.epochs", "must be at least 1")
-        yield from need(
-            stage.images is None or stage.images >= 1, f"{name}.images", "must be at least 1, or none to count in epochs"
-        )
-        yield from need(stage.batch_size >= 1, f"{name}.batch_size", "must be at least 1")
-        yield from need(finite(stage.lr) and stage.lr > 0, f"{name}.lr", "must be a finite number above 0")
-        yield from need(
-            len(stage.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in stage.betas),
-            f"{name}.betas",
-            "must be two numbers in [0, 1), e.g. 0.9,0.999",
-        )
-        yield from need(finite(stage.weight_decay) and stage.weight_decay >= 0, f"{name}.weight_decay", "must be 0 or more")
-        yield from need(stage.warmup_steps >= 0, f"{name}.warmup_steps", "must be 0 or more")
-        yield from need(finite(stage.min_lr_ratio) and 0 <= stage.min_lr_ratio <= 1, f"{name}.min_lr_ratio", "must lie in [0, 1]")
-        yield from need(finite(stage.grad_clip) and stage.grad_clip > 0, f"{name}.grad_clip", "must be a finite number above 0")
-    for name in ("label_dropout", "ema_decay"):
-        value = getattr(config.unet_train, name)
-        yield from need(finite(value) and 0 <= value < 1, f"unet_train.{name}", "must lie in [0, 1)")
-    yield from need(0 <= run.seed < 2**63, "run.seed", "must be 0 or more")
-    yield from need(run.compile in COMPILE_MODES, "run.compile", f"must be one of {', '.join(COMPILE_MODES)}")
-    for name in ("log_every", "sample_every", "validate_every", "grid_samples"):
-        yield from need(getattr(run, name) >= 1, f"run.{name}", "must be at least 1")
-    yield from need(
-        finite(run.checkpoint_minutes) and run.checkpoint_minutes >= 0,
-        "run.checkpoint_minutes",
-        "must be a finite number of minutes, 0 or more (0 = every epoch)",
-    )
-    yield from need(
-        1 <= run.sample_steps <= scheduler.num_train_timesteps,
-        "run.sample_steps",
-        f"must be 1 to scheduler.num_train_timesteps ({scheduler.num_train_timesteps})",
-    )
-    yield from need(
-        finite(run.guidance_scale) and 0 <= run.guidance_scale <= MAX_GUIDANCE,
-        "run.guidance_scale",
-        GUIDANCE_RULE,
-    )
-
-
-GUIDANCE_RULE = f"must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance; higher scales give no usable images)"
 
 
 def check_fields(config: Config) -> None:

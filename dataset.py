@@ -501,6 +501,19 @@ def load_split_datasets(
     return datasets, splits
 
 
+def check_classes(datasets: dict[str, SliceDataset]) -> None:
+    """Both AD and NC in the training and validation splits: a model trained on one class would
+    sample it for either label without a word."""
+    for name in ("train", "val"):
+        present = set(datasets[name].labels.tolist())
+        missing = [class_name for label, class_name in enumerate(CLASS_NAMES) if label not in present]
+        if missing:
+            raise UsageError(
+                f"the {name} split has no {' or '.join(missing)} images: a conditional model needs both "
+                "classes; add them to the dataset's train folder (or raise --data.val_fraction)"
+            )
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

@@ -421,10 +421,8 @@ def undefined_effects(anatomy: dict) -> str:
 
 
 def markdown_report(metrics: dict) -> str:
-    settings, groups, controls = metrics["settings"], metrics["groups"], metrics["classifier"]
-    csf, tstr, copies = metrics["anatomy"], metrics["tstr"], metrics["memorisation"]
-    header = ["| metric | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
-    agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
+    """metrics.md: the settings, then one section per measurement of the module docstring."""
+    settings = metrics["settings"]
     lines = [
         f"# Sample quality: {metrics['run']} (UNet epoch {metrics['run_epoch']})",
         "",
@@ -432,6 +430,24 @@ def markdown_report(metrics: dict) -> str:
             f"{settings['num_samples']} generated images per label, {settings['sampler'].upper()} {settings['steps']} steps, "
             f"guidance {settings['guidance']}, seed {settings['seed']}; {metrics['real_test_images']} real test slices."
         ),
+        *anatomy_section(metrics["anatomy"]),
+        *fidelity_section(metrics["groups"]),
+        *tstr_section(metrics["tstr"], metrics["real_test_images"]),
+        *memorisation_section(metrics["memorisation"]),
+        *yardstick_section(metrics["classifier"]),
+        "",
+        (
+            "All feature-space figures are in the penultimate features of the run's own yardstick, so they compare only "
+            "within this table (against their floors). ImageNet-FID is not computed: no Inception weights can be "
+            f"downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def anatomy_section(csf: dict) -> list[str]:
+    """The CSF-dark share by label and Cohen's d, generated beside real test images."""
+    lines = [
         "",
         "## Conditioning: anatomy (CSF-dark share of brain pixels; ventricles and sulci widen in AD)",
         "",
@@ -445,32 +461,52 @@ def markdown_report(metrics: dict) -> str:
             f"{number(row['NC_mean'], 3)} ± {number(row['NC_std'], 2)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
             f"{interval(row['cohens_d_95ci'])} |"
         )
-    lines += ["", f"Directions agree: {agree}.{undefined_effects(csf)}", "", "## Conditioning accuracy and fidelity", "", *header]
-    for title, key, digits in FIDELITY_ROWS:
-        lines.append(f"| {title} | " + " | ".join(number(group[key], digits) for group in groups.values()) + " |")
+    agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
+    return [*lines, "", f"Directions agree: {agree}.{undefined_effects(csf)}"]
+
+
+def fidelity_section(groups: dict) -> list[str]:
+    """Conditioning accuracy, Fréchet, KID, PRDC and MS-SSIM for all images and per label, beside their floors."""
+
+    def row(title: str, cell) -> str:
+        return f"| {title} | " + " | ".join(cell(group) for group in groups.values()) + " |"
+
+    lines = [
+        "",
+        "## Conditioning accuracy and fidelity",
+        "",
+        "| metric | " + " | ".join(groups) + " |",
+        "|---|" + "---:|" * len(groups),
+    ]
     lines += [
-        "| KID, generated vs real test (± std over subsets) | "
-        + " | ".join(f"{number(g['kid'])} ± {number(g['kid_std'], 2)}" for g in groups.values())
-        + " |",
-        "| KID floor, real train vs real test | "
-        + " | ".join(f"{number(g['kid_floor'])} ± {number(g['kid_floor_std'], 2)}" for g in groups.values())
-        + " |",
-        f"| precision / recall / density / coverage (k = {PRDC_NEIGHBOURS}), generated vs real test | "
-        + " | ".join(prdc_cell(g["prdc"]) for g in groups.values())
-        + " |",
-        "| the same, real train vs real test (the floor) | "
-        + " | ".join(prdc_cell(g["prdc_floor"]) for g in groups.values())
-        + " |",
-        "| MS-SSIM of random generated pairs (match real; higher = less diverse) | "
-        + " | ".join(number(g["ms_ssim_generated"], 3) for g in groups.values())
-        + " |",
-        "| MS-SSIM of random real pairs | " + " | ".join(number(g["ms_ssim_real"], 3) for g in groups.values()) + " |",
+        row(title, lambda group, key=key, digits=digits: number(group[key], digits)) for title, key, digits in FIDELITY_ROWS
+    ]
+    return [
+        *lines,
+        row("KID, generated vs real test (± std over subsets)", lambda g: f"{number(g['kid'])} ± {number(g['kid_std'], 2)}"),
+        row("KID floor, real train vs real test", lambda g: f"{number(g['kid_floor'])} ± {number(g['kid_floor_std'], 2)}"),
+        row(
+            f"precision / recall / density / coverage (k = {PRDC_NEIGHBOURS}), generated vs real test",
+            lambda g: prdc_cell(g["prdc"]),
+        ),
+        row("the same, real train vs real test (the floor)", lambda g: prdc_cell(g["prdc_floor"])),
+        row(
+            "MS-SSIM of random generated pairs (match real; higher = less diverse)",
+            lambda g: number(g["ms_ssim_generated"], 3),
+        ),
+        row("MS-SSIM of random real pairs", lambda g: number(g["ms_ssim_real"], 3)),
+    ]
+
+
+def tstr_section(tstr: dict, real_test_images: int) -> list[str]:
+    """Real test accuracy of the yardstick's architecture trained on generated, real and both."""
+    lines = [
         "",
         "## Train on synthetic, test on real (TSTR)",
         "",
         (
             f"The yardstick's architecture and augmentations, {tstr['epochs']} epochs of {tstr['draws_per_epoch']} draws "
-            f"(the real training split's size) each, last epoch kept; tested on all {metrics['real_test_images']} real test slices."
+            f"(the real training split's size) each, last epoch kept; tested on all {real_test_images} real test slices."
         ),
         "",
         "| trained on | images | real test accuracy | AD | NC |",
@@ -486,7 +522,16 @@ def markdown_report(metrics: dict) -> str:
             f"| {title} | {tstr['images'][name]} | {number(tstr['test_accuracy'][name], 3)} | "
             f"{number(per_label['AD'], 3)} | {number(per_label['NC'], 3)} |"
         )
-    lines += [
+    return lines
+
+
+def memorisation_section(copies: dict) -> list[str]:
+    """Nearest-training-image distances and correlations, generated beside real test, and the near-copy shares."""
+
+    def row(title: str, cell) -> str:
+        return f"| {title} | " + " | ".join(cell(copies[name]) for _, name in GROUPS) + " |"
+
+    lines = [
         "",
         "## Memorisation: nearest training image (memorisation.png shows the closest pairs)",
         "",
@@ -496,39 +541,40 @@ def markdown_report(metrics: dict) -> str:
     for origin in ("generated", "real_test"):
         who = origin.replace("_", " ")
         lines += [
-            f"| RMS distance, {who}: median (1st percentile) | "
-            + " | ".join(
-                f"{number(copies[g][origin]['nearest_distance']['median'], 3)} ({number(copies[g][origin]['nearest_distance']['p1'], 3)})"
-                for _, g in GROUPS
-            )
-            + " |",
-            f"| correlation, {who}: median (99th percentile) | "
-            + " | ".join(
-                f"{number(copies[g][origin]['top_correlation']['median'], 3)} ({number(copies[g][origin]['top_correlation']['p99'], 3)})"
-                for _, g in GROUPS
-            )
-            + " |",
+            row(
+                f"RMS distance, {who}: median (1st percentile)",
+                lambda g, o=origin: (
+                    f"{number(g[o]['nearest_distance']['median'], 3)} ({number(g[o]['nearest_distance']['p1'], 3)})"
+                ),
+            ),
+            row(
+                f"correlation, {who}: median (99th percentile)",
+                lambda g, o=origin: (
+                    f"{number(g[o]['top_correlation']['median'], 3)} ({number(g[o]['top_correlation']['p99'], 3)})"
+                ),
+            ),
         ]
-    lines += [
-        "| near-copies by distance: generated (real test ≈ 0.01) | "
-        + " | ".join(
-            f"{number(copies[g]['generated']['near_copy_share_distance'], 3)} "
-            f"({number(copies[g]['real_test']['near_copy_share_distance'], 3)})"
-            for _, g in GROUPS
+    for measure in ("distance", "correlation"):
+        key = f"near_copy_share_{measure}"
+        lines.append(
+            row(
+                f"near-copies by {measure}: generated (real test ≈ 0.01)",
+                lambda g, key=key: f"{number(g['generated'][key], 3)} ({number(g['real_test'][key], 3)})",
+            )
         )
-        + " |",
-        "| near-copies by correlation: generated (real test ≈ 0.01) | "
-        + " | ".join(
-            f"{number(copies[g]['generated']['near_copy_share_correlation'], 3)} "
-            f"({number(copies[g]['real_test']['near_copy_share_correlation'], 3)})"
-            for _, g in GROUPS
-        )
-        + " |",
+    return [
+        *lines,
         "",
         (
             f"A near-copy is closer to a training image than {100 - NEAR_COPY_PERCENTILE:g}% of real test slices are "
             f"(RMS below {number(copies['near_copy_distance'], 3)}, or r above {number(copies['near_copy_correlation'], 4)})."
         ),
+    ]
+
+
+def yardstick_section(controls: dict) -> list[str]:
+    """How much of the yardstick's accuracy slice position alone explains, overall and per slice tercile."""
+    lines = [
         "",
         f"## The yardstick and slice position ({controls['source']})",
         "",
@@ -542,20 +588,11 @@ def markdown_report(metrics: dict) -> str:
         "| slice tercile | test images | AD share | yardstick accuracy | slice-position-only accuracy |",
         "|---|---:|---:|---:|---:|",
     ]
-    lines += [
+    return lines + [
         f"| {t['slices']} | {t['images']} | {number(t['AD_share'], 3)} | {number(t['classifier_accuracy'], 3)} | "
         f"{number(t['slice_position_only_accuracy'], 3)} |"
         for t in controls["slice_terciles"]
     ]
-    lines += [
-        "",
-        (
-            "All feature-space figures are in the penultimate features of the run's own yardstick, so they compare only "
-            "within this table (against their floors). ImageNet-FID is not computed: no Inception weights can be "
-            f"downloaded here. Distances are RMS pixel differences in 8-bit grey levels at {metrics['image_size']} px."
-        ),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def sweep_report(sweep: dict) -> str:
@@ -754,75 +791,80 @@ def recommended_scale(scales: list[float], d_generated: np.ndarray, d_real: floa
     return best_scale(scales, anatomy_error + fidelity_loss)
 
 
+def load_checked(args: argparse.Namespace) -> tuple[Pipeline, list[Path], dict[str, SliceDataset], dict]:
+    """The run, the files evaluate will write and the run's split datasets, each checked before any
+    work (outputs, splits.json, enough slices of each label); earlier writers' temporary files removed."""
+    pipe = load_run_for(args)
+    outputs = output_paths(pipe.run_dir, args)
+    check_outputs(pipe, outputs, args.overwrite)
+    if not (pipe.run_dir / "splits.json").is_file():
+        raise UsageError(f"{pipe.run_dir} has no splits.json: it is not a finished brainLDM run")
+    datasets, splits = load_split_datasets(
+        pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
+    )
+    check_data(datasets, pipe.config.data.data_dir)
+    report_removed(remove_temporary_files(pipe.run_dir), pipe.run_dir)
+    return pipe, outputs, datasets, splits
+
+
+def measure_reference(
+    pipe: Pipeline, datasets: dict[str, SliceDataset], splits: dict, args: argparse.Namespace, rng: np.random.Generator
+) -> tuple[SliceClassifier, dict, Reference]:
+    """The yardstick (cached or trained), what it knows of itself, and the real images it measures against."""
+    device, train, test = pipe.runtime.device, datasets["train"], datasets["test"]
+    yardstick, yardstick_info = load_or_train_yardstick(
+        pipe.run_dir,
+        datasets,
+        splits,
+        pipe.config.data.image_size,
+        fingerprint(pipe.vae),
+        lambda pixels: reconstruct(pipe, pixels),
+        device,
+        args.retrain_classifier,
+    )
+    # The floors compare as many real training images as there are generated ones: Fréchet
+    # distance, KID and PRDC depend on the sample size.
+    floor_positions = per_label_positions(train.labels.numpy(), args.num_samples, rng)
+    reference = Reference(
+        train,
+        measured(yardstick, test.pixels, test.labels.numpy(), device),
+        measured(yardstick, reconstruct(pipe, test.pixels), test.labels.numpy(), device),
+        measured(yardstick, train.pixels[floor_positions], train.labels.numpy()[floor_positions], device),
+    )
+    return yardstick, yardstick_info, reference
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """The options that decide the numbers, as recorded in every report."""
+    keys = ("num_samples", "steps", "guidance", "seed", "sampler", "batch_size")
+    return {key: getattr(args, key) for key in keys}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with usage_errors_exit():
         check_arguments(args)
-        pipe = load_run_for(args)
-        device = pipe.runtime.device
-        outputs = output_paths(pipe.run_dir, args)
-        check_outputs(pipe, outputs, args.overwrite)
-        if not (pipe.run_dir / "splits.json").is_file():
-            raise UsageError(f"{pipe.run_dir} has no splits.json: it is not a finished brainLDM run")
-        datasets, splits = load_split_datasets(
-            pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
-        )
-        check_data(datasets, pipe.config.data.data_dir)
-        report_removed(remove_temporary_files(pipe.run_dir), pipe.run_dir)
-        train, test = datasets["train"], datasets["test"]
+        pipe, outputs, datasets, splits = load_checked(args)
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
         guidance = "sweep " + ",".join(f"{scale:g}" for scale in args.guidance_sweep) if args.guidance_sweep else args.guidance
         print(
-            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {guidance} | device {device}"
+            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {guidance} | "
+            f"device {pipe.runtime.device}"
         )
-
-        yardstick, yardstick_info = load_or_train_yardstick(
-            pipe.run_dir,
-            datasets,
-            splits,
-            pipe.config.data.image_size,
-            fingerprint(pipe.vae),
-            lambda pixels: reconstruct(pipe, pixels),
-            device,
-            args.retrain_classifier,
-        )
-        real_test = measured(yardstick, test.pixels, test.labels.numpy(), device)
-        # The floors compare as many real training images as there are generated ones: Fréchet
-        # distance, KID and PRDC depend on the sample size.
-        floor_positions = per_label_positions(train.labels.numpy(), args.num_samples, rng)
-        reference = Reference(
-            train,
-            real_test,
-            measured(yardstick, reconstruct(pipe, test.pixels), test.labels.numpy(), device),
-            measured(yardstick, train.pixels[floor_positions], train.labels.numpy()[floor_positions], device),
-        )
-        settings = {
-            "num_samples": args.num_samples,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "seed": args.seed,
-            "sampler": args.sampler,
-            "batch_size": args.batch_size,
-        }
+        yardstick, yardstick_info, reference = measure_reference(pipe, datasets, splits, args, rng)
         header = {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "image_size": pipe.config.data.image_size}
+        header["settings"] = settings_of(args)
         if args.guidance_sweep is not None:
-            sweep = without_nan(header | {"settings": settings} | guidance_sweep(pipe, yardstick, reference, args))
-            report = sweep_report(sweep)
-            save_sweep_figure(sweep, outputs[2])
-            write_json_atomic(outputs[0], sweep)
+            record = without_nan(header | guidance_sweep(pipe, yardstick, reference, args))
+            report = sweep_report(record)
+            save_sweep_figure(record, outputs[2])
         else:
-            metrics = without_nan(
-                header
-                | {
-                    "settings": settings,
-                    "real_test_images": len(test),
-                    "classifier": classifier_controls(real_test.predictions, train, test) | yardstick_info,
-                }
-                | full_evaluation(pipe, yardstick, reference, args, rng)
-            )
-            report = markdown_report(metrics)
-            write_json_atomic(outputs[0], metrics)
+            controls = classifier_controls(reference.real_test.predictions, datasets["train"], datasets["test"])
+            details = {"real_test_images": len(datasets["test"]), "classifier": controls | yardstick_info}
+            record = without_nan(header | details | full_evaluation(pipe, yardstick, reference, args, rng))
+            report = markdown_report(record)
+        write_json_atomic(outputs[0], record)
         write_text_atomic(outputs[1], report)
     print(report)
     print("wrote " + ", ".join(str(path) for path in outputs))

@@ -9,6 +9,7 @@ alpha_bar = ᾱ_t, the product of (1 - beta_s) for s <= t.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import deque
@@ -19,8 +20,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
-from config import SchedulerConfig, UNetConfig, VAEConfig
+from config import SchedulerConfig, StageConfig, UNetConfig, VAEConfig
 
 # --------------------------------------------------------------------------------------------- blocks
 
@@ -358,6 +361,50 @@ def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
 def generator_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """-mean(D(reconstruction)): the VAE is rewarded for patches the discriminator calls real."""
     return -fake_logits.float().mean()
+
+
+class Critic:
+    """The VAE's optional PatchGAN discriminator (vae.adversarial_weight > 0) with its own AdamW: it
+    learns, with a hinge loss, to tell training slices from their reconstructions from global step
+    vae.adversarial_start on, and from then on the VAE's loss adds adversarial_weight times the
+    generator's hinge loss. `trained` is the module its step calls (the caller may wrap `model` for DDP
+    or compilation) under `autocast`; state_dict() travels in vae.pt, so a resumed run stays exact."""
+
+    def __init__(self, config: VAEConfig, lr: float, betas: tuple[float, float], device: torch.device):
+        self.settings = config
+        self.model = PatchDiscriminator(config).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=0.0)
+        self.trained: nn.Module = self.model
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> torch.Tensor | None:
+        """The VAE's adversarial term at global step `step` (None before the start), keeping the batch
+        for the discriminator's own step after the VAE's."""
+        if step < self.settings.adversarial_start:
+            return None
+        self.pending = images, recon.detach()
+        self.model.requires_grad_(False)  # its gradient from the VAE's loss would only be thrown away
+        try:
+            return self.settings.adversarial_weight * generator_hinge_loss(self.model(recon))
+        finally:
+            self.model.requires_grad_(True)
+
+    def step(self) -> None:
+        """One discriminator update on the batch the VAE just trained on, real and reconstructed in one pass."""
+        if self.pending is None:
+            return
+        images, recon = self.pending
+        self.pending = None
+        with self.autocast():
+            real_logits, fake_logits = self.trained(torch.cat([images, recon])).chunk(2)
+        loss = discriminator_hinge_loss(real_logits, fake_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.model.state_dict(), "discriminator_optimizer": self.optimizer.state_dict()}
 
 
 # --------------------------------------------------------------------------------------------- SSIM
@@ -860,6 +907,32 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     if mode in ("full", "reduce-overhead"):
         return torch.compile(model, mode="reduce-overhead" if mode == "reduce-overhead" else None)
     raise ValueError(f"unknown compile mode {mode!r}: choose none, full, regional or reduce-overhead")
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:
+    """AdamW (no decay on norms and biases) with linear warm-up and cosine decay over all epochs."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=stage.lr,
+        betas=tuple(stage.betas),
+        # One kernel for all parameters: 4x (demo UNet) and 6.5x (adni UNet) faster than the default on a CPU.
+        fused=next(model.parameters()).device.type in ("cpu", "cuda"),
+    )
+    total_steps = max(1, stage.epochs * steps_per_epoch)
+    warmup = min(stage.warmup_steps, total_steps // 2)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, LambdaLR(optimizer, lr_factor)
 
 
 # --------------------------------------------------------------------------------------------- EMA

@@ -1,5 +1,6 @@
-"""A trained run as objects: checkpoints in and out, the frozen models, encode/decode with the latent
-scale factor, and the one seeded generation loop that predict.py, evaluate.py and train.py share.
+"""A run as objects: its folder's checks, checkpoints in and out, the frozen models, encode/decode with
+the latent scale factor, the validation figures train.py takes of them, and the one seeded generation
+loop that predict.py, evaluate.py and train.py share.
 
     pipe = load_run(Path("runs/demo"), Runtime(torch.device("cpu")))
     latents = pipe.generate(label=0, count=16, seed=0)     # AD
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from config import (
@@ -30,9 +33,10 @@ from config import (
     latent_shape,
     read_config,
 )
-from dataset import SliceDataset
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, split_qkv
-from utils import Runtime, UsageError, load_checkpoint, pick_device
+from dataset import SliceDataset, make_loader
+from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
+from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
+from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device, save_image_grid
 
 CHECKPOINT_FORMAT = 1
 _COMMON_KEYS = ("config", "model", "optimizer", "lr_schedule", "epoch", "step", "history")
@@ -90,6 +94,33 @@ def load_stage_checkpoint(path: Path, stage: str, config: Config, device: torch.
             f"{path} was trained with another config ({'; '.join(changed[:3])}): use the run's own config.json or a new --run"
         )
     return state
+
+
+def restore_stage(
+    path: Path,
+    stage: str,
+    resume: bool,
+    config: Config,
+    runtime: Runtime,
+    model: nn.Module,
+    optimizer: Optimizer,
+    lr_schedule: LambdaLR,
+) -> tuple[int, int, list[dict], dict]:
+    """With --resume and a checkpoint at `path`: load model, optimizer and LR schedule, and return
+    (epochs done, steps done, history, the checkpoint); otherwise a fresh start (0, 0, [], {})."""
+    if not (resume and path.is_file()):
+        return 0, 0, [], {}
+    state = load_stage_checkpoint(path, stage, config, runtime.device)
+    load_weights(model, state["model"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:  # the weights load (modules.join_qkv), the optimizer's per-parameter state cannot
+        raise UsageError(
+            f"{path} was written by an older brainLDM with separate q/k/v projections: its weights still load "
+            "for sampling, but its training cannot resume; train it again in a new --run"
+        ) from None
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    return state["epoch"], state["step"], state["history"], state
 
 
 def _holds(value: object, kind: type) -> bool:
@@ -163,6 +194,58 @@ def dataset_folders(config: Config) -> list[str]:
     return [config.data.data_dir]
 
 
+# What train.py writes in a run folder, beside the sample grids in samples/.
+RUN_FILES = (
+    "config.json",
+    "splits.json",
+    "vae.pt",
+    "unet.pt",
+    "history.jsonl",
+    "vae_loss.png",
+    "diffusion_loss.png",
+    "vae_reconstructions.png",
+)
+
+
+SNAPSHOTS = "snapshots"  # the folder of a run's kept UNet epochs (run.keep_every)
+
+
+def snapshot_path(run_dir: Path, stage: str, epoch: int) -> Path:
+    """Where the checkpoint of `stage` after `epoch` (1-based) is kept: snapshots/unet_epoch012.pt."""
+    return run_dir / SNAPSHOTS / f"{stage}_epoch{epoch:03d}.pt"
+
+
+def snapshots(run_dir: Path) -> list[Path]:
+    """The run's kept UNet checkpoints, oldest epoch first."""
+    return sorted((run_dir / SNAPSHOTS).glob("unet_epoch[0-9][0-9][0-9].pt"))
+
+
+def check_run_outputs(config: Config, run_dir: Path) -> None:
+    """The run folder, its lock file, its files and the decode cache: none inside the dataset (resolved
+    through symlinks), each a folder or a file as it is meant to be, before the lock file is written."""
+    check_output_paths(
+        dataset_folders(config),
+        folders={
+            "--run": run_dir,
+            "--run's samples folder": run_dir / "samples",
+            "--run's snapshots folder": run_dir / SNAPSHOTS,
+            "--data.cache_dir": config.data.cache_dir,
+        },
+        files={"the run's lock file": lock_path(run_dir), **{f"the run's {name}": run_dir / name for name in RUN_FILES}},
+    )
+
+
+def check_vae_is_final(config: Config, run_dir: Path, stage: str) -> None:
+    """A run whose UNet is trained on its VAE cannot train that VAE further (epochs as resolved)."""
+    if stage in ("vae", "all") and (run_dir / "unet.pt").is_file():
+        vae_epochs = load_checkpoint(run_dir / "vae.pt")["epoch"] if (run_dir / "vae.pt").is_file() else 0
+        if vae_epochs < config.vae_train.epochs:
+            raise UsageError(
+                f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
+                "invalidate it: choose a new --run"
+            )
+
+
 def validate(config: Config) -> None:
     """Every field in range (config.check_fields), then both models built and run once on the meta
     device (no memory, no compute), so a config whose parts do not fit together fails in a second
@@ -230,6 +313,106 @@ def encode_split(
     if config.unet.slice_conditioning:
         slice_position = normalise_slices(images.slice_indices, slice_range).to(runtime.device)
     return LatentDataset(torch.cat(means), torch.cat(logvars), Conditions(images.labels.to(runtime.device), slice_position))
+
+
+def set_latent_scale(
+    vae: AutoencoderKL, train_set: SliceDataset, batch_size: int, runtime: Runtime, max_images: int = 4096
+) -> None:
+    """Scale latents to unit variance (Rombach et al. 2022), from up to `max_images` training images."""
+    vae.eval()
+    count = min(len(train_set), max_images)
+    positions = torch.linspace(0, len(train_set) - 1, count).long()
+    latents = []
+    with torch.no_grad():
+        for chunk in positions.split(batch_size):
+            mean, logvar = vae.encode(train_set[chunk.tolist()][0].to(runtime.device))
+            latents.append(AutoencoderKL.sample_latent(mean, logvar).float())
+    vae.set_scale_factor(torch.cat(latents))
+
+
+# ============================================================================ validation while training
+
+
+def vae_validation_scores(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -> dict:
+    """Validation figures of the reconstructions (posterior mean, no sampling noise): loss, MS-SSIM,
+    SSIM, PSNR and the spectral energy kept per band (metrics.SPECTRAL_BANDS), whose top band sees
+    the fine blur that MS-SSIM at 64 px cannot."""
+    vae.eval()
+    bands = len(SPECTRAL_BANDS)
+    # loss, MS-SSIM, SSIM and PSNR sums, image count, then the band energies of reconstructions and slices
+    totals = torch.zeros(5 + 2 * bands, dtype=torch.float64, device=runtime.device)
+    with torch.no_grad(), runtime.autocast():
+        for images, *_ in loader:
+            images = images.to(runtime.device, non_blocking=True)
+            recon, mean, logvar = vae(images, sample_posterior=False)
+            loss, _ = vae_loss(images, recon, mean, logvar, config.vae)
+            recon = recon.float().clamp(-1, 1)
+            scores = [
+                loss.double() * len(images),
+                ms_ssim(recon, images).sum(),
+                ssim(recon, images).sum(),
+                psnr(recon, images).sum(),
+            ]
+            totals[:4] += torch.stack([score.double() for score in scores])
+            totals[4] += len(images)
+            totals[5:] += torch.cat([band_energy(recon), band_energy(images)])
+    totals = runtime.mean_across_ranks(totals)
+    count = float(totals[4])
+    return {
+        "val_loss": float(totals[0]) / count,
+        "val_ms_ssim": float(totals[1]) / count,
+        "val_ssim": float(totals[2]) / count,
+        "val_psnr": float(totals[3]) / count,
+        "val_spectral_energy": energy_ratio(totals[5 : 5 + bands], count, totals[5 + bands :], count),
+    }
+
+
+def describe_reconstructions(entry: dict) -> list[str]:
+    """The validation figures of a VAE epoch as caption lines for vae_reconstructions.png and the log."""
+    kept = "  ".join(f"{BAND_LABELS[band]} {value:.2f}" for band, value in entry["val_spectral_energy"].items())
+    return [
+        f"MS-SSIM {entry['val_ms_ssim']:.4f}  SSIM {entry['val_ssim']:.3f}  PSNR {entry['val_psnr']:.1f} dB",
+        f"spectral energy kept (cycles/px): {kept}",
+    ]
+
+
+def unet_validation_loss(
+    unet: nn.Module, scheduler: NoiseScheduler, latents: LatentDataset, scale: float, config: Config, runtime: Runtime
+) -> float:
+    """Validation loss with a fixed draw of latents, timesteps and noise, so epochs compare fairly."""
+    unet.eval()
+    generator = torch.Generator(runtime.device).manual_seed(1234 + runtime.rank)
+    loader = make_loader(latents, config.unet_train.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size)
+    totals = torch.zeros(2, device=runtime.device)
+    with torch.no_grad(), runtime.autocast():
+        for mean, logvar, conditions in loader:
+            z = AutoencoderKL.sample_latent(mean, logvar, generator=generator) * scale
+            totals[0] += scheduler.training_loss(unet, z, conditions, generator=generator).float() * len(conditions)
+            totals[1] += len(conditions)
+    totals = runtime.mean_across_ranks(totals)
+    return float(totals[0] / totals[1])
+
+
+def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, runtime: Runtime, caption: list[str]) -> None:
+    """Top row: validation slices; bottom row: their reconstructions (posterior mean); the caption beneath."""
+    vae.eval()
+    with torch.no_grad():
+        recon = vae(images.to(runtime.device), sample_posterior=False)[0].float().clamp(-1, 1).cpu()
+    save_image_grid(torch.cat([images, recon]), path, ncols=len(images), caption=caption)
+
+
+def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
+    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
+    run = pipe.config.run
+    for label, class_name in enumerate(CLASS_NAMES):
+        generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
+        conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
+        latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
+        save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
+    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
+
+
+# ============================================================================ sampling options
 
 
 MAX_SEED = 2**32 - 1  # batch seeds are seed * 1_000_003 + ..., which must stay inside torch's 64-bit seed
@@ -401,14 +584,15 @@ def latest_run(runs_root: Path = Path("runs")) -> Path:
     return candidates[-1].parent
 
 
-def load_run(run_dir: Path, runtime: Runtime) -> Pipeline:
-    """A finished run's config, VAE and EMA UNet; one-line errors for anything missing or foreign."""
+def load_run(run_dir: Path, runtime: Runtime, unet_checkpoint: Path | None = None) -> Pipeline:
+    """A finished run's config, VAE and EMA UNet (from `unet_checkpoint`, e.g. one of its snapshots,
+    instead of unet.pt when given); one-line errors for anything missing or foreign."""
     if not run_dir.is_dir():
         raise UsageError(f"run folder {run_dir} not found: pass --run runs/NAME")
     config = read_config(run_dir)
     validate(config)
     vae = load_trained_vae(config, run_dir, runtime.device)
-    path = run_dir / "unet.pt"
+    path = unet_checkpoint or run_dir / "unet.pt"
     if not path.is_file():
         raise UsageError(f"{run_dir} has no unet.pt: train stage 2 with `python train.py --run {run_dir} --stage unet`")
     state = load_stage_checkpoint(path, "unet", config, runtime.device)

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import json
 import math
 import os
 import signal
 import sys
-import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -37,71 +34,64 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from config import (
-    CLASS_NAMES,
     COMPILE_MODES,
     DEFAULT_DATA_DIR,
-    DEMO_DATA_DIR,
     PRESETS,
     Config,
-    RunConfig,
     StageConfig,
-    apply_overrides,
     check_batches,
     collect_overrides,
     config_differences,
     config_to_dict,
-    make_config,
     override_keys,
-    read_config,
+    pick_preset,
+    requested_config,
     resolve_schedule,
 )
-from dataset import SliceDataset, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
-from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
-from modules import (
-    EMA,
-    AutoencoderKL,
-    NoiseScheduler,
-    PatchDiscriminator,
-    compile_model,
-    discriminator_hinge_loss,
-    generator_hinge_loss,
-    ms_ssim,
-    ssim,
-    vae_loss,
-)
+from dataset import SliceDataset, check_classes, load_split_datasets, load_splits, make_loader, save_splits, set_loader_epoch
+from modules import EMA, AutoencoderKL, Critic, NoiseScheduler, compile_model, make_optimizer, vae_loss
 from pipeline import (
-    LatentDataset,
     Pipeline,
     build_unet,
+    check_run_outputs,
     check_trained_on,
+    check_vae_is_final,
     checkpoint_state,
-    dataset_folders,
+    describe_reconstructions,
     encode_split,
     fingerprint,
-    load_stage_checkpoint,
     load_trained_vae,
     load_weights,
+    restore_stage,
+    save_reconstructions,
+    save_sample_grids,
+    set_latent_scale,
+    snapshot_path,
+    unet_validation_loss,
+    vae_validation_scores,
     validate,
 )
 from utils import (
     ArgumentParser,
+    CheckpointCadence,
     Runtime,
+    StopRequest,
     TensorBoardLog,
+    TimeBreakdown,
+    TrainingStopped,
     UsageError,
-    check_output_paths,
+    describe_time,
     folder_lock,
     load_checkpoint,
-    lock_path,
-    pick_device,
-    plot_curves,
+    plot_history,
     remove_temporary_files,
     report_removed,
     require_tensorboard,
     save_checkpoint,
-    save_image_grid,
+    start_runtime,
     usage_errors_exit,
+    write_history,
     write_json_atomic,
-    write_text_atomic,
 )
 
 # ============================================================================ command line
@@ -170,23 +160,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, st
     return args, overrides
 
 
-# ============================================================================ processes and devices
-
-
-def start_runtime(config: RunConfig) -> Runtime:
-    """Join torchrun's process group when launched by it (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        device = pick_device(config.device)
-        return Runtime(device, bf16=config.bf16 and device.type == "cuda")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = config.device != "cpu" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Runtime(device, rank, world_size, bf16=config.bf16 and use_cuda)
+# ============================================================================ seeds and devices
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -207,149 +181,6 @@ def prepare_for_training(model: nn.Module, config: Config, runtime: Runtime) -> 
     if runtime.world_size > 1:
         trained = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     return trained if regional else compile_model(trained, config.run.compile)
-
-
-def make_optimizer(model: nn.Module, stage: StageConfig, steps_per_epoch: int) -> tuple[Optimizer, LambdaLR]:
-    """AdamW (no decay on norms and biases) with linear warm-up and cosine decay over all epochs."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=stage.lr,
-        betas=tuple(stage.betas),
-        # One kernel for all parameters: 4x (demo UNet) and 6.5x (adni UNet) faster than the default on a CPU.
-        fused=next(model.parameters()).device.type in ("cpu", "cuda"),
-    )
-    total_steps = max(1, stage.epochs * steps_per_epoch)
-    warmup = min(stage.warmup_steps, total_steps // 2)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return optimizer, LambdaLR(optimizer, lr_factor)
-
-
-# ============================================================================ where the time goes, when to save, when to stop
-
-# What a stage's wall time is spent on, besides `other` (start-up, logs, plots, waiting for other ranks).
-TIME_CATEGORIES = ("train_steps", "data", "validation", "checkpoints", "sample_grids", "latent_encoding")
-
-
-class TimeBreakdown:
-    """Wall-clock seconds of a stage by TIME_CATEGORIES, each second counted once: a measurement
-    inside another is taken out of the outer one, and `other` is what no measurement claimed.
-
-    `close()` ends a span (an epoch's record) and starts the next; `summary()` adds the spans
-    closed so far and the open one: the stage's time in this process."""
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
-        self.span_started = clock()
-        self.span = dict.fromkeys(TIME_CATEGORIES, 0.0)
-        self.closed = dict.fromkeys((*TIME_CATEGORIES, "other", "total"), 0.0)
-        self.inner: list[float] = []  # seconds of the measurements nested in each open one
-
-    @contextlib.contextmanager
-    def measure(self, category: str) -> Iterator[None]:
-        self.inner.append(0.0)
-        started = self.clock()
-        try:
-            yield
-        finally:
-            elapsed = self.clock() - started
-            self.span[category] += elapsed - self.inner.pop()
-            if self.inner:
-                self.inner[-1] += elapsed
-
-    def add(self, category: str, seconds: float) -> None:
-        """Count `seconds` timed by the caller, inside the open measurement, as `category`."""
-        self.span[category] += seconds
-        if self.inner:
-            self.inner[-1] += seconds
-
-    def open_span(self, now: float) -> dict[str, float]:
-        total = now - self.span_started
-        return {**self.span, "other": total - sum(self.span.values()), "total": total}
-
-    def close(self) -> dict[str, float]:
-        """Seconds of the span ending now, by category, with `other` and `total`; the next span starts."""
-        now = self.clock()
-        span = self.open_span(now)
-        for key, seconds in span.items():
-            self.closed[key] += seconds
-        self.span_started, self.span = now, dict.fromkeys(TIME_CATEGORIES, 0.0)
-        return {key: round(seconds, 4) for key, seconds in span.items()}
-
-    def summary(self) -> dict[str, float]:
-        """Seconds since the stage started in this process, by category, with `other` and `total`."""
-        return {key: self.closed[key] + seconds for key, seconds in self.open_span(self.clock()).items()}
-
-
-def describe_time(stage: str, seconds: dict[str, float]) -> str:
-    """One line: the stage's wall time and each category's share of it."""
-    total = max(seconds["total"], 1e-9)
-    parts = ", ".join(
-        f"{key.replace('_', ' ')} {seconds[key]:.1f} s ({100 * seconds[key] / total:.0f}%)" for key in (*TIME_CATEGORIES, "other")
-    )
-    return f"{stage} time {seconds['total']:.1f} s: {parts}"
-
-
-class CheckpointCadence:
-    """A mid-stage checkpoint is due `minutes` after the last one written (or the stage's start);
-    0 makes every epoch's due."""
-
-    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
-        self.minutes, self.clock = minutes, clock
-        self.last_written = clock()
-
-    def due(self) -> bool:
-        return self.clock() - self.last_written >= 60 * self.minutes
-
-    def written(self) -> None:
-        self.last_written = self.clock()
-
-
-class StopRequest:
-    """The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training asks for a
-    clean stop: the epoch under way finishes, its checkpoint is written and train.py exits with
-    128 + the signal's number; a second Ctrl-C interrupts at once, as without this."""
-
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-        self.previous_handlers: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
-            self.previous_handlers = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exception: object) -> None:
-        for number, handler in self.previous_handlers.items():
-            signal.signal(number, handler)
-
-    def handle(self, number: int, frame: object) -> None:
-        if self.signal_number is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_number = number
-        print(
-            f"\n{signal.Signals(number).name}: stopping after this epoch's checkpoint (Ctrl-C again stops now)", file=sys.stderr
-        )
-
-    def agreed(self, runtime: Runtime) -> bool:
-        """Whether any rank was asked to stop; every rank asks after every epoch, so all stop together."""
-        asked = torch.tensor(float(self.signal_number is not None), device=runtime.device)
-        return bool(runtime.mean_across_ranks(asked) > 0)
-
-
-class TrainingStopped(Exception):
-    """A clean stop: the checkpoint of the last finished epoch is on disk."""
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 # ============================================================================ the shared epoch loop
@@ -413,34 +244,7 @@ def train_one_epoch(
     return mean_loss, images_per_second
 
 
-# ============================================================================ checkpoints and history
-
-
-def restore_stage(
-    path: Path,
-    stage: str,
-    resume: bool,
-    config: Config,
-    runtime: Runtime,
-    model: nn.Module,
-    optimizer: Optimizer,
-    lr_schedule: LambdaLR,
-) -> tuple[int, int, list[dict], dict]:
-    """With --resume and a checkpoint at `path`: load model, optimizer and LR schedule, and return
-    (epochs done, steps done, history, the checkpoint); otherwise a fresh start (0, 0, [], {})."""
-    if not (resume and path.is_file()):
-        return 0, 0, [], {}
-    state = load_stage_checkpoint(path, stage, config, runtime.device)
-    load_weights(model, state["model"], path)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError:  # the weights load (modules.join_qkv), the optimizer's per-parameter state cannot
-        raise UsageError(
-            f"{path} was written by an older brainLDM with separate q/k/v projections: its weights still load "
-            "for sampling, but its training cannot resume; train it again in a new --run"
-        ) from None
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    return state["epoch"], state["step"], state["history"], state
+# ============================================================================ a stage: its state, its epochs, its checkpoints
 
 
 @dataclass
@@ -567,12 +371,18 @@ def validating(epoch: int, stage: Stage, config: Config) -> bool:
 
 
 def finish_epoch(
-    stage: Stage, entry: dict, runtime: Runtime, path: Path, checkpoint: Callable[[int], dict], write_logs: Callable[[], None]
+    stage: Stage,
+    entry: dict,
+    runtime: Runtime,
+    path: Path,
+    checkpoint: Callable[[int], dict],
+    write_logs: Callable[[], None],
+    keep_every: int = 0,
 ) -> None:
     """Close the epoch's record (`seconds`: its time by category, since the previous record closed,
     so a checkpoint's write counts in the next epoch), add it to the history, write the checkpoint
-    when due (the stage's last epoch, a clean stop, or run.checkpoint_minutes after the last one),
-    then the logs; after a clean stop's checkpoint, raise TrainingStopped."""
+    when due (the stage's last epoch, a clean stop, or run.checkpoint_minutes after the last one) and
+    a snapshot every `keep_every` epochs, then the logs; after a clean stop's checkpoint, raise TrainingStopped."""
     stopping = stage.stop.agreed(runtime)
     entry["seconds"] = stage.clock.close()
     stage.history.append(entry)
@@ -582,6 +392,9 @@ def finish_epoch(
             with stage.clock.measure("checkpoints"):
                 save_checkpoint(checkpoint(entry["epoch"]), path)
             stage.cadence.written()
+        if keep_every and entry["epoch"] % keep_every == 0:
+            with stage.clock.measure("checkpoints"):
+                save_checkpoint(checkpoint(entry["epoch"]), snapshot_path(path.parent, stage.name, entry["epoch"]))
         write_logs()
     if stopping and not last:
         raise TrainingStopped(
@@ -591,118 +404,22 @@ def finish_epoch(
         )
 
 
-def write_history(run_dir: Path, vae_history: list[dict], unet_history: list[dict]) -> None:
-    """history.jsonl: one line per epoch of each stage, rewritten whole from the checkpoints."""
-    lines = [json.dumps(entry) for entry in vae_history + unet_history]
-    write_text_atomic(run_dir / "history.jsonl", "\n".join(lines) + "\n")
-
-
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Training loss of every epoch; validation loss of the validated ones (run.validate_every)."""
-    validated = [entry for entry in history if "val_loss" in entry]
-    plot_curves(
-        {
-            "train": ([entry["epoch"] for entry in history], [entry["train_loss"] for entry in history]),
-            "validation": ([entry["epoch"] for entry in validated], [entry["val_loss"] for entry in validated]),
-        },
-        path,
-        title,
-    )
-
-
 # ============================================================================ stage 1: VAE
 
 
-def evaluate_vae(vae: AutoencoderKL, loader, config: Config, runtime: Runtime) -> dict:
-    """Validation figures of the reconstructions (posterior mean, no sampling noise): loss, MS-SSIM,
-    SSIM, PSNR and the spectral energy kept per band (metrics.SPECTRAL_BANDS), whose top band sees
-    the fine blur that MS-SSIM at 64 px cannot."""
-    vae.eval()
-    bands = len(SPECTRAL_BANDS)
-    # loss, MS-SSIM, SSIM and PSNR sums, image count, then the band energies of reconstructions and slices
-    totals = torch.zeros(5 + 2 * bands, dtype=torch.float64, device=runtime.device)
-    with torch.no_grad(), runtime.autocast():
-        for images, *_ in loader:
-            images = images.to(runtime.device, non_blocking=True)
-            recon, mean, logvar = vae(images, sample_posterior=False)
-            loss, _ = vae_loss(images, recon, mean, logvar, config.vae)
-            recon = recon.float().clamp(-1, 1)
-            scores = [
-                loss.double() * len(images),
-                ms_ssim(recon, images).sum(),
-                ssim(recon, images).sum(),
-                psnr(recon, images).sum(),
-            ]
-            totals[:4] += torch.stack([score.double() for score in scores])
-            totals[4] += len(images)
-            totals[5:] += torch.cat([band_energy(recon), band_energy(images)])
-    totals = runtime.mean_across_ranks(totals)
-    count = float(totals[4])
-    return {
-        "val_loss": float(totals[0]) / count,
-        "val_ms_ssim": float(totals[1]) / count,
-        "val_ssim": float(totals[2]) / count,
-        "val_psnr": float(totals[3]) / count,
-        "val_spectral_energy": energy_ratio(totals[5 : 5 + bands], count, totals[5 + bands :], count),
-    }
-
-
-def describe_reconstructions(entry: dict) -> list[str]:
-    """The validation figures of a VAE epoch as caption lines for vae_reconstructions.png and the log."""
-    kept = "  ".join(f"{BAND_LABELS[band]} {value:.2f}" for band, value in entry["val_spectral_energy"].items())
-    return [
-        f"MS-SSIM {entry['val_ms_ssim']:.4f}  SSIM {entry['val_ssim']:.3f}  PSNR {entry['val_psnr']:.1f} dB",
-        f"spectral energy kept (cycles/px): {kept}",
-    ]
-
-
-class Critic:
-    """The VAE's optional PatchGAN discriminator (vae.adversarial_weight > 0) with its own AdamW: it
-    learns, with a hinge loss, to tell training slices from their reconstructions from step
-    vae.adversarial_start on, and from then on the VAE's loss adds adversarial_weight times the
-    generator's hinge loss. Its weights and optimizer travel in vae.pt, so a resumed run stays exact."""
-
-    def __init__(self, config: Config, runtime: Runtime, restored: dict, path: Path):
-        self.settings = config.vae
-        self.model = PatchDiscriminator(config.vae).to(runtime.device)
-        stage = config.vae_train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=stage.lr, betas=tuple(stage.betas), weight_decay=0.0)
-        if restored:
-            if "discriminator" not in restored or "discriminator_optimizer" not in restored:
-                raise UsageError(f"{path} holds no discriminator to resume: resume from a copy or start a new --run")
-            load_weights(self.model, restored["discriminator"], path)
-            self.optimizer.load_state_dict(restored["discriminator_optimizer"])
-        self.trained = prepare_for_training(self.model, config, runtime)
-        self.runtime = runtime
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, step: int) -> torch.Tensor | None:
-        """The VAE's adversarial term at global step `step` (None before the start), keeping the batch
-        for the discriminator's own step after the VAE's."""
-        if step < self.settings.adversarial_start:
-            return None
-        self.pending = images, recon.detach()
-        self.model.requires_grad_(False)  # its gradient from the VAE's loss would only be thrown away
-        try:
-            return self.settings.adversarial_weight * generator_hinge_loss(self.model(recon))
-        finally:
-            self.model.requires_grad_(True)
-
-    def step(self) -> None:
-        """One discriminator update on the batch the VAE just trained on, real and reconstructed in one pass."""
-        if self.pending is None:
-            return
-        images, recon = self.pending
-        self.pending = None
-        with self.runtime.autocast():
-            real_logits, fake_logits = self.trained(torch.cat([images, recon])).chunk(2)
-        loss = discriminator_hinge_loss(real_logits, fake_logits)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
-    def state(self) -> dict:
-        return {"discriminator": self.model.state_dict(), "discriminator_optimizer": self.optimizer.state_dict()}
+def make_critic(config: Config, runtime: Runtime, restored: dict, path: Path) -> Critic | None:
+    """The VAE's discriminator when vae.adversarial_weight > 0 (modules.Critic), restored from the
+    stage's checkpoint `restored` on --resume, its step run as the VAE's is (DDP, compiled, autocast)."""
+    if config.vae.adversarial_weight <= 0:
+        return None
+    critic = Critic(config.vae, config.vae_train.lr, config.vae_train.betas, runtime.device)
+    if restored:
+        if "discriminator" not in restored or "discriminator_optimizer" not in restored:
+            raise UsageError(f"{path} holds no discriminator to resume: resume from a copy or start a new --run")
+        load_weights(critic.model, restored["discriminator"], path)
+        critic.optimizer.load_state_dict(restored["discriminator_optimizer"])
+    critic.trained, critic.autocast = prepare_for_training(critic.model, config, runtime), runtime.autocast
+    return critic
 
 
 def train_vae(
@@ -712,7 +429,7 @@ def train_vae(
     torch.manual_seed(config.run.seed)
     vae = AutoencoderKL(config.vae).to(runtime.device)
     stage = start_stage("vae", vae, datasets["train"], config, runtime, resume, run_dir / "vae.pt", clock, stop)
-    critic = Critic(config, runtime, stage.restored, run_dir / "vae.pt") if config.vae.adversarial_weight > 0 else None
+    critic = make_critic(config, runtime, stage.restored, run_dir / "vae.pt")
     val_loader = make_loader(
         datasets["val"], stage.settings.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size
     )
@@ -732,14 +449,14 @@ def train_vae(
         board.epoch(stage.history[-1], "vae")
 
     def checkpoint(epoch: int) -> dict:
-        return stage.checkpoint(config, epoch, **(critic.state() if critic is not None else {}))
+        return stage.checkpoint(config, epoch, **(critic.state_dict() if critic is not None else {}))
 
     after_step = critic.step if critic is not None else lambda: None
     for entry in run_epochs(stage, config, runtime, compute_loss, after_step=after_step):
         validated = validating(entry["epoch"], stage, config)
         if validated:
             with stage.clock.measure("validation"):
-                entry.update(evaluate_vae(vae, val_loader, config, runtime))
+                entry.update(vae_validation_scores(vae, val_loader, config, runtime))
         if runtime.is_main:
             scores = f"val {entry['val_loss']:.4f}  {'  '.join(describe_reconstructions(entry))}  " if validated else ""
             print(
@@ -762,58 +479,7 @@ def train_vae(
     return vae
 
 
-def set_latent_scale(
-    vae: AutoencoderKL, train_set: SliceDataset, batch_size: int, runtime: Runtime, max_images: int = 4096
-) -> None:
-    """Scale latents to unit variance (Rombach et al. 2022), from up to `max_images` training images."""
-    vae.eval()
-    count = min(len(train_set), max_images)
-    positions = torch.linspace(0, len(train_set) - 1, count).long()
-    latents = []
-    with torch.no_grad():
-        for chunk in positions.split(batch_size):
-            mean, logvar = vae.encode(train_set[chunk.tolist()][0].to(runtime.device))
-            latents.append(AutoencoderKL.sample_latent(mean, logvar).float())
-    vae.set_scale_factor(torch.cat(latents))
-
-
-def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path, runtime: Runtime, caption: list[str]) -> None:
-    """Top row: validation slices; bottom row: their reconstructions (posterior mean); the caption beneath."""
-    vae.eval()
-    with torch.no_grad():
-        recon = vae(images.to(runtime.device), sample_posterior=False)[0].float().clamp(-1, 1).cpu()
-    save_image_grid(torch.cat([images, recon]), path, ncols=len(images), caption=caption)
-
-
 # ============================================================================ stage 2: latent UNet
-
-
-def evaluate_unet(
-    unet: nn.Module, scheduler: NoiseScheduler, latents: LatentDataset, scale: float, config: Config, runtime: Runtime
-) -> float:
-    """Validation loss with a fixed draw of latents, timesteps and noise, so epochs compare fairly."""
-    unet.eval()
-    generator = torch.Generator(runtime.device).manual_seed(1234 + runtime.rank)
-    loader = make_loader(latents, config.unet_train.batch_size, shuffle=False, rank=runtime.rank, world_size=runtime.world_size)
-    totals = torch.zeros(2, device=runtime.device)
-    with torch.no_grad(), runtime.autocast():
-        for mean, logvar, conditions in loader:
-            z = AutoencoderKL.sample_latent(mean, logvar, generator=generator) * scale
-            totals[0] += scheduler.training_loss(unet, z, conditions, generator=generator).float() * len(conditions)
-            totals[1] += len(conditions)
-    totals = runtime.mean_across_ranks(totals)
-    return float(totals[0] / totals[1])
-
-
-def save_sample_grids(pipe: Pipeline, folder: Path, tag: str) -> list[tuple[str, Path]]:
-    """`<folder>/<tag>_AD.png` and `_NC.png`: a fixed seed, so grids from different epochs compare; (class, path) of each."""
-    run = pipe.config.run
-    for label, class_name in enumerate(CLASS_NAMES):
-        generator = torch.Generator(pipe.runtime.device).manual_seed(run.seed + label)
-        conditions = pipe.conditions(torch.full((run.grid_samples,), label, dtype=torch.long))
-        latents = pipe.sample(conditions, steps=run.sample_steps, guidance_scale=run.guidance_scale, generator=generator)
-        save_image_grid(pipe.decode(latents).cpu(), folder / f"{tag}_{class_name}.png", ncols=8)
-    return [(class_name, folder / f"{tag}_{class_name}.png") for class_name in CLASS_NAMES]
 
 
 def train_unet(
@@ -863,7 +529,7 @@ def train_unet(
         validated = validating(entry["epoch"], stage, config)
         if validated:
             with stage.clock.measure("validation"):
-                entry["val_loss"] = evaluate_unet(ema.model, scheduler, val_latents, scale, config, runtime)
+                entry["val_loss"] = unet_validation_loss(ema.model, scheduler, val_latents, scale, config, runtime)
         if runtime.is_main:
             scores = f"val (EMA) {entry['val_loss']:.4f}  " if validated else ""
             print(
@@ -874,39 +540,17 @@ def train_unet(
                 with stage.clock.measure("sample_grids"):
                     for class_name, path in save_sample_grids(grids, run_dir / "samples", f"epoch{entry['epoch']:03d}"):
                         board.image(f"unet/samples_{class_name}", path, entry["epoch"])
-        finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs)
+        finish_epoch(stage, entry, runtime, run_dir / "unet.pt", checkpoint, write_logs, config.run.keep_every)
     board.close()
 
 
-# ============================================================================ command line
-
-
-def pick_preset(requested: str | None) -> tuple[str, str]:
-    """The preset of a new run and why, in one line: the one asked for; else, as users of the original run
-    `python train.py` on a GPU workstation, `adni` when the ADNI folder exists, and `demo` when it does not."""
-    if requested:
-        return requested, f"preset {requested} (--preset)"
-    if Path(DEFAULT_DATA_DIR).is_dir():
-        return "adni", f"no --preset: training the adni preset (192 px, for a GPU) because {DEFAULT_DATA_DIR} exists"
-    return "demo", (
-        f"no --preset: training the demo preset (64 px, CPU minutes) on {DEMO_DATA_DIR}, because {DEFAULT_DATA_DIR} "
-        "does not exist (python project_setup.py unpacks data/ADNI.zip there)"
-    )
-
-
-def requested_config(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> tuple[Config, Config | None]:
-    """The config asked for (the run's config.json with the command line's values, or a preset's for a
-    new run) and the stored one (None for a new run); every stored field checked, nothing else yet."""
-    stored = read_config(run_dir) if (run_dir / "config.json").is_file() else None
-    config = copy.deepcopy(stored) if stored is not None else make_config(pick_preset(args.preset)[0])
-    apply_overrides(config, overrides)
-    return config, stored
+# ============================================================================ a run
 
 
 def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> Config:
     """The run's config, validated: new from a preset, or the run's own config.json (which CLI values
     may not contradict where they define the model). Refuses to overwrite finished work without --resume."""
-    config, stored = requested_config(args, overrides, run_dir)
+    config, stored = requested_config(args.preset, overrides, run_dir)
     if stored is not None:
         if args.preset and args.preset != stored.preset:
             raise UsageError(f"{run_dir} is a {stored.preset!r} run, not {args.preset!r}: drop --preset or choose another --run")
@@ -932,59 +576,12 @@ def prepare_run(args: argparse.Namespace, overrides: dict[str, str], run_dir: Pa
     return config
 
 
-# What train.py writes in a run folder, beside the sample grids in samples/.
-RUN_FILES = (
-    "config.json",
-    "splits.json",
-    "vae.pt",
-    "unet.pt",
-    "history.jsonl",
-    "vae_loss.png",
-    "diffusion_loss.png",
-    "vae_reconstructions.png",
-)
-
-
-def check_run_outputs(config: Config, run_dir: Path) -> None:
-    """The run folder, its lock file, its files and the decode cache: none inside the dataset (resolved
-    through symlinks), each a folder or a file as it is meant to be, before the lock file is written."""
-    check_output_paths(
-        dataset_folders(config),
-        folders={"--run": run_dir, "--run's samples folder": run_dir / "samples", "--data.cache_dir": config.data.cache_dir},
-        files={"the run's lock file": lock_path(run_dir), **{f"the run's {name}": run_dir / name for name in RUN_FILES}},
-    )
-
-
-def check_vae_is_final(config: Config, run_dir: Path, stage: str) -> None:
-    """A run whose UNet is trained on its VAE cannot train that VAE further (epochs as resolved)."""
-    if stage in ("vae", "all") and (run_dir / "unet.pt").is_file():
-        vae_epochs = load_checkpoint(run_dir / "vae.pt")["epoch"] if (run_dir / "vae.pt").is_file() else 0
-        if vae_epochs < config.vae_train.epochs:
-            raise UsageError(
-                f"{run_dir} already has a UNet trained on its VAE; training the VAE further would "
-                "invalidate it: choose a new --run"
-            )
-
-
-def check_classes(datasets: dict[str, SliceDataset]) -> None:
-    """Both AD and NC in the training and validation splits: a model trained on one class would
-    sample it for either label without a word."""
-    for name in ("train", "val"):
-        present = set(datasets[name].labels.tolist())
-        missing = [class_name for label, class_name in enumerate(CLASS_NAMES) if label not in present]
-        if missing:
-            raise UsageError(
-                f"the {name} split has no {' or '.join(missing)} images: a conditional model needs both "
-                "classes; add them to the dataset's train folder (or raise --data.val_fraction)"
-            )
-
-
 def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) -> None:
     """Validate, load the data, write the run's config and splits, then train the asked-for stages."""
     config = prepare_run(args, overrides, run_dir)
     if config.run.tensorboard:
         require_tensorboard()  # now, not after a stage of training
-    runtime = start_runtime(config.run)
+    runtime = start_runtime(config.run.device, config.run.bf16)
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
     check_classes(datasets)
@@ -1028,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset is None and not (run_dir / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
         print(reason)  # the first line: which model a bare `python train.py` is about to train, and why
     with usage_errors_exit():
-        check_run_outputs(requested_config(args, overrides, run_dir)[0], run_dir)
+        check_run_outputs(requested_config(args.preset, overrides, run_dir)[0], run_dir)
         # One writer per run folder: torchrun's rank 0 holds the lock for all ranks of its job.
         with folder_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
             train(args, overrides, run_dir)

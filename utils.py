@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: seeding, device choice, atomic writes, image grids, plots.
+"""Small helpers shared by the scripts: seeding, device choice, atomic writes, image grids, plots, and a
+training run's clock, checkpoint cadence and stop request.
 
 Nothing here knows about brains or diffusion; each function is a few lines a script would
 otherwise repeat.
@@ -23,7 +24,8 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +233,23 @@ class Runtime:
             dist.all_reduce(value)
             value /= self.world_size
         return value
+
+
+def start_runtime(device: str = "auto", bf16: bool = True) -> Runtime:
+    """This process's Runtime on `device` (auto, cpu, cuda, ...), with bf16 autocast when asked and on
+    CUDA; under torchrun, after joining its process group (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        chosen = pick_device(device)
+        return Runtime(chosen, bf16=bf16 and chosen.type == "cuda")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    chosen = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Runtime(chosen, rank, world_size, bf16=bf16 and use_cuda)
 
 
 def _current_umask() -> int:
@@ -659,3 +678,142 @@ def _numbers(entry: dict, prefix: str) -> Iterator[tuple[str, float]]:
             yield from _numbers(value, f"{prefix}/{name}")
         elif isinstance(value, int | float) and not isinstance(value, bool) and name not in ("epoch", "step"):
             yield f"{prefix}/{name}", float(value)
+
+
+# ============================================================================ a training run's clock, checkpoint cadence, stop and history
+
+# What a stage's wall time is spent on, besides `other` (start-up, logs, plots, waiting for other ranks).
+TIME_CATEGORIES = ("train_steps", "data", "validation", "checkpoints", "sample_grids", "latent_encoding")
+
+
+class TimeBreakdown:
+    """Wall-clock seconds of a stage by TIME_CATEGORIES, each second counted once: a measurement
+    inside another is taken out of the outer one, and `other` is what no measurement claimed.
+
+    `close()` ends a span (an epoch's record) and starts the next; `summary()` adds the spans
+    closed so far and the open one: the stage's time in this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.span_started = clock()
+        self.span = dict.fromkeys(TIME_CATEGORIES, 0.0)
+        self.closed = dict.fromkeys((*TIME_CATEGORIES, "other", "total"), 0.0)
+        self.inner: list[float] = []  # seconds of the measurements nested in each open one
+
+    @contextlib.contextmanager
+    def measure(self, category: str) -> Iterator[None]:
+        self.inner.append(0.0)
+        started = self.clock()
+        try:
+            yield
+        finally:
+            elapsed = self.clock() - started
+            self.span[category] += elapsed - self.inner.pop()
+            if self.inner:
+                self.inner[-1] += elapsed
+
+    def add(self, category: str, seconds: float) -> None:
+        """Count `seconds` timed by the caller, inside the open measurement, as `category`."""
+        self.span[category] += seconds
+        if self.inner:
+            self.inner[-1] += seconds
+
+    def open_span(self, now: float) -> dict[str, float]:
+        total = now - self.span_started
+        return {**self.span, "other": total - sum(self.span.values()), "total": total}
+
+    def close(self) -> dict[str, float]:
+        """Seconds of the span ending now, by category, with `other` and `total`; the next span starts."""
+        now = self.clock()
+        span = self.open_span(now)
+        for key, seconds in span.items():
+            self.closed[key] += seconds
+        self.span_started, self.span = now, dict.fromkeys(TIME_CATEGORIES, 0.0)
+        return {key: round(seconds, 4) for key, seconds in span.items()}
+
+    def summary(self) -> dict[str, float]:
+        """Seconds since the stage started in this process, by category, with `other` and `total`."""
+        return {key: self.closed[key] + seconds for key, seconds in self.open_span(self.clock()).items()}
+
+
+def describe_time(stage: str, seconds: dict[str, float]) -> str:
+    """One line: the stage's wall time and each category's share of it."""
+    total = max(seconds["total"], 1e-9)
+    parts = ", ".join(
+        f"{key.replace('_', ' ')} {seconds[key]:.1f} s ({100 * seconds[key] / total:.0f}%)" for key in (*TIME_CATEGORIES, "other")
+    )
+    return f"{stage} time {seconds['total']:.1f} s: {parts}"
+
+
+class CheckpointCadence:
+    """A mid-stage checkpoint is due `minutes` after the last one written (or the stage's start);
+    0 makes every epoch's due."""
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.minutes, self.clock = minutes, clock
+        self.last_written = clock()
+
+    def due(self) -> bool:
+        return self.clock() - self.last_written >= 60 * self.minutes
+
+    def written(self) -> None:
+        self.last_written = self.clock()
+
+
+class StopRequest:
+    """The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training asks for a
+    clean stop: the epoch under way finishes, its checkpoint is written and train.py exits with
+    128 + the signal's number; a second Ctrl-C interrupts at once, as without this."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self.previous_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers in the main thread only
+            self.previous_handlers = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for number, handler in self.previous_handlers.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: object) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        print(
+            f"\n{signal.Signals(number).name}: stopping after this epoch's checkpoint (Ctrl-C again stops now)", file=sys.stderr
+        )
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank was asked to stop; every rank asks after every epoch, so all stop together."""
+        asked = torch.tensor(float(self.signal_number is not None), device=runtime.device)
+        return bool(runtime.mean_across_ranks(asked) > 0)
+
+
+class TrainingStopped(Exception):
+    """A clean stop: the checkpoint of the last finished epoch is on disk."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+def write_history(run_dir: Path, vae_history: list[dict], unet_history: list[dict]) -> None:
+    """history.jsonl: one line per epoch of each stage, rewritten whole from the checkpoints."""
+    lines = [json.dumps(entry) for entry in vae_history + unet_history]
+    write_text_atomic(run_dir / "history.jsonl", "\n".join(lines) + "\n")
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Training loss of every epoch; validation loss of the validated ones (run.validate_every)."""
+    validated = [entry for entry in history if "val_loss" in entry]
+    plot_curves(
+        {
+            "train": ([entry["epoch"] for entry in history], [entry["train_loss"] for entry in history]),
+            "validation": ([entry["epoch"] for entry in validated], [entry["val_loss"] for entry in validated]),
+        },
+        path,
+        title,
+    )

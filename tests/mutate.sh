@@ -27,8 +27,8 @@ case "$target" in
     names=("modules.x_make_betas__mutmut_*" "modules.xǁNoiseSchedulerǁ*" "modules.xǁConditionsǁ*" "modules.xǁEMAǁ*"
            "modules.x_unwrap_model__mutmut_*") ;;
   train)
-    sources="train.py pipeline.py utils.py"; tests="tests/test_train.py tests/test_checkpoints.py tests/test_run_integrity.py"
-    names=("train.x_train_one_epoch__mutmut_*" "train.x_make_optimizer__mutmut_*" "train.x_restore_stage__mutmut_*"
+    sources="train.py pipeline.py utils.py modules.py"; tests="tests/test_train.py tests/test_checkpoints.py tests/test_run_integrity.py"
+    names=("train.x_train_one_epoch__mutmut_*" "modules.x_make_optimizer__mutmut_*" "pipeline.x_restore_stage__mutmut_*"
            "train.x_seed_epoch__mutmut_*" "train.x_prepare_for_training__mutmut_*" "train.x_start_stage__mutmut_*"
            "pipeline.x_checkpoint_state__mutmut_*" "pipeline.x_load_stage_checkpoint__mutmut_*"
            "pipeline.x_load_weights__mutmut_*" "utils.x_save_checkpoint__mutmut_*" "utils.x_load_checkpoint__mutmut_*") ;;

@@ -129,6 +129,7 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         ("unet_train.ema_decay", "inf", "--unet_train.ema_decay inf"),
         ("run.sample_every", "0", "--run.sample_every 0: must be at least 1"),
         ("run.validate_every", "0", "--run.validate_every 0: must be at least 1"),
+        ("run.keep_every", "-1", "--run.keep_every -1: must be 0 (no snapshots) or more"),
         ("run.checkpoint_minutes", "-1", "--run.checkpoint_minutes -1.0: must be a finite number of minutes, 0 or more"),
         ("run.checkpoint_minutes", "inf", "--run.checkpoint_minutes inf"),
         ("run.sample_steps", "1001", "--run.sample_steps 1001: must be 1 to scheduler.num_train_timesteps (1000)"),

@@ -9,13 +9,16 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import assert_same
 
+import pipeline
 import train
+import utils
 from conftest import run_train
 from utils import load_checkpoint
 
-SPAN_KEYS = {*train.TIME_CATEGORIES, "other", "total"}
+SPAN_KEYS = {*utils.TIME_CATEGORIES, "other", "total"}
 
 
 class FakeClock:
@@ -30,7 +33,7 @@ class FakeClock:
 
 def test_time_breakdown_counts_every_second_once() -> None:
     clock = FakeClock()
-    breakdown = train.TimeBreakdown(clock)
+    breakdown = utils.TimeBreakdown(clock)
     clock.now += 1  # start-up: other
     with breakdown.measure("train_steps"):
         clock.now += 2
@@ -40,7 +43,7 @@ def test_time_breakdown_counts_every_second_once() -> None:
         clock.now += 0.25
     first = breakdown.close()
     assert first == {
-        **dict.fromkeys(train.TIME_CATEGORIES, 0.0),
+        **dict.fromkeys(utils.TIME_CATEGORIES, 0.0),
         "train_steps": 2.0,
         "data": 0.5,
         "validation": 0.25,
@@ -55,7 +58,7 @@ def test_time_breakdown_counts_every_second_once() -> None:
     clock.now += 3  # after the last record: only in the summary
     summary = breakdown.summary()
     assert summary["total"] == 11.75 and summary["other"] == 5 and summary["train_steps"] == 2 and summary["checkpoints"] == 4
-    line = train.describe_time("unet", summary)
+    line = utils.describe_time("unet", summary)
     assert line.startswith("unet time 11.8 s: train steps 2.0 s (17%)") and "\n" not in line
 
 
@@ -67,7 +70,7 @@ def test_every_epoch_records_where_its_time_went(trained_run: Path) -> None:
         seconds = entry["seconds"]
         assert seconds.keys() == SPAN_KEYS
         assert all(value >= -1e-3 for value in seconds.values()), seconds
-        assert sum(seconds[key] for key in (*train.TIME_CATEGORIES, "other")) == pytest.approx(seconds["total"], abs=1e-3)
+        assert sum(seconds[key] for key in (*utils.TIME_CATEGORIES, "other")) == pytest.approx(seconds["total"], abs=1e-3)
         assert seconds["train_steps"] > 0 and seconds["data"] > 0 and seconds["validation"] > 0 and seconds["sample_grids"] > 0
     vae, unet = history[:2], history[2:]
     assert vae[0]["seconds"]["checkpoints"] == 0 < vae[1]["seconds"]["checkpoints"]
@@ -168,3 +171,21 @@ def test_sigterm_stops_cleanly_after_the_epoch_with_a_checkpoint(tiny_dataset: P
     assert "stopped by SIGTERM after vae epoch 1/2" in err and "--resume" in err
     assert load_checkpoint(run_dir / "vae.pt")["epoch"] == 1
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_snapshots_keep_every_kth_unet_epoch_and_load_as_that_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
+    """--run.keep_every 2 over 4 UNet epochs keeps epochs 2 and 4 (not the VAE's); a snapshot loads as a
+    run at its epoch, and the last one holds the same EMA weights as unet.pt."""
+    run_dir = tmp_path / "kept"
+    run_train(tiny_dataset, run_dir, "--unet_train.epochs", "4", "--run.keep_every", "2")
+    kept = pipeline.snapshots(run_dir)
+    assert [path.name for path in kept] == ["unet_epoch002.pt", "unet_epoch004.pt"], kept
+    runtime = utils.Runtime(torch.device("cpu"))
+    middle, final = (pipeline.load_run(run_dir, runtime, path) for path in kept)
+    assert (middle.epoch, final.epoch) == (2, 4)
+    finished = pipeline.load_run(run_dir, runtime)
+    for name, weight in finished.unet.state_dict().items():
+        assert torch.equal(final.unet.state_dict()[name], weight), f"the epoch-4 snapshot's {name} is not unet.pt's"
+    assert any(not torch.equal(middle.unet.state_dict()[name], weight) for name, weight in finished.unet.state_dict().items()), (
+        "the epoch-2 snapshot holds the final weights"
+    )
