@@ -12,11 +12,13 @@ import torch
 
 from config import MAX_GUIDANCE, latent_shape, make_config
 from dataset import SliceDataset
-from modules import AutoencoderKL, Conditions, NoiseScheduler
+from metrics import SPECTRAL_BANDS, band_energy, energy_ratio, psnr
+from modules import AutoencoderKL, Conditions, NoiseScheduler, ms_ssim, ssim, vae_loss
 from pipeline import (
     DEFAULT_SLICE_POSITION,
     MAX_IMAGES,
     MAX_SEED,
+    LatentDataset,
     Pipeline,
     batch_generator,
     build_unet,
@@ -25,6 +27,9 @@ from pipeline import (
     encode_split,
     normalise_slices,
     sampling_options,
+    set_latent_scale,
+    unet_validation_loss,
+    vae_validation_scores,
 )
 from utils import Runtime, UsageError
 
@@ -272,3 +277,70 @@ def test_a_unet_from_another_vae_is_refused_and_old_checkpoints_are_trusted() ->
     check_trained_on({}, "abc", Path("unet.pt"))  # written before fingerprints existed
     with pytest.raises(UsageError, match="^unet.pt was trained on another VAE than the vae.pt beside it"):
         check_trained_on({"vae_fingerprint": "abd"}, "abc", Path("unet.pt"))
+
+
+# ----------------------------------------------------------------------------- what training measures (pipeline.py)
+
+
+class FixedPosterior(torch.nn.Module):
+    """A stand-in VAE: posterior mean = 3 × the top-left 2x2 pixels, log-variance −30 (σ ≈ 3e-7), and a
+    reconstruction 0.1 brighter than its input."""
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = images[:, :, :2, :2] * 3
+        return mean, torch.full_like(mean, -30.0)
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, ...]:
+        mean, logvar = self.encode(images)
+        return images + 0.1, mean, logvar
+
+    def set_scale_factor(self, latents: torch.Tensor) -> None:
+        self.seen = latents
+
+
+def slices(count: int, seed: int) -> SliceDataset:
+    pixels = (torch.rand(count, 32, 32, generator=torch.Generator().manual_seed(seed)) * 180 + 20).to(torch.uint8)
+    return SliceDataset(pixels.numpy(), [index % 2 for index in range(count)], list(range(70, 70 + count)))
+
+
+def test_latent_scale_is_set_from_evenly_spaced_training_images() -> None:
+    """Up to max_images images, evenly spaced over the training set (here 0, 3, 6, 9 of 10), encoded in
+    batches; their sampled latents set the scale."""
+    vae, train_set = FixedPosterior(), slices(10, 6)
+    set_latent_scale(vae, train_set, batch_size=3, runtime=Runtime(CPU), max_images=4)
+    expected = train_set[[0, 3, 6, 9]][0][:, :, :2, :2] * 3
+    assert torch.allclose(vae.seen, expected, atol=1e-5), "the scale must come from images 0, 3, 6 and 9, all of them"
+    set_latent_scale(vae, train_set, batch_size=4, runtime=Runtime(CPU))
+    assert torch.allclose(vae.seen, train_set[list(range(10))][0][:, :, :2, :2] * 3, atol=1e-5)  # default: up to 4096
+
+
+def test_vae_validation_scores_are_per_image_means_over_unequal_batches() -> None:
+    config, images = make_config("tiny"), slices(5, 7)[list(range(5))][0]
+    loader = [(images[:3], None), (images[3:], None)]
+    scores = vae_validation_scores(FixedPosterior(), loader, config, Runtime(CPU))
+    losses = [vae_loss(batch, batch + 0.1, *FixedPosterior().encode(batch), config.vae)[0] for batch, _ in loader]
+    recon = (images + 0.1).clamp(-1, 1)
+    assert scores["val_loss"] == pytest.approx(float(losses[0] * 3 + losses[1] * 2) / 5, rel=1e-5)
+    assert scores["val_ms_ssim"] == pytest.approx(float(ms_ssim(recon, images).mean()), rel=1e-5)
+    assert scores["val_ssim"] == pytest.approx(float(ssim(recon, images).mean()), rel=1e-5)
+    assert scores["val_psnr"] == pytest.approx(float(psnr(recon, images).mean()), rel=1e-5)
+    # A brighter image differs only at frequency 0, below every band, unless the clamp cut a pixel.
+    assert scores["val_spectral_energy"] == pytest.approx(energy_ratio(band_energy(recon), 5, band_energy(images), 5))
+    assert scores["val_spectral_energy"] == pytest.approx(dict.fromkeys(SPECTRAL_BANDS, 1.0), abs=0.02)
+
+
+def test_unet_validation_loss_is_a_fixed_draw_weighted_by_batch_size() -> None:
+    pipe = tiny_pipeline()
+    generator = torch.Generator().manual_seed(8)
+    mean, logvar = torch.randn(5, *latent_shape(pipe.config), generator=generator), torch.full((5, 4, 8, 8), -2.0)
+    latents = LatentDataset(mean, logvar, Conditions(torch.tensor([0, 1, 0, 1, 1])))
+    pipe.config.unet_train.batch_size = 3  # batches of 3 and 2
+    loss = unet_validation_loss(pipe.unet, pipe.scheduler, latents, 0.5, pipe.config, pipe.runtime)
+    draws, total = torch.Generator().manual_seed(1234), 0.0
+    for batch in ([0, 1, 2], [3, 4]):
+        z = AutoencoderKL.sample_latent(mean[batch], logvar[batch], generator=draws) * 0.5
+        total += float(pipe.scheduler.training_loss(pipe.unet, z, latents.conditions[batch], generator=draws)) * len(batch)
+    assert loss == pytest.approx(total / 5, rel=1e-5), "not the batch-size-weighted loss of the fixed draw (seed 1234)"
+    torch.randn(3)  # the global generator moves on; the validation draw does not
+    assert unet_validation_loss(pipe.unet, pipe.scheduler, latents, 0.5, pipe.config, pipe.runtime) == loss
+    assert unet_validation_loss(pipe.unet, pipe.scheduler, latents, 1.0, pipe.config, pipe.runtime) != loss
