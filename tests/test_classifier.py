@@ -13,23 +13,24 @@ import torch
 import classifier
 from config import DataConfig, read_config
 from conftest import make_tiny_dataset, run_train
-from dataset import load_split_datasets, load_splits, to_model_range
+from dataset import SliceDataset, load_split_datasets, load_splits, to_model_range
 from pipeline import load_trained_vae
-from utils import load_checkpoint, save_checkpoint, to_uint8
+from utils import UsageError, load_checkpoint, save_checkpoint, to_uint8
 
 CPU = torch.device("cpu")
 QUICK = classifier.ClassifierSettings(epochs=4)
+FINGERPRINT_OF_QUICK = "6f544be028f69c591d5a"  # of fixed splits, size 32 and VAE "vae": changes with any default of QUICK
 
 
 def test_position_balancing_makes_every_slice_half_ad() -> None:
-    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1])
-    slices = np.array([70, 70, 70, 70, 71, 71, 71, 72])  # slice 72 holds NC only
+    labels = np.array([0, 0, 0, 1, 0, 1, 1, 1, 0, 0])
+    slices = np.array([70, 70, 70, 70, 71, 71, 71, 72, 73, 73])  # slice 72 holds NC only, 73 AD only
     weights = classifier.position_balancing_weights(labels, slices)
     for index in (70, 71):
         here = slices == index
         assert weights[here & (labels == 0)].sum() == pytest.approx(weights[here & (labels == 1)].sum())
         assert weights[here].sum() == pytest.approx(here.sum())  # each index keeps its share
-    assert weights[slices == 72].sum() == 0
+    assert weights[slices >= 72].sum() == 0, "a slice index holding one class only must get weight 0"
 
 
 def test_checkerboard_has_the_asked_period_and_phase() -> None:
@@ -118,3 +119,84 @@ def test_a_damaged_or_foreign_yardstick_cache_is_retrained(tmp_path: Path, monke
     model, info = classifier.load_or_train_yardstick(tmp_path, {}, splits, 32, "vae", lambda pixels: pixels, CPU, False, QUICK)
     assert model is trained and info["source"] == "trained, saved as classifier.pt" and info["val_accuracy"] == 0.75
     assert load_checkpoint(path)["fingerprint"] == fingerprint
+
+
+def test_one_class_per_slice_index_leaves_nothing_to_learn() -> None:
+    train = SliceDataset(np.zeros((4, 8, 8), np.uint8), [0, 0, 1, 1], [70, 70, 71, 71])
+    with pytest.raises(UsageError) as error:
+        classifier.check_position_balance(train)
+    assert str(error.value) == (
+        "no slice index of the training split holds both AD and NC images: slice position alone separates the classes, "
+        "so no yardstick can be trained on anatomy; use a dataset whose classes share slice positions"
+    )
+    classifier.check_position_balance(SliceDataset(np.zeros((4, 8, 8), np.uint8), [0, 1, 1, 1], [70, 70, 71, 71]))
+
+
+def test_the_yardstick_trains_on_weighted_slices_and_their_reconstructions(monkeypatch) -> None:
+    """train_yardstick hands train_classifier the position-balanced weights, the slices followed by their
+    reconstructions (weights repeated), and validation on real and on reconstructed val slices."""
+    pixels = torch.arange(6 * 4 * 4, dtype=torch.uint8).reshape(6, 4, 4)
+    train = SliceDataset(pixels.numpy(), [0, 1, 0, 1, 0, 0], [70, 70, 71, 71, 72, 72])
+    val = SliceDataset(pixels[:2].numpy(), [0, 1], [70, 70])
+    seen = {}
+
+    def fake_train(pixels, labels, settings, device, weights, validation, description) -> tuple[str, float]:
+        seen.update(pixels=pixels, labels=labels, device=device, weights=weights, validation=validation)
+        return "model", 0.5
+
+    monkeypatch.setattr(classifier, "train_classifier", fake_train)
+
+    def darker(images: torch.Tensor) -> torch.Tensor:  # a stand-in "reconstruction"
+        return images // 2
+
+    assert classifier.train_yardstick({"train": train, "val": val}, darker, QUICK, CPU) == ("model", 0.5)
+    weights = classifier.position_balancing_weights(train.labels.numpy(), train.slice_indices.numpy())
+    assert torch.equal(seen["pixels"], torch.cat([train.pixels, train.pixels // 2]))
+    assert seen["labels"].tolist() == [0, 1, 0, 1, 0, 0] * 2 and seen["device"] == CPU
+    assert seen["weights"].tolist() == [*weights, *weights] and weights[4:].sum() == 0
+    (real, real_labels), (reconstructed, reconstructed_labels) = seen["validation"]
+    assert torch.equal(real, val.pixels) and torch.equal(reconstructed, val.pixels // 2)
+    assert real_labels.tolist() == reconstructed_labels.tolist() == [0, 1]
+    alone = dataclasses.replace(QUICK, with_reconstructions=False)
+    classifier.train_yardstick({"train": train, "val": val}, darker, alone, CPU)
+    assert torch.equal(seen["pixels"], train.pixels) and seen["weights"].tolist() == list(weights)
+    assert len(seen["validation"]) == 1
+
+
+def test_a_cache_of_the_same_inputs_is_reused_and_a_change_of_any_retrains(tmp_path: Path, monkeypatch) -> None:
+    splits = {"train": ["1"], "val": ["2"], "test": ["3"]}
+    # Fixed inputs, fixed fingerprint (sorted JSON, 20 hex digits): a cache stays valid across versions.
+    assert classifier.classifier_fingerprint(splits, 32, "vae", QUICK) == FINGERPRINT_OF_QUICK
+    calls = []
+
+    def train(*args) -> tuple[classifier.SliceClassifier, float]:
+        calls.append(args)
+        torch.manual_seed(len(calls))
+        return classifier.SliceClassifier(QUICK.channels), 0.75
+
+    monkeypatch.setattr(classifier, "train_yardstick", train)
+
+    def load(**changes):
+        arguments = {"splits": splits, "image_size": 32, "vae_fingerprint": "vae", "retrain": False, "settings": QUICK} | changes
+        return classifier.load_or_train_yardstick(
+            run_dir=tmp_path, datasets={}, reconstruct=lambda pixels: pixels, device=CPU, **arguments
+        )
+
+    trained, info = load()
+    settings = dataclasses.asdict(QUICK)
+    assert info == {"source": "trained, saved as classifier.pt", "val_accuracy": 0.75, "settings": settings}
+    reused, info = load()
+    assert info == {"source": "reused classifier.pt", "val_accuracy": 0.75, "settings": settings} and len(calls) == 1
+    assert not reused.training and reused.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(reused.state_dict()[name], value) for name, value in trained.state_dict().items())
+    for change in (
+        {"retrain": True},
+        {"splits": {**splits, "test": ["4"]}},
+        {"image_size": 64},
+        {"vae_fingerprint": "other vae"},
+        {"settings": dataclasses.replace(QUICK, epochs=5)},
+    ):
+        count = len(calls)
+        assert load(**change)[1]["source"].startswith("trained"), change
+        assert len(calls) == count + 1
+        load()  # back to the original inputs: retrained once more, cached again
