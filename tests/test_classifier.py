@@ -176,15 +176,24 @@ def test_a_cache_of_the_same_inputs_is_reused_and_a_change_of_any_retrains(tmp_p
 
     monkeypatch.setattr(classifier, "train_yardstick", train)
 
+    datasets = {"train": "train split", "val": "val split"}
+
+    def reconstruct(pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
     def load(**changes):
         arguments = {"splits": splits, "image_size": 32, "vae_fingerprint": "vae", "retrain": False, "settings": QUICK} | changes
         return classifier.load_or_train_yardstick(
-            run_dir=tmp_path, datasets={}, reconstruct=lambda pixels: pixels, device=CPU, **arguments
+            run_dir=tmp_path, datasets=datasets, reconstruct=reconstruct, device=CPU, **arguments
         )
 
     trained, info = load()
     settings = dataclasses.asdict(QUICK)
     assert info == {"source": "trained, saved as classifier.pt", "val_accuracy": 0.75, "settings": settings}
+    assert calls == [(datasets, reconstruct, QUICK, CPU)], "train_yardstick must get the datasets, reconstruct, settings, device"
+    saved = load_checkpoint(tmp_path / classifier.CLASSIFIER_FILE)
+    assert saved.keys() == {"fingerprint", "settings", "model", "val_accuracy"} and saved["settings"] == settings
+    assert saved["fingerprint"] == FINGERPRINT_OF_QUICK and saved["val_accuracy"] == 0.75
     reused, info = load()
     assert info == {"source": "reused classifier.pt", "val_accuracy": 0.75, "settings": settings} and len(calls) == 1
     assert not reused.training and reused.state_dict().keys() == trained.state_dict().keys()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -313,3 +315,80 @@ def test_default_cache_is_written_outside_the_dataset_folder(tiny_root: Path, tm
     ]
     assert tree_fingerprint(tiny_root) == before
     assert not list(tiny_root.rglob("*.npz"))
+
+
+def test_splits_file_holds_the_settings_and_the_scan_lists(tmp_path: Path) -> None:
+    splits = {"train": ["1", "2"], "val": ["3"], "test": ["4"]}
+    dataset.save_splits(tmp_path / "splits.json", splits, 0.2, 7)
+    assert json.loads((tmp_path / "splits.json").read_text()) == {"val_fraction": 0.2, "seed": 7, **splits}
+    assert dataset.load_splits(tmp_path / "splits.json") == splits
+    (tmp_path / "splits.json").write_text("[]")
+    with pytest.raises(DatasetError) as error:
+        dataset.load_splits(tmp_path / "splits.json")
+    assert str(error.value).endswith(
+        "splits.json is damaged (a JSON list, not an object): this run's train/val/test split is lost; "
+        "start a new run (train.py with another --run folder)"
+    )
+
+
+def test_cache_files_are_named_by_a_20_digit_key(tiny_root: Path, tmp_path: Path) -> None:
+    decode_images(index_dataset(tiny_root).records, 32, tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    assert re.fullmatch(r"images_[0-9a-f]{20}\.npz", cache_file.name), cache_file.name
+
+
+def write_cache(path: Path, pixels: np.ndarray, readable: np.ndarray, unreadable: list[str] | np.ndarray) -> None:
+    """A decode cache as decode_images writes one; `unreadable` as given when an array (any dtype)."""
+    reasons = unreadable if isinstance(unreadable, np.ndarray) else np.array(unreadable, dtype=str)
+    with open(path, "wb") as handle:
+        np.savez(handle, pixels=pixels, readable=readable, unreadable=reasons)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("pixels dtype", "pixels are int16 (N, 32, 32), expected uint8 (N, 32, 32)"),
+        ("pixels shape", "pixels are uint8 (N, 32, 31), expected uint8 (N, 32, 32)"),
+        ("readable dtype", "readable flags are int64 (N,), expected bool (N,)"),
+        ("readable shape", "readable flags are bool (N1,), expected bool (N,)"),
+        ("reasons shape", "0 unreadable reasons for 0 unreadable images"),
+        ("reasons dtype", "1 unreadable reasons for 1 unreadable images"),
+        ("reasons count", "1 unreadable reasons for 0 unreadable images"),
+        ("not an npz", "not an .npz archive"),
+    ],
+)
+def test_a_cache_that_is_not_what_decode_images_wrote_is_rebuilt(
+    tiny_root: Path, tmp_path: Path, capsys, damage: str, reason: str
+) -> None:
+    """Each check of _read_cache on its own: one field wrong, everything else as written."""
+    records = index_dataset(tiny_root).records
+    count = len(records)
+    fresh = decode_images(records, 32, tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    pixels, readable, unreadable = fresh.pixels, fresh.readable, []
+    if damage == "pixels dtype":
+        pixels = pixels.astype(np.int16)
+    elif damage == "pixels shape":
+        pixels = pixels[:, :, :31]
+    elif damage == "readable dtype":
+        readable = readable.astype(np.int64)
+    elif damage == "readable shape":
+        readable = np.append(readable, True)
+    elif damage == "reasons shape":
+        unreadable = np.zeros((0, 0), dtype=str)
+    elif damage == "reasons dtype":
+        readable = readable.copy()
+        readable[0] = False
+        unreadable = np.array([1])
+    elif damage == "reasons count":
+        unreadable = ["a.jpeg: truncated"]
+    if damage == "not an npz":
+        np.save(cache_file.with_suffix(".npy"), pixels)
+        cache_file.with_suffix(".npy").rename(cache_file)
+    else:
+        write_cache(cache_file, pixels, readable, unreadable)
+    rebuilt = decode_images(records, 32, tmp_path / "cache")
+    expected = reason.replace("(N1,)", f"({count + 1},)").replace("N", str(count))
+    assert f"is damaged ({expected}): rebuilding it" in capsys.readouterr().out
+    np.testing.assert_array_equal(rebuilt.pixels, fresh.pixels)
+    np.testing.assert_array_equal(rebuilt.readable, fresh.readable)
