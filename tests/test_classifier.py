@@ -209,3 +209,20 @@ def test_a_cache_of_the_same_inputs_is_reused_and_a_change_of_any_retrains(tmp_p
         assert load(**change)[1]["source"].startswith("trained"), change
         assert len(calls) == count + 1
         load()  # back to the original inputs: retrained once more, cached again
+
+
+def test_classify_returns_the_heads_argmax_and_the_pooled_features(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = classifier.SliceClassifier(QUICK.channels).train()
+    pixels = torch.randint(0, 256, (5, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(classifier, "CHUNK", 2)  # three chunks
+    predictions, features = classifier.classify(model, pixels, CPU)
+    assert not model.training, "classify must measure in evaluation mode"
+    with torch.no_grad():
+        expected_features = model.features(to_model_range(pixels.unsqueeze(1)))
+        expected_predictions = model.head(expected_features).argmax(1)
+    assert features.dtype == np.float64 and np.allclose(features, expected_features.double().numpy(), atol=1e-6)
+    assert predictions.tolist() == expected_predictions.tolist()
+    labels = torch.tensor(expected_predictions.tolist())
+    labels[:2] = 1 - labels[:2]  # two of five wrong
+    assert classifier.accuracy(model, pixels, labels, CPU) == pytest.approx(0.6)
