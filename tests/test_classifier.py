@@ -226,3 +226,70 @@ def test_classify_returns_the_heads_argmax_and_the_pooled_features(monkeypatch) 
     labels = torch.tensor(expected_predictions.tolist())
     labels[:2] = 1 - labels[:2]  # two of five wrong
     assert classifier.accuracy(model, pixels, labels, CPU) == pytest.approx(0.6)
+
+
+NO_ARTEFACTS = dataclasses.replace(QUICK, blur_sigma=0, noise_std=0, brightness=0, contrast=0, grid_amplitude=0)
+
+
+def artefact_alone(name: str, images: torch.Tensor) -> torch.Tensor:
+    """with_decoder_artefacts with only `name` at its default strength (and the flip, invisible on
+    left-right symmetric images): the augmented images minus nothing else."""
+    settings = dataclasses.replace(NO_ARTEFACTS, **{name: getattr(QUICK, name)})
+    return classifier.with_decoder_artefacts(images, settings, torch.Generator().manual_seed(2))
+
+
+def symmetric_images(count: int) -> torch.Tensor:
+    half = torch.rand(count, 1, 12, 6, generator=torch.Generator().manual_seed(3)) * 1.6 - 0.8
+    return torch.cat([half, half.flip(-1)], dim=-1)  # (count, 1, 12, 12), a flip changes nothing
+
+
+def check_half_and_range(strengths: torch.Tensor, low: float, high: float, what: str) -> None:
+    """A random half of the batch untouched (strength 0); the rest spread over [low, high]."""
+    touched = strengths != 0
+    assert 0.4 < touched.float().mean() < 0.6, f"{what}: {touched.float().mean():.2f} of the images, not half"
+    assert strengths.min() >= low - 1e-5 and strengths.max() <= high + 1e-5, f"{what} outside [{low}, {high}]"
+    span = high - low
+    assert strengths[touched].min() < low + 0.1 * span and strengths[touched].max() > high - 0.1 * span, f"{what} range"
+
+
+def test_each_decoder_artefact_hits_half_the_images_up_to_its_strength() -> None:
+    images = symmetric_images(400)
+    flat = images.flatten(1)
+    # Brightness: a constant offset up to ±0.1. Contrast: a gain up to 1 ± 0.15.
+    offset = (artefact_alone("brightness", images) - images).flatten(1)
+    assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-5)
+    check_half_and_range(offset[:, 0], -QUICK.brightness, QUICK.brightness, "brightness")
+    gain = (artefact_alone("contrast", images).flatten(1) / flat).median(1).values - 1
+    check_half_and_range(gain, -QUICK.contrast, QUICK.contrast, "contrast")
+    # Noise: Gaussian, standard deviation up to 0.05.
+    noise = (artefact_alone("noise_std", images) - images).flatten(1)
+    spread = noise.std(1)  # of 144 draws: within 25% of the strength drawn for the image
+    assert 0.4 < (spread != 0).float().mean() < 0.6 and spread.max() < 1.25 * QUICK.noise_std, "noise: half, up to 0.05"
+    assert spread.max() > 0.8 * QUICK.noise_std and spread[spread != 0].min() < 0.1 * QUICK.noise_std
+    # Blur: a blend towards the Gaussian blur of sigma 1 by a random amount in [0, 1].
+    towards = (classifier.gaussian_blur(images, QUICK.blur_sigma) - images).flatten(1)
+    moved = (artefact_alone("blur_sigma", images) - images).flatten(1)
+    amount = (moved * towards).sum(1) / towards.square().sum(1)
+    assert torch.allclose(moved, amount[:, None] * towards, atol=1e-5), "blur must move along the blur direction"
+    check_half_and_range(amount, 0, 1, "blur")
+    # Grid: a ±1 checkerboard of period 2, 4 or 8 times an amplitude up to ±0.06.
+    grid = (artefact_alone("grid_amplitude", images) - images).reshape(-1, 12, 12)
+    amplitude = grid.abs().flatten(1).max(1).values * torch.sign(grid[:, 0, 0])
+    assert torch.allclose(grid.abs().flatten(1), amplitude.abs()[:, None].expand(-1, 144), atol=1e-5)
+    check_half_and_range(amplitude, -QUICK.grid_amplitude, QUICK.grid_amplitude, "grid")
+    periods = set()  # one period per batch
+    for seed in range(12):
+        settings = dataclasses.replace(NO_ARTEFACTS, grid_amplitude=QUICK.grid_amplitude)
+        batch = classifier.with_decoder_artefacts(images[:8], settings, torch.Generator().manual_seed(seed)) - images[:8]
+        row = torch.sign(batch[batch.flatten(1).abs().amax(1) > 0][0, 0, 0])
+        changes = (row[1:] != row[:-1]).nonzero().flatten()
+        periods.add(int(2 * (changes[1] - changes[0])))  # squares are half a period wide
+    assert periods == set(classifier.GRID_PERIODS), periods
+
+
+def test_the_flip_mirrors_half_the_images() -> None:
+    images = to_model_range(torch.randint(0, 256, (400, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
+    out = classifier.with_decoder_artefacts(images, NO_ARTEFACTS, torch.Generator().manual_seed(5))
+    flipped = torch.tensor([torch.equal(out[i], images[i].flip(-1)) for i in range(400)])
+    kept = torch.tensor([torch.equal(out[i], images[i]) for i in range(400)])
+    assert (flipped ^ kept).all() and 0.4 < flipped.float().mean() < 0.6
