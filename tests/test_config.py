@@ -167,14 +167,23 @@ def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> Non
         UsageError, match=r"the model config does not fit together \(unflatten: .*\): check --vae.\* and --unet.\*"
     ):
         validate(config)
-    # An image size that the VAE does not give back (a field rule would refuse it first): the size to choose.
+    # An image size that the VAE does not give back (a field rule would refuse it first): the size to choose,
+    # the VAE's factor times 2 per UNet level below the first.
+    for channels, multiple in (((16, 32), 8), ((8, 8, 8, 8), 32)):
+        config = make_config("tiny")
+        config.data.image_size, config.unet.channels, config.unet.attention_levels = 63, channels, (False,) * len(channels)
+        with pytest.raises(UsageError) as error:
+            validate(config)
+        assert str(error.value) == (
+            "--data.image_size 63 does not survive the VAE's 4x downsampling and the UNet's levels: "
+            f"choose a multiple of {multiple}"
+        )
+
+
+def test_a_slice_conditioned_model_is_checked_with_a_slice_position() -> None:
     config = make_config("tiny")
-    config.data.image_size = 63
-    with pytest.raises(UsageError) as error:
-        validate(config)
-    assert str(error.value) == (
-        "--data.image_size 63 does not survive the VAE's 4x downsampling and the UNet's levels: choose a multiple of 8"
-    )
+    config.unet.slice_conditioning = True
+    validate(config)
 
 
 def test_fields_added_later_keep_their_old_meaning_in_old_configs(tmp_path: Path) -> None:
@@ -258,6 +267,8 @@ EDGES_ACCEPTED = {
     "vae.num_res_blocks": ["1"],
     "unet.num_res_blocks": ["1"],
     "unet.context_dim": ["1"],
+    "unet.head_dim": ["1", "64"],
+    "scheduler.prediction_type": ["v", "epsilon"],
     "unet.label_tokens": ["1"],
     "vae.discriminator_channels": ["1"],
     "vae.recon_loss": ["mse", "l1"],
@@ -306,6 +317,9 @@ def test_each_rules_edge_value_is_accepted() -> None:
     config = make_config("tiny")
     apply_overrides(config, {"scheduler.num_train_timesteps": "1", "run.sample_steps": "1"})
     check_fields(config)
+    config = make_config("tiny")  # widths of 5 (odd) with heads of 8: one head of 5 channels each
+    apply_overrides(config, {"unet.channels": "5,5", "unet.head_dim": "8"})
+    check_fields(config)
 
 
 @pytest.mark.parametrize(
@@ -316,6 +330,11 @@ def test_each_rules_edge_value_is_accepted() -> None:
         ("data.split_seed", "-1", "--data.split_seed -1: must be 0 or more"),
         ("data.data_dir", "", "--data.data_dir : must name the dataset folder"),
         ("vae.channels", "3", "--vae.channels 3: must be widths of at least 4, e.g. 32,64,128"),
+        ("vae.adversarial_start", "-1", "--vae.adversarial_start -1: must be 0 or more (VAE steps)"),
+        ("unet.head_dim", "0", "--unet.head_dim 0: must be at least 1"),
+        ("unet.head_dim", "10", "--unet.head_dim 10: must split every unet.channels width (16,32) into equal heads, e.g. 32"),
+        ("scheduler.beta_schedule", "quadratic", "--scheduler.beta_schedule quadratic: must be linear, scaled_linear or cosine"),
+        ("scheduler.prediction_type", "x0", "--scheduler.prediction_type x0: must be v or epsilon"),
         ("vae.in_channels", "0", "--vae.in_channels 0: must be at least 1"),
         ("vae.latent_channels", "0", "--vae.latent_channels 0: must be at least 1"),
         ("vae.num_res_blocks", "0", "--vae.num_res_blocks 0: must be at least 1"),
