@@ -4,6 +4,7 @@ the slice-position weights."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,57 @@ def test_the_flip_mirrors_half_the_images() -> None:
     flipped = torch.tensor([torch.equal(out[i], images[i].flip(-1)) for i in range(400)])
     kept = torch.tensor([torch.equal(out[i], images[i]) for i in range(400)])
     assert (flipped ^ kept).all() and 0.4 < flipped.float().mean() < 0.6
+
+
+def test_controls_set_the_classifier_beside_slice_position_alone() -> None:
+    """Training slices 70-72 all AD, 73-75 all NC: position alone predicts AD below 72.5. On 7 test images the
+    classifier gets 3 right, position 4; position-balanced (slices 70, 72, 74 hold both labels, 73 only NC) the
+    classifier gets 3 of 6; terciles of the training slices (edges 71.67 and 73.33) split them 2, 3, 2."""
+    train = SliceDataset(np.zeros((6, 4, 4), np.uint8), [0, 0, 0, 1, 1, 1], [70, 71, 72, 73, 74, 75])
+    test = SliceDataset(np.zeros((7, 4, 4), np.uint8), [0, 1, 1, 0, 0, 1, 1], [70, 70, 74, 74, 72, 72, 73])
+    assert classifier.slice_position_only_predictions(train, test).tolist() == [0, 0, 1, 1, 0, 0, 1]
+    controls = classifier.classifier_controls(np.array([0, 0, 1, 1, 1, 1, 0]), train, test)
+    assert controls == {
+        "test_accuracy": pytest.approx(3 / 7),
+        "test_accuracy_position_balanced": pytest.approx(0.5),
+        "slice_position_only_test_accuracy": pytest.approx(4 / 7),
+        "slice_terciles": [
+            {"slices": "70-70", "images": 2, "AD_share": 0.5, "classifier_accuracy": 0.5, "slice_position_only_accuracy": 0.5},
+            {
+                "slices": "72-73",
+                "images": 3,
+                "AD_share": pytest.approx(1 / 3),
+                "classifier_accuracy": pytest.approx(1 / 3),
+                "slice_position_only_accuracy": pytest.approx(2 / 3),
+            },
+            {"slices": "74-74", "images": 2, "AD_share": 0.5, "classifier_accuracy": 0.5, "slice_position_only_accuracy": 0.5},
+        ],
+    }
+    unbalanced = SliceDataset(np.zeros((2, 4, 4), np.uint8), [0, 1], [70, 75])  # no slice index holds both
+    assert math.isnan(classifier.classifier_controls(np.array([0, 1]), train, unbalanced)["test_accuracy_position_balanced"])
+
+
+def test_gaussian_blur_is_the_truncated_normalised_kernel_with_reflected_borders() -> None:
+    """Blur of a single bright pixel in float64 against the kernel written out: taps up to ceil(3σ) (at least 1),
+    weights exp(−x²/2σ²) normalised; at the border the image is reflected, so a flat image stays flat."""
+    for sigma in (0.3, 0.5, 1.0, 1.5):
+        radius = max(1, math.ceil(3 * sigma))
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-taps.square() / (2 * sigma**2))
+        kernel /= kernel.sum()
+        image = torch.zeros(1, 1, 15, 15, dtype=torch.float64)
+        image[0, 0, 7, 7] = 1
+        blurred = classifier.gaussian_blur(image, sigma)
+        expected = torch.zeros(15, 15, dtype=torch.float64)
+        expected[7 - radius : 8 + radius, 7 - radius : 8 + radius] = kernel[:, None] * kernel[None, :]
+        assert blurred.dtype == torch.float64 and torch.allclose(blurred[0, 0], expected, atol=1e-12), sigma
+    flat = torch.full((1, 1, 9, 9), 0.7, dtype=torch.float64)  # reflected borders: a flat image stays flat
+    assert torch.allclose(classifier.gaussian_blur(flat, 1.5), flat, atol=1e-12), "the border must be reflected, not zero"
+
+
+def test_the_checkerboards_phase_comes_from_the_generator() -> None:
+    images = symmetric_images(16)
+    settings = dataclasses.replace(NO_ARTEFACTS, grid_amplitude=QUICK.grid_amplitude)
+    first = classifier.with_decoder_artefacts(images, settings, torch.Generator().manual_seed(7))
+    torch.manual_seed(123)  # the global generator must not matter
+    assert torch.equal(classifier.with_decoder_artefacts(images, settings, torch.Generator().manual_seed(7)), first)

@@ -416,3 +416,10 @@ def test_band_energy_sums_every_chunk_and_ratios_hold_for_faint_images(monkeypat
     assert torch.allclose(metrics.band_energy(images), whole, rtol=1e-12)
     faint = images * 1e-3  # energies far below 1
     assert metrics.spectral_energy_kept(faint * 2, faint) == pytest.approx(dict.fromkeys(metrics.SPECTRAL_BANDS, 4.0))
+
+
+def test_distribution_reports_mean_and_percentiles() -> None:
+    assert metrics.distribution(np.arange(101.0)) == {"mean": 50.0, "p1": 1.0, "median": 50.0, "p99": 99.0}
+    assert metrics.distribution(np.array([3.0, 1.0, 2.0, 10.0])) == pytest.approx(
+        {"mean": 4.0, "p1": 1.03, "median": 2.5, "p99": 9.79}
+    )
