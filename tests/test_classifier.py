@@ -142,7 +142,7 @@ def test_the_yardstick_trains_on_weighted_slices_and_their_reconstructions(monke
     seen = {}
 
     def fake_train(pixels, labels, settings, device, weights, validation, description) -> tuple[str, float]:
-        seen.update(pixels=pixels, labels=labels, device=device, weights=weights, validation=validation)
+        seen.update(pixels=pixels, labels=labels, settings=settings, device=device, weights=weights, validation=validation)
         return "model", 0.5
 
     monkeypatch.setattr(classifier, "train_classifier", fake_train)
@@ -153,7 +153,7 @@ def test_the_yardstick_trains_on_weighted_slices_and_their_reconstructions(monke
     assert classifier.train_yardstick({"train": train, "val": val}, darker, QUICK, CPU) == ("model", 0.5)
     weights = classifier.position_balancing_weights(train.labels.numpy(), train.slice_indices.numpy())
     assert torch.equal(seen["pixels"], torch.cat([train.pixels, train.pixels // 2]))
-    assert seen["labels"].tolist() == [0, 1, 0, 1, 0, 0] * 2 and seen["device"] == CPU
+    assert seen["labels"].tolist() == [0, 1, 0, 1, 0, 0] * 2 and seen["device"] == CPU and seen["settings"] is QUICK
     assert seen["weights"].tolist() == [*weights, *weights] and weights[4:].sum() == 0
     (real, real_labels), (reconstructed, reconstructed_labels) = seen["validation"]
     assert torch.equal(real, val.pixels) and torch.equal(reconstructed, val.pixels // 2)
