@@ -142,7 +142,9 @@ class RunConfig:
     )
     validate_every: int = 1  # epochs between validations; the last epoch is always validated
     grid_samples: int = 16  # per label
-    sample_steps: int = 50  # DDIM steps for the grids
+    # How every script samples unless told otherwise: the training grids, predict.py and evaluate.py.
+    sampler: str = "ddim"  # one of modules.SAMPLERS
+    sample_steps: int = 50
     # Measured by `evaluate.py --guidance-sweep` on the demo run (README): at 2 generated AD and NC differ
     # in anatomy and separability about as much as real ones; 3 made a caricature (Cohen's d 3.0 vs 1.6).
     guidance_scale: float = 2.0
@@ -201,7 +203,7 @@ def _demo() -> Config:
         unet=UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
         vae_train=StageConfig(epochs=4, batch_size=16, lr=1e-3, warmup_steps=100),
         unet_train=UNetTrainConfig(epochs=12, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
-        run=RunConfig(sample_every=6, grid_samples=16, sample_steps=50),
+        run=RunConfig(sample_every=6, grid_samples=16),
     )
 
 
@@ -331,13 +333,15 @@ RETIRED_FIELDS = {("unet", "latent_channels")}
 # Values older versions wrote for a field that now takes others: run.compile was true/false.
 RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 # Fields added later, with the value that a stored config without them meant, whatever the preset says now:
-# an old run keeps its one label token (its weights have that shape) and resumes with the betas it began with.
+# an old run keeps its one label token (its weights have that shape), resumes with the betas it began with
+# and samples as it did (DDIM, at its stored run.sample_steps).
 ADDED_FIELDS = {
     ("unet", "label_tokens"): 1,
     ("vae", "fourier_weight"): 0.0,
     ("vae_train", "betas"): (0.9, 0.999),
     ("unet_train", "betas"): (0.9, 0.999),
     ("run", "tensorboard"): False,
+    ("run", "sampler"): "ddim",
 }
 
 

@@ -5,6 +5,7 @@ scale suits the run.
     python evaluate.py                                    # the latest run, 500 images per label
     python evaluate.py --run runs/adni --num-samples 1000 --device cuda --umap
     python evaluate.py --guidance-sweep 1,1.5,2,3,5       # pick the guidance scale
+    python evaluate.py --sampler-sweep ddim:50,dpmpp_2m:10,dpmpp_2m:20 --seeds 0,1   # pick sampler and steps
 
 No ImageNet network can be downloaded here, so the yardstick is the run's own: a small CNN trained to
 tell AD from NC on the run's training slices and their VAE reconstructions, with augmentations that
@@ -18,6 +19,9 @@ mimic decoder artefacts, so that it reads anatomy and not rendering (classifier.
   the floor that real training images reach against the same test images: Fréchet distance, KID,
   precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020), k = 5; and
   MS-SSIM of random pairs (match real; mode collapse shows as a higher value);
+- sharpness: the spectral energy per frequency band (over the real test slices') of generated images,
+  of the test slices' VAE reconstructions and of real training slices, with the reconstructions' PSNR,
+  SSIM and MS-SSIM: the decoder's blur, which MS-SSIM at 64 px cannot see, shows in the top band;
 - use as training data: the same classifier trained on generated images only and tested on real test
   slices (TSTR), beside trained on as many real training slices, and on both;
 - memorisation: each generated image's nearest training image by RMS pixel distance and by Pearson
@@ -27,16 +31,23 @@ Slice position is a confound in ADNI; classifier.py's controls show what slice p
 
 Writes <run>/metrics.json, <run>/metrics.md (also printed) and <run>/memorisation.png; with --umap also
 <run>/umap_features.png (real and generated images in the yardstick's features); with --guidance-sweep
-instead <run>/guidance_sweep.{json,md,png}. The same --seed and settings give the same numbers; the
-samples are predict.py's for the same seed, steps and batch size.
+instead <run>/guidance_sweep.{json,md,png}; with --sampler-sweep instead <run>/sampler_sweep.{json,md,png}
+(each sampler:steps at each of --seeds, paired per seed with the setting of most steps); with
+--over-training instead <run>/over_training.{json,md,png} (the sweep's figures at every UNet epoch the run
+kept with --run.keep_every, against training images and minutes); `--quality-curves RUN ... --out F.png`
+draws several runs' over-training records in one figure (and table, F.md). The same --seed
+and settings give the same numbers; the samples are predict.py's for the same seed, sampler, steps and
+batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +77,9 @@ from dataset import (
     zero_spread,
 )
 from metrics import (
+    BAND_LABELS,
     PRDC_NEIGHBOURS,
+    SPECTRAL_BANDS,
     cohens_d_interval,
     distribution,
     frechet_distance,
@@ -75,9 +88,21 @@ from metrics import (
     nearest_distances,
     pairwise_ms_ssim,
     precision_recall_density_coverage,
+    psnr,
+    spectral_energy_kept,
 )
-from modules import SAMPLERS
-from pipeline import Pipeline, check_sampling_options, dataset_folders, fingerprint, load_run_for, sampling_options
+from modules import SAMPLERS, ms_ssim, ssim
+from pipeline import (
+    MAX_SEED,
+    Pipeline,
+    check_sampling_options,
+    dataset_folders,
+    fingerprint,
+    load_run,
+    load_run_for,
+    sampling_options,
+    snapshots,
+)
 from utils import (
     ArgumentParser,
     UsageError,
@@ -100,6 +125,8 @@ CHUNK = 256  # images per forward pass when only measuring
 EVALUATION_FILES = ("metrics.json", "metrics.md", "memorisation.png")
 UMAP_FILE = "umap_features.png"
 SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
+SAMPLER_SWEEP_FILES = ("sampler_sweep.json", "sampler_sweep.md", "sampler_sweep.png")
+OVER_TRAINING_FILES = ("over_training.json", "over_training.md", "over_training.png")
 GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
 
 
@@ -206,6 +233,33 @@ def fidelity(generated: ImageSet, reference: Reference, label: int | None, seed:
         "prdc_floor": prdc_or_nan(real_test.features, floor.features),
         "ms_ssim_generated": pairwise_ms_ssim(to_model_range(generated.pixels.unsqueeze(1)).to(device), seed=seed),
         "ms_ssim_real": pairwise_ms_ssim(to_model_range(floor.pixels.unsqueeze(1)).to(device), seed=seed),
+    }
+
+
+SHARPNESS_SETS = {  # what each row of the sharpness table measures against the real test slices
+    "generated": "generated",
+    "reconstructed_test": "VAE reconstructions of the test slices",
+    "train_sample": "real training slices (the floor)",
+}
+
+
+def sharpness(generated: ImageSet, reference: Reference, device: torch.device) -> dict:
+    """Spectral energy kept per band (metrics.SPECTRAL_BANDS; 1.0 = as sharp as the real test slices) of
+    each of SHARPNESS_SETS, and how close the test slices' reconstructions are to them (PSNR, SSIM,
+    MS-SSIM): the blur that MS-SSIM at 64 px cannot see shows in the top band."""
+
+    def model_range(images: ImageSet) -> torch.Tensor:
+        return to_model_range(images.pixels.unsqueeze(1)).to(device)
+
+    sets = {"generated": generated, "reconstructed_test": reference.reconstructed_test, "train_sample": reference.train_sample}
+    real, reconstructed = model_range(reference.real_test), model_range(reference.reconstructed_test)
+    return {
+        "spectral_energy": {name: spectral_energy_kept(model_range(images), real) for name, images in sets.items()},
+        "reconstruction": {
+            "psnr": float(psnr(reconstructed, real).mean()),
+            "ssim": float(ssim(reconstructed, real).mean()),
+            "ms_ssim": float(ms_ssim(reconstructed, real).mean()),
+        },
     }
 
 
@@ -387,6 +441,110 @@ def save_sweep_figure(sweep: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
+def save_sampler_sweep_figure(sweep: dict, path: Path) -> None:
+    """Each metric of a sampler sweep against the steps, one line per sampler through its seeds' mean
+    (each seed a dot), beside the baseline's seed-to-seed range (grey band) and the real references."""
+    rows, reference, baseline = sweep["rows"], sweep["reference"], sweep["baseline"]
+    panels = [
+        ("conditioning accuracy", lambda row: row["conditioning_accuracy"], reference["real_test_accuracy"]),
+        ("anatomy: Cohen's d (AD − NC)", lambda row: row["cohens_d_AD_minus_NC"], reference["cohens_d_AD_minus_NC"]),
+        ("Fréchet distance / floor", lambda row: row["frechet_distance"] / reference["frechet_floor"], 1.0),
+        ("precision", lambda row: row["prdc"]["precision"], reference["prdc_floor"]["precision"]),
+        ("coverage", lambda row: row["prdc"]["coverage"], reference["prdc_floor"]["coverage"]),
+        ("seconds per 64 images", lambda row: row["seconds_per_64_images"], None),
+    ]
+    figure, axes = new_figure(2, 3, figsize=(14, 8), squeeze=False, layout="constrained")
+    for axis, (title, value, real) in zip(axes.flat, panels):
+        for sampler in dict.fromkeys(row["sampler"] for row in rows):
+            mine = [row for row in rows if row["sampler"] == sampler]
+            steps = sorted({row["steps"] for row in mine})
+            means = [np.nanmean([as_float(value(row)) for row in mine if row["steps"] == n]) for n in steps]
+            line = axis.plot(steps, means, "o-", label=sampler)[0]
+            axis.scatter(
+                [row["steps"] for row in mine], [as_float(value(row)) for row in mine], s=12, color=line.get_color(), alpha=0.5
+            )
+        base = [
+            as_float(value(row)) for row in rows if (row["sampler"], row["steps"]) == (baseline["sampler"], baseline["steps"])
+        ]
+        axis.axhspan(
+            min(base), max(base), color="grey", alpha=0.25, label=f"{baseline['sampler']} {baseline['steps']}: seed range"
+        )
+        if real is not None:
+            axis.axhline(real, ls="--", c="grey", label="real test" if "accuracy" in title or "Cohen" in title else "floor")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("steps")
+        axis.set_xticks(sorted({row["steps"] for row in rows}))
+        axis.legend(fontsize=7)
+    figure.suptitle(f"Sampler sweep: {sweep['run']} (seeds {', '.join(map(str, sweep['settings']['seeds']))})", fontsize=11)
+    save_figure(figure, path)
+
+
+# What quality-over-training figures and tables show: title, value of a row given the run's reference, the real value.
+CURVE_PANELS = (
+    ("Fréchet distance / floor", lambda row, ref: row["frechet_distance"] / ref["frechet_floor"], lambda ref: 1.0),
+    ("precision", lambda row, ref: row["prdc"]["precision"], lambda ref: ref["prdc_floor"]["precision"]),
+    ("coverage", lambda row, ref: row["prdc"]["coverage"], lambda ref: ref["prdc_floor"]["coverage"]),
+    ("conditioning accuracy", lambda row, ref: row["conditioning_accuracy"], lambda ref: ref["real_test_accuracy"]),
+    ("anatomy: Cohen's d (AD − NC)", lambda row, ref: row["cohens_d_AD_minus_NC"], lambda ref: ref["cohens_d_AD_minus_NC"]),
+    ("spectral energy above 1/4 cycle/px", lambda row, ref: row["spectral_energy"]["high"], lambda ref: 1.0),
+)
+
+
+def save_quality_curves(records: dict[str, dict], path: Path) -> None:
+    """Each CURVE_PANELS figure of each run's over-training record against the training images seen
+    (top row) and the UNet stage's wall-clock minutes (bottom row); dashed: the first run's real value."""
+    figure, axes = new_figure(2, len(CURVE_PANELS), figsize=(4 * len(CURVE_PANELS), 7), squeeze=False, layout="constrained")
+    for name, record in records.items():
+        rows, reference = record["rows"], record["reference"]
+        for column, (_, value, _) in enumerate(CURVE_PANELS):
+            ys = [as_float(value(row, reference)) for row in rows]
+            for axis, x_key, scale in ((axes[0, column], "images_seen", 1e-3), (axes[1, column], "training_seconds", 1 / 60)):
+                xs = [as_float(row[x_key]) * scale for row in rows]
+                axis.plot(xs, ys, "o-", markersize=3, label=Path(name).name)
+    first = next(iter(records.values()))["reference"]
+    for column, (title, _, real) in enumerate(CURVE_PANELS):
+        for row, xlabel in enumerate(("training images seen (thousands)", "UNet training minutes (this machine)")):
+            axis = axes[row, column]
+            axis.axhline(as_float(real(first)), ls="--", c="grey")
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel(xlabel, fontsize=9)
+            axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle("Sample quality over UNet training (dashed: real test slices or the real-train floor)", fontsize=11)
+    save_figure(figure, path)
+
+
+def quality_curves_report(records: dict[str, dict]) -> str:
+    """One table per run: each kept epoch's CURVE_PANELS figures beside its images seen and minutes."""
+    lines = ["# Sample quality over UNet training"]
+    for name, record in records.items():
+        settings, reference = record["settings"], record["reference"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{settings['num_samples']} images per label, {settings['sampler']} {settings['steps']} steps, guidance "
+            f"{settings['guidance']}, seed {settings['seed']}; Fréchet floor {number(reference['frechet_floor'])}.",
+            "",
+            "| epoch | images seen | minutes | " + " | ".join(title for title, _, _ in CURVE_PANELS) + " |",
+            "|---:|---:|---:|" + "---:|" * len(CURVE_PANELS),
+        ]
+        for row in record["rows"]:
+            minutes = number(row["training_seconds"] / 60, 1) if row["training_seconds"] is not None else "—"
+            images = f"{row['images_seen']:,}" if row["images_seen"] is not None else "—"
+            cells = [number(as_float(value(row, reference)), 3) for _, value, _ in CURVE_PANELS]
+            lines.append(f"| {row['epoch']} | {images} | {minutes} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| real / floor | | | " + " | ".join(number(as_float(real(reference)), 3) for _, _, real in CURVE_PANELS) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def as_float(value: float | None) -> float:
+    """A record's number, NaN where JSON holds null."""
+    return math.nan if value is None else float(value)
+
+
 # ============================================================================ the report
 
 
@@ -432,6 +590,7 @@ def markdown_report(metrics: dict) -> str:
         ),
         *anatomy_section(metrics["anatomy"]),
         *fidelity_section(metrics["groups"]),
+        *sharpness_section(metrics["sharpness"]),
         *tstr_section(metrics["tstr"], metrics["real_test_images"]),
         *memorisation_section(metrics["memorisation"]),
         *yardstick_section(metrics["classifier"]),
@@ -495,6 +654,27 @@ def fidelity_section(groups: dict) -> list[str]:
             lambda g: number(g["ms_ssim_generated"], 3),
         ),
         row("MS-SSIM of random real pairs", lambda g: number(g["ms_ssim_real"], 3)),
+    ]
+
+
+def sharpness_section(sharp: dict) -> list[str]:
+    """Spectral energy kept per band by generated images, reconstructions and real training slices."""
+    lines = [
+        "",
+        "## Sharpness (spectral energy per frequency band, over the real test slices'; 1.0 = as sharp)",
+        "",
+        "| images | " + " | ".join(f"{BAND_LABELS[band]} cycle/px" for band in SPECTRAL_BANDS) + " |",
+        "|---|" + "---:|" * len(SPECTRAL_BANDS),
+    ]
+    for name, title in SHARPNESS_SETS.items():
+        kept = sharp["spectral_energy"][name]
+        lines.append(f"| {title} | " + " | ".join(number(kept[band], 2) for band in SPECTRAL_BANDS) + " |")
+    recon = sharp["reconstruction"]
+    return [
+        *lines,
+        "",
+        f"The test slices' reconstructions against the slices: PSNR {number(recon['psnr'], 1)} dB, SSIM "
+        f"{number(recon['ssim'], 3)}, MS-SSIM {number(recon['ms_ssim'], 3)}.",
     ]
 
 
@@ -628,6 +808,145 @@ def sweep_report(sweep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What a sampler setting must match the baseline in (sampler_sweep): metric → (its title, its value in a sweep row).
+MATCHED_METRICS: dict[str, tuple[str, Callable[[dict], float]]] = {
+    "conditioning_accuracy": ("conditioning accuracy", lambda row: row["conditioning_accuracy"]),
+    "cohens_d_AD_minus_NC": ("Cohen's d (AD − NC)", lambda row: row["cohens_d_AD_minus_NC"]),
+    "frechet_distance": ("Fréchet distance", lambda row: row["frechet_distance"]),
+    "precision": ("precision", lambda row: row["prdc"]["precision"]),
+    "coverage": ("coverage", lambda row: row["prdc"]["coverage"]),
+}
+
+
+def sampler_sweep(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
+    """Conditioning, anatomy, fidelity and time of each sampler:steps of `args.sampler_sweep` at each
+    generation seed of `args.seeds`; each setting compared, seed by seed, with the baseline (the setting
+    of most steps, the first of those), and the cheapest setting that matches it recommended."""
+    rows = []
+    for sampler, steps in args.sampler_sweep:
+        for seed in args.seeds:
+            print(f"{sampler} {steps} steps, seed {seed}")
+            row = sweep_row(pipe, yardstick, reference, with_options(args, sampler=sampler, steps=steps, seed=seed))
+            per_64 = row["generation_seconds"] * 64 / (len(CLASS_NAMES) * args.num_samples)
+            rows.append({"sampler": sampler, "steps": steps, "seed": seed} | row | {"seconds_per_64_images": round(per_64, 3)})
+    baseline = max(args.sampler_sweep, key=lambda setting: setting[1])
+    comparison, spread = compare_settings(rows, baseline, args.seeds)
+    return {
+        "reference": sweep_reference(reference, args.seed),
+        "rows": rows,
+        "baseline": {"sampler": baseline[0], "steps": baseline[1]},
+        "baseline_spread": spread,
+        "comparison": comparison,
+        "recommended": recommended_setting(comparison, spread),
+    }
+
+
+def compare_settings(rows: list[dict], baseline: tuple[str, int], seeds: list[int]) -> tuple[list[dict], dict]:
+    """Each setting beside the baseline, paired per seed (the same seed starts both from the same noise):
+    per MATCHED_METRICS metric, the mean over seeds of setting minus baseline, and whether it lies
+    within the baseline's own seed-to-seed spread (max − min over seeds). A metric the baseline could
+    not measure (NaN: too few images) is left out of the match (within: None). Also returns the spreads."""
+    by_key = {(row["sampler"], row["steps"], row["seed"]): row for row in rows}
+
+    def values(setting: tuple[str, int], metric: Callable[[dict], float]) -> np.ndarray:
+        return np.array([metric(by_key[(*setting, seed)]) for seed in seeds], dtype=float)
+
+    spread = {name: float(np.ptp(values(baseline, metric))) for name, (_, metric) in MATCHED_METRICS.items()}
+    comparison = []
+    for setting in dict.fromkeys((row["sampler"], row["steps"]) for row in rows):
+        entry = {"sampler": setting[0], "steps": setting[1], "mean": {}, "paired_difference": {}, "within_spread": {}}
+        for name, (_, metric) in MATCHED_METRICS.items():
+            mine, base = values(setting, metric), values(baseline, metric)
+            difference = float(np.mean(mine - base))
+            entry["mean"][name] = float(np.mean(mine))
+            entry["paired_difference"][name] = difference
+            entry["within_spread"][name] = None if np.isnan(base).any() else bool(abs(difference) <= spread[name])
+        entry["mean"]["seconds_per_64_images"] = float(
+            np.mean([by_key[(*setting, seed)]["seconds_per_64_images"] for seed in seeds])
+        )
+        entry["matches_baseline"] = all(within is not False for within in entry["within_spread"].values())
+        comparison.append(entry)
+    return comparison, spread
+
+
+def recommended_setting(comparison: list[dict], spread: dict) -> dict:
+    """The fewest steps among the settings that match the baseline in every metric (the baseline itself
+    always does); between equal steps, the one whose largest difference is the smallest share of the spread."""
+
+    def largest_share(entry: dict) -> float:
+        shares = [
+            abs(entry["paired_difference"][name]) / spread[name] if spread[name] > 0 else 0.0
+            for name, within in entry["within_spread"].items()
+            if within is not None
+        ]
+        return max(shares, default=0.0)
+
+    best = min((entry for entry in comparison if entry["matches_baseline"]), key=lambda e: (e["steps"], largest_share(e)))
+    return {"sampler": best["sampler"], "steps": best["steps"]}
+
+
+def sampler_sweep_report(sweep: dict) -> str:
+    """sampler_sweep.md: every setting at every seed, then each setting paired with the baseline."""
+    settings, reference, floor = sweep["settings"], sweep["reference"], sweep["reference"]["frechet_floor"]
+    lines = [
+        f"# Sampler sweep: {sweep['run']} (UNet epoch {sweep['run_epoch']})",
+        "",
+        (
+            f"{settings['num_samples']} generated images per label per setting and seed, guidance {number(settings['guidance'], 3)}, "
+            f"seeds {', '.join(map(str, settings['seeds']))}. Real test slices: Cohen's d {number(reference['cohens_d_AD_minus_NC'], 3)}; "
+            f"yardstick accuracy {number(reference['real_test_accuracy'], 3)}; Fréchet floor {number(floor, 4)}; "
+            f"PRDC floor {prdc_cell(reference['prdc_floor'])}."
+        ),
+        "",
+        "| sampler | steps | seed | conditioning accuracy | Cohen's d (AD − NC) | Fréchet / floor | precision | coverage | s per 64 images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sweep["rows"]:
+        ratio = None if row["frechet_distance"] is None or not floor else row["frechet_distance"] / floor
+        lines.append(
+            f"| {row['sampler']} | {row['steps']} | {row['seed']} | {number(row['conditioning_accuracy'], 3)} | "
+            f"{number(row['cohens_d_AD_minus_NC'], 3)} | {number(ratio, 3)} | {number(row['prdc']['precision'], 3)} | "
+            f"{number(row['prdc']['coverage'], 3)} | {number(row['seconds_per_64_images'], 3)} |"
+        )
+    return "\n".join([*lines, *sampler_comparison_section(sweep)]) + "\n"
+
+
+def sampler_comparison_section(sweep: dict) -> list[str]:
+    """Each setting's mean difference from the baseline, paired per seed, against the baseline's spread."""
+    baseline, spread, chosen = sweep["baseline"], sweep["baseline_spread"], sweep["recommended"]
+    name = f"{baseline['sampler']} {baseline['steps']}"
+    lines = [
+        "",
+        (
+            f"Paired with {name} (the setting of most steps) at each seed, which starts both from the same noise: the mean "
+            f"difference over seeds, ✓ where it lies within {name}'s own seed-to-seed spread (max − min over seeds)."
+        ),
+        "",
+        "| sampler | steps | "
+        + " | ".join(title for title, _ in MATCHED_METRICS.values())
+        + " | s per 64 images (mean) | matches |",
+        "|---|---:|" + "---:|" * (len(MATCHED_METRICS) + 2),
+    ]
+    for entry in sweep["comparison"]:
+        cells = [
+            f"{number(entry['paired_difference'][key], 3)} {'' if entry['within_spread'][key] is None else '✓' if entry['within_spread'][key] else '✗'}"
+            for key in MATCHED_METRICS
+        ]
+        seconds, matches = number(entry["mean"]["seconds_per_64_images"], 3), "yes" if entry["matches_baseline"] else "no"
+        lines.append(f"| {entry['sampler']} | {entry['steps']} | " + " | ".join(cells) + f" | {seconds} | {matches} |")
+    lines.append(f"| {name}: seed-to-seed spread | | " + " | ".join(number(spread[key], 3) for key in MATCHED_METRICS) + " | | |")
+    return [
+        *lines,
+        "",
+        (
+            f"**Recommended: {chosen['sampler']}, {chosen['steps']} steps**, the fewest steps whose every metric lies within "
+            f"{name}'s seed-to-seed spread, paired per seed (between equal steps, the smaller largest difference as a share "
+            "of the spread); set it for new runs with `--run.sampler` and `--run.sample_steps`, or pass `--sampler` and "
+            "`--steps` to predict.py. Seconds are sampling and decoding on this run's device, on whatever else ran beside it."
+        ),
+    ]
+
+
 # ============================================================================ command line
 
 
@@ -642,12 +961,39 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def parse_sampler_settings(text: str) -> list[tuple[str, int]]:
+    """`ddim:50,dpmpp_2m:15` → [("ddim", 50), ("dpmpp_2m", 15)]: a sampler sweep's settings, each a
+    sampler of modules.SAMPLERS and at least 1 step (the run's T bounds the steps once it is loaded)."""
+    settings = []
+    for part in text.split(","):
+        sampler, _, steps = part.strip().partition(":")
+        if sampler not in SAMPLERS or not steps.strip().isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated sampler:steps with a sampler of {', '.join(SAMPLERS)} and at least 1 step, "
+                f"such as ddim:50,dpmpp_2m:15; got {part.strip()!r}"
+            )
+        settings.append((sampler, int(steps)))
+    if len(set(settings)) < len(settings):
+        raise argparse.ArgumentTypeError(f"each sampler:steps once, got {text!r}")
+    return settings
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1` → [0, 1]: distinct seeds from 0 to MAX_SEED."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) <= MAX_SEED for part in parts) or len(set(map(int, parts))) < len(parts):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct comma-separated seeds from 0 to {MAX_SEED}, such as 0,1; got {text!r}"
+        )
+    return [int(part) for part in parts]
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=500, help="generated images per label (default 500)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument(
         "--guidance-sweep",
@@ -655,6 +1001,30 @@ def build_parser() -> ArgumentParser:
         metavar="SCALES",
         help="instead of the full evaluation, measure conditioning and fidelity at each of these scales (e.g. 1,1.5,2,3,5)",
     )
+    parser.add_argument(
+        "--sampler-sweep",
+        type=parse_sampler_settings,
+        metavar="SETTINGS",
+        help="instead of the full evaluation, measure each sampler:steps at each of --seeds (e.g. ddim:50,dpmpp_2m:15)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        help="the generation seeds of --sampler-sweep, two or more (default 0,1); --seed still picks the floors' images",
+    )
+    parser.add_argument(
+        "--over-training",
+        action="store_true",
+        help="instead of the full evaluation, measure each UNet epoch the run kept (--run.keep_every) and unet.pt",
+    )
+    parser.add_argument(
+        "--quality-curves",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="draw these runs' over_training.json in one figure, --out FILE.png (and its table beside it, .md)",
+    )
+    parser.add_argument("--out", type=Path, help="the figure --quality-curves writes")
     parser.add_argument("--umap", action="store_true", help=f"also write {UMAP_FILE} (needs umap-learn)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -671,12 +1041,50 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--guidance and --guidance-sweep exclude each other: give the scales to --guidance-sweep only")
     if args.guidance_sweep is not None and args.umap:
         raise UsageError("--umap belongs to the full evaluation: run it without --guidance-sweep")
+    modes = [
+        name
+        for name, on in (
+            ("--guidance-sweep", args.guidance_sweep is not None),
+            ("--sampler-sweep", args.sampler_sweep is not None),
+            ("--over-training", args.over_training),
+        )
+        if on
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} exclude each other: run one at a time")
+    if args.over_training and args.umap:
+        raise UsageError("--umap belongs to the full evaluation: run it without --over-training")
+    check_sampler_sweep(args)
     check_sampling_options(args)
+
+
+def check_sampler_sweep(args: argparse.Namespace) -> None:
+    """--sampler-sweep alone names the samplers and steps, and needs two seeds for a spread; --seeds default 0,1."""
+    sweep = args.sampler_sweep
+    if sweep is None:
+        if args.seeds is not None:
+            raise UsageError("--seeds belongs to --sampler-sweep: use --seed for one evaluation")
+        return
+    if args.guidance_sweep is not None:
+        raise UsageError("--sampler-sweep and --guidance-sweep exclude each other: run one, then the other")
+    if args.umap:
+        raise UsageError("--umap belongs to the full evaluation: run it without --sampler-sweep")
+    if args.sampler is not None or args.steps is not None:
+        raise UsageError("--sampler-sweep names its samplers and steps (sampler:steps): drop --sampler and --steps")
+    args.seeds = [0, 1] if args.seeds is None else args.seeds
+    if len(args.seeds) < 2:
+        raise UsageError(
+            f"--seeds {args.seeds[0]}: a sampler sweep compares settings within the seed-to-seed spread; give two or more, e.g. 0,1"
+        )
 
 
 def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     if args.guidance_sweep is not None:
         return [run_dir / name for name in SWEEP_FILES]
+    if args.sampler_sweep is not None:
+        return [run_dir / name for name in SAMPLER_SWEEP_FILES]
+    if args.over_training:
+        return [run_dir / name for name in OVER_TRAINING_FILES]
     return [run_dir / name for name in (*EVALUATION_FILES, *((UMAP_FILE,) if args.umap else ()))]
 
 
@@ -731,50 +1139,106 @@ def full_evaluation(
     return {
         "generation_seconds": round(seconds, 3),
         "groups": {name: fidelity(generated, reference, label, args.seed, device) for label, name in GROUPS},
+        "sharpness": sharpness(generated, reference, device),
         "anatomy": anatomy(generated, reference.real_test, args.seed),
         "tstr": train_on_synthetic(generated, reference.train_sample, reference.real_test, len(reference.train), device),
         "memorisation": memorisation(generated, real_sample),
     }
 
 
+def with_options(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def sweep_reference(reference: Reference, seed: int) -> dict:
+    """What a sweep's rows are read against: the real test images' anatomy effect and the yardstick's
+    accuracy on them, and the real-train-vs-real-test floors."""
+    real_test, reconstructed, floor = reference.real_test, reference.reconstructed_test, reference.train_sample
+    real_anatomy = anatomy_of(real_test, seed)
+    return {
+        "cohens_d_AD_minus_NC": real_anatomy["cohens_d_AD_minus_NC"],
+        "cohens_d_95ci": real_anatomy["cohens_d_95ci"],
+        "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
+        "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
+        "frechet_floor": frechet_distance(floor.features, real_test.features),
+        "prdc_floor": prdc_or_nan(real_test.features, floor.features),
+    }
+
+
+def sweep_row(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
+    """Conditioning, anatomy and fidelity of `args.num_samples` images per label sampled as `args` says
+    (guidance, sampler, steps, seed), and the seconds that sampling and decoding them took."""
+    generated, seconds = generate_and_measure(pipe, yardstick, args)
+    generated_anatomy = anatomy_of(generated, args.seed)
+    return {
+        "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
+        "cohens_d_AD_minus_NC": generated_anatomy["cohens_d_AD_minus_NC"],
+        "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
+        "frechet_distance": frechet_distance(generated.features, reference.real_test.features),
+        "prdc": prdc_or_nan(reference.real_test.features, generated.features),
+        "spectral_energy": spectral_energy_kept(
+            *(to_model_range(images.pixels.unsqueeze(1)) for images in (generated, reference.real_test))
+        ),
+        "generation_seconds": round(seconds, 3),
+    }
+
+
 def guidance_sweep(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
     """Conditioning and fidelity of `args.num_samples` images per label at each scale of `args.guidance_sweep`."""
-    real_test, reconstructed, floor = reference.real_test, reference.reconstructed_test, reference.train_sample
-    real_anatomy = anatomy_of(real_test, args.seed)
+    real = sweep_reference(reference, args.seed)
     rows = []
     for scale in args.guidance_sweep:
         print(f"guidance {scale:g}")
-        generated, seconds = generate_and_measure(pipe, yardstick, argparse.Namespace(**{**vars(args), "guidance": scale}))
-        generated_anatomy = anatomy_of(generated, args.seed)
-        rows.append(
-            {
-                "guidance": scale,
-                "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
-                "cohens_d_AD_minus_NC": generated_anatomy["cohens_d_AD_minus_NC"],
-                "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
-                "frechet_distance": frechet_distance(generated.features, real_test.features),
-                "prdc": prdc_or_nan(real_test.features, generated.features),
-                "generation_seconds": round(seconds, 3),
-            }
-        )
-    d_real = real_anatomy["cohens_d_AD_minus_NC"]
+        rows.append({"guidance": scale} | sweep_row(pipe, yardstick, reference, with_options(args, guidance=scale)))
+    d_real = real["cohens_d_AD_minus_NC"]
     scales = [row["guidance"] for row in rows]
     d_generated = np.array([row["cohens_d_AD_minus_NC"] for row in rows])
     frechet = np.array([row["frechet_distance"] for row in rows])
     return {
-        "reference": {
-            "cohens_d_AD_minus_NC": d_real,
-            "cohens_d_95ci": real_anatomy["cohens_d_95ci"],
-            "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
-            "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
-            "frechet_floor": frechet_distance(floor.features, real_test.features),
-            "prdc_floor": prdc_or_nan(real_test.features, floor.features),
-        },
+        "reference": real,
         "scales": rows,
         "closest_anatomy": best_scale(scales, np.abs(d_generated - d_real)),
         "lowest_frechet": best_scale(scales, frechet),
         "recommended": recommended_scale(scales, d_generated, d_real, frechet),
     }
+
+
+def training_points(pipe: Pipeline) -> list[tuple[int, Path]]:
+    """(UNet epoch, checkpoint) of each of the run's snapshots (run.keep_every) and of unet.pt, oldest first."""
+    points = {int(path.stem.removeprefix("unet_epoch")): path for path in snapshots(pipe.run_dir)}
+    points[pipe.epoch] = pipe.run_dir / "unet.pt"
+    return sorted(points.items())
+
+
+def unet_history(run_dir: Path) -> dict[int, dict]:
+    """The UNet stage's history.jsonl entries by epoch."""
+    lines = (run_dir / "history.jsonl").read_text().splitlines() if (run_dir / "history.jsonl").is_file() else []
+    entries = [json.loads(line) for line in lines if line.strip()]
+    return {entry["epoch"]: entry for entry in entries if entry.get("stage") == "unet"}
+
+
+def over_training(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
+    """The sweep's figures (sweep_row) at each kept UNet epoch, sampled alike, with the training images
+    seen and the stage's wall-clock seconds (history.jsonl) up to that epoch: quality against training time."""
+    history = unet_history(pipe.run_dir)
+    if len(training_points(pipe)) < 2:
+        raise UsageError(
+            f"{pipe.run_dir} kept no UNet snapshots: train it with --run.keep_every K (e.g. 2) to measure over training"
+        )
+    rows = []
+    for epoch, path in training_points(pipe):
+        print(f"UNet epoch {epoch} ({path.name})")
+        at_epoch = load_run(pipe.run_dir, pipe.runtime, path)
+        seconds = sum(entry["seconds"]["total"] for done, entry in history.items() if done <= epoch and "seconds" in entry)
+        rows.append(
+            {
+                "epoch": epoch,
+                "images_seen": history[epoch]["step"] * pipe.config.unet_train.batch_size if epoch in history else None,
+                "training_seconds": round(seconds, 1) if history else None,
+            }
+            | sweep_row(at_epoch, yardstick, reference, args)
+        )
+    return {"reference": sweep_reference(reference, args.seed), "rows": rows}
 
 
 def best_scale(scales: list[float], cost: np.ndarray) -> float:
@@ -803,6 +1267,11 @@ def load_checked(args: argparse.Namespace) -> tuple[Pipeline, list[Path], dict[s
         pipe.config.data, load_splits(pipe.run_dir / "splits.json"), return_slice=True, verbose=False
     )
     check_data(datasets, pipe.config.data.data_dir)
+    for sampler, steps in args.sampler_sweep or ():
+        if steps > pipe.scheduler.num_train_timesteps:
+            raise UsageError(
+                f"--sampler-sweep {sampler}:{steps}: the run has {pipe.scheduler.num_train_timesteps} diffusion steps"
+            )
     report_removed(remove_temporary_files(pipe.run_dir), pipe.run_dir)
     return pipe, outputs, datasets, splits
 
@@ -837,33 +1306,88 @@ def measure_reference(
 def settings_of(args: argparse.Namespace) -> dict:
     """The options that decide the numbers, as recorded in every report."""
     keys = ("num_samples", "steps", "guidance", "seed", "sampler", "batch_size")
+    if args.sampler_sweep is not None:  # its rows name sampler, steps and seed
+        keys = ("num_samples", "guidance", "seed", "seeds", "batch_size")
     return {key: getattr(args, key) for key in keys}
+
+
+def evaluate_as_asked(
+    pipe: Pipeline,
+    yardstick: SliceClassifier,
+    yardstick_info: dict,
+    reference: Reference,
+    datasets: dict[str, SliceDataset],
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    header: dict,
+    figure: Path,
+) -> tuple[dict, str]:
+    """The record and Markdown report of what the options ask for: a guidance sweep or a sampler sweep
+    (each drawing its figure at `figure`), else the full evaluation (which draws its own)."""
+    if args.guidance_sweep is not None:
+        record = without_nan(header | guidance_sweep(pipe, yardstick, reference, args))
+        save_sweep_figure(record, figure)
+        return record, sweep_report(record)
+    if args.sampler_sweep is not None:
+        record = without_nan(header | sampler_sweep(pipe, yardstick, reference, args))
+        save_sampler_sweep_figure(record, figure)
+        return record, sampler_sweep_report(record)
+    if args.over_training:
+        record = without_nan(header | over_training(pipe, yardstick, reference, args))
+        save_quality_curves({record["run"]: record}, figure)
+        return record, quality_curves_report({record["run"]: record})
+    controls = classifier_controls(reference.real_test.predictions, datasets["train"], datasets["test"])
+    details = {"real_test_images": len(datasets["test"]), "classifier": controls | yardstick_info}
+    record = without_nan(header | details | full_evaluation(pipe, yardstick, reference, args, rng))
+    return record, markdown_report(record)
+
+
+def describe(args: argparse.Namespace) -> str:
+    """What is sampled, for the first line printed."""
+    if args.sampler_sweep is not None:
+        settings = ",".join(f"{sampler}:{steps}" for sampler, steps in args.sampler_sweep)
+        return f"sampler sweep {settings} | seeds {','.join(map(str, args.seeds))} | guidance {args.guidance}"
+    guidance = "sweep " + ",".join(f"{scale:g}" for scale in args.guidance_sweep) if args.guidance_sweep else args.guidance
+    kept = " | every kept UNet epoch" if args.over_training else ""
+    return f"{args.sampler} {args.steps} steps | guidance {guidance}{kept}"
+
+
+def draw_quality_curves(runs: list[Path], out: Path | None, overwrite: bool) -> None:
+    """--quality-curves: the runs' over_training.json in one figure at `out`, their tables beside it (.md)."""
+    if out is None or out.suffix != ".png":
+        raise UsageError("--quality-curves needs --out FILE.png (e.g. results/quality_per_minute_demo.png)")
+    table = out.with_suffix(".md")
+    records = {}
+    for run in runs:
+        path = run / OVER_TRAINING_FILES[0]
+        if not path.is_file():
+            raise UsageError(f"{path} not found: run `python evaluate.py --run {run} --over-training` first")
+        records[str(run)] = json.loads(path.read_text())
+    check_output_paths([], files={"--out": out, "--out's table": table})
+    existing = [path for path in (out, table) if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{existing[0]} already exists: add --overwrite to replace it")
+    save_quality_curves(records, out)
+    write_text_atomic(table, quality_curves_report(records))
+    print(f"wrote {out}, {table}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.quality_curves:
+        with usage_errors_exit():
+            draw_quality_curves(args.quality_curves, args.out, args.overwrite)
+        return
     with usage_errors_exit():
         check_arguments(args)
         pipe, outputs, datasets, splits = load_checked(args)
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
-        guidance = "sweep " + ",".join(f"{scale:g}" for scale in args.guidance_sweep) if args.guidance_sweep else args.guidance
-        print(
-            f"run {pipe.run_dir} (epoch {pipe.epoch}) | {args.sampler} {args.steps} steps | guidance {guidance} | "
-            f"device {pipe.runtime.device}"
-        )
+        print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {describe(args)} | device {pipe.runtime.device}")
         yardstick, yardstick_info, reference = measure_reference(pipe, datasets, splits, args, rng)
         header = {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "image_size": pipe.config.data.image_size}
         header["settings"] = settings_of(args)
-        if args.guidance_sweep is not None:
-            record = without_nan(header | guidance_sweep(pipe, yardstick, reference, args))
-            report = sweep_report(record)
-            save_sweep_figure(record, outputs[2])
-        else:
-            controls = classifier_controls(reference.real_test.predictions, datasets["train"], datasets["test"])
-            details = {"real_test_images": len(datasets["test"]), "classifier": controls | yardstick_info}
-            record = without_nan(header | details | full_evaluation(pipe, yardstick, reference, args, rng))
-            report = markdown_report(record)
+        record, report = evaluate_as_asked(pipe, yardstick, yardstick_info, reference, datasets, args, rng, header, outputs[2])
         write_json_atomic(outputs[0], record)
         write_text_atomic(outputs[1], report)
     print(report)

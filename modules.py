@@ -648,7 +648,7 @@ def make_betas(config: SchedulerConfig) -> torch.Tensor:
 
 
 class NoiseScheduler:
-    """Forward process q(x_t | x_0), training targets and the DDPM / DDIM reverse steps.
+    """Forward process q(x_t | x_0), training targets and the DDPM, DDIM and DPM-Solver++(2M) reverse steps.
 
     Timestep indices run 0..T-1 (index t is the paper's t+1)."""
 
@@ -746,9 +746,11 @@ class NoiseScheduler:
         t_prev: torch.Tensor,
         noise: torch.Tensor | None = None,
         eta: float = 1.0,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Ancestral step x_t → x_{t_prev} ~ q(x_{t_prev} | x_t, x0-estimate); the last step adds no
-        noise. Its variance is fixed by the schedule, so `eta` is accepted only to share the signature."""
+        noise. Its variance is fixed by the schedule and it needs no earlier step, so `eta` and
+        `previous` are accepted only to share SAMPLERS' signature."""
         mean, variance = self.q_posterior(x0, x_t, t, t_prev)
         return mean if noise is None else mean + variance.sqrt() * noise
 
@@ -760,9 +762,11 @@ class NoiseScheduler:
         t_prev: torch.Tensor,
         eta: float = 0.0,
         noise: torch.Tensor | None = None,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Song et al. 2021 eq. 12: x_{t_prev} = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
-        σ = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev); eta = 0 is deterministic."""
+        σ = eta sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev); eta = 0 is deterministic. A
+        one-step method: `previous` is accepted only to share SAMPLERS' signature."""
         a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         eps = self.predict_noise(x_t, x0, t)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -772,6 +776,38 @@ class NoiseScheduler:
         if eta > 0 and noise is not None:
             x_prev = x_prev + self._per_sample(sigma, x0) * noise
         return x_prev
+
+    def half_log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """λ_t = log(α_t / σ_t) = ½ log(ᾱ_t / (1 - ᾱ_t)) (B,) in float64, the time variable of
+        DPM-Solver (Lu et al. 2022); +∞ at t = -1, the clean image."""
+        a = self.alpha_bar(t)
+        return 0.5 * (a / (1 - a)).log()
+
+    def dpmpp_2m_step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), deterministic (`eta` and
+        `noise` unused): the first-order DPM-Solver++ update, which is DDIM's eta = 0 step, taken with a
+        data prediction D extrapolated linearly in λ from this step's x̂_0 and `previous` = (t, x̂_0)
+        of the step before. The first step has no step before, and the last one (to the clean image,
+        λ = +∞) no finite step size: both stay first order, as diffusers' `lower_order_final` does."""
+        if previous is not None:
+            t_before, x0_before = previous
+            # 1. step sizes in λ: h_i to the next time, h_{i-1} from the step before; r_i = h_{i-1} / h_i
+            h = self.half_log_snr(t_prev) - self.half_log_snr(t)
+            h_before = self.half_log_snr(t) - self.half_log_snr(t_before)
+            # 2. D_i = (1 + 1/(2 r_i)) x̂_0 - 1/(2 r_i) x̂_0,before (Algorithm 2); first order where t_prev = -1
+            weight = torch.where(t_prev >= 0, h / (2 * h_before), 0.0)
+            x0 = x0 + self._per_sample(weight, x0) * (x0 - x0_before)
+        # 3. x_{t_prev} = (σ_prev / σ_t) x_t - α_prev (e^{-h_i} - 1) D_i, which is DDIM's step with D_i as x̂_0
+        return self.ddim_step(x_t, x0, t, t_prev)
 
     def timesteps(self, num_steps: int) -> list[int]:
         """Trailing spacing (Lin et al. 2024, table 2): T-1, ..., always starting at the noisiest step,
@@ -841,7 +877,8 @@ class NoiseScheduler:
         x_T: torch.Tensor | None = None,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Reverse diffusion from x_T ~ N(0, I) with one of SAMPLERS: yields (t, x_{t_prev}, x̂_0)
-        after every step. `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic)."""
+        after every step. `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic);
+        `dpmpp_2m` is deterministic (eta is ignored)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         step_function = SAMPLERS[sampler]
@@ -852,6 +889,7 @@ class NoiseScheduler:
         # step's t and t_prev in one copy to the device, each step's a view of it (B,).
         paired = guidance_conditions(conditions, guidance_scale)
         schedule = torch.tensor([*steps, -1], device=device)
+        previous = None  # the step before's (t, x̂_0): what a multistep sampler remembers
         for index, step in enumerate(steps):
             t, t_prev = schedule[index].expand(shape[0]), schedule[index + 1].expand(shape[0])
             # 1. the guided network output, read as an estimate of the clean latent x̂_0
@@ -860,7 +898,7 @@ class NoiseScheduler:
             last = index + 1 == len(steps)
             noise = torch.zeros_like(x) if last else torch.randn(shape, device=device, generator=generator)
             # 3. the sampler's update x_t → x_{t_prev}
-            x = step_function(self, x, x0, t, t_prev, eta=eta, noise=noise)
+            x, previous = step_function(self, x, x0, t, t_prev, eta=eta, noise=noise, previous=previous), (t, x0)
             yield step, x, x0
 
     @torch.no_grad()
@@ -877,11 +915,13 @@ def guidance_conditions(conditions: Conditions, guidance_scale: float) -> Condit
     return conditions if guidance_scale == 1.0 else Conditions.cat(conditions, conditions.unconditional())
 
 
-# Sampler name → one reverse step (scheduler, x_t, x̂_0, t, t_prev, *, eta, noise) → x_{t_prev}.
+# Sampler name → one reverse step (scheduler, x_t, x̂_0, t, t_prev, *, eta, noise, previous) → x_{t_prev},
+# where `previous` is the step before's (t, x̂_0), None at the first step: all a multistep method needs.
 # A new sampler is one entry here; the scripts' --sampler choices are this table's keys.
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": NoiseScheduler.ddim_step,
     "ddpm": NoiseScheduler.ddpm_step,
+    "dpmpp_2m": NoiseScheduler.dpmpp_2m_step,
 }
 
 

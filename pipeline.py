@@ -35,7 +35,7 @@ from config import (
 )
 from dataset import SliceDataset, make_loader
 from metrics import BAND_LABELS, SPECTRAL_BANDS, band_energy, energy_ratio, psnr
-from modules import EMA, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
+from modules import EMA, SAMPLERS, AutoencoderKL, Conditions, NoiseScheduler, UNet, ms_ssim, split_qkv, ssim, vae_loss
 from utils import Runtime, UsageError, check_output_paths, load_checkpoint, lock_path, pick_device, save_image_grid
 
 CHECKPOINT_FORMAT = 1
@@ -251,6 +251,8 @@ def validate(config: Config) -> None:
     device (no memory, no compute), so a config whose parts do not fit together fails in a second
     with one line, before a run folder is written or an hour of VAE training is spent."""
     check_fields(config)
+    if config.run.sampler not in SAMPLERS:  # checked here, where the samplers are known
+        raise UsageError(f"--run.sampler {config.run.sampler!r}: must be one of {', '.join(SAMPLERS)}")
     side = config.data.image_size
     try:
         with torch.device("meta"):
@@ -442,11 +444,15 @@ def check_sampling_options(args: argparse.Namespace, num_train_timesteps: int | 
 
 def load_run_for(args: argparse.Namespace) -> Pipeline:
     """The run a sampling script's options name (--run, else the newest), on --device, with its
-    options checked against it and --guidance defaulting to the run's own scale."""
+    options checked against it and --guidance, --sampler and --steps defaulting to the run's own
+    run.guidance_scale, run.sampler and run.sample_steps."""
     device = pick_device(args.device)
     pipe = load_run(args.run or latest_run(), Runtime(device, bf16=device.type == "cuda"))
     check_sampling_options(args, pipe.scheduler.num_train_timesteps)
-    args.guidance = pipe.config.run.guidance_scale if args.guidance is None else args.guidance
+    run = pipe.config.run
+    args.guidance = run.guidance_scale if args.guidance is None else args.guidance
+    args.sampler = args.sampler or run.sampler
+    args.steps = args.steps or run.sample_steps
     return pipe
 
 
@@ -522,18 +528,19 @@ class Pipeline:
         *,
         steps: int,
         guidance_scale: float,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion."""
+        """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion with
+        `sampler` (default: the run's run.sampler)."""
         self.unet.eval()
         with self.runtime.autocast():
             latents = self.scheduler.sample(
                 self.unet,
                 (len(conditions), *latent_shape(self.config)),
                 conditions,
-                sampler=sampler,
+                sampler=sampler or self.config.run.sampler,
                 num_steps=steps,
                 eta=eta,
                 guidance_scale=guidance_scale,
@@ -549,16 +556,18 @@ class Pipeline:
         *,
         seed: int,
         batch_size: int = 64,
-        steps: int = 50,
+        steps: int | None = None,
         guidance_scale: float | None = None,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         slice_position: float | None = None,
         progress: str = "sampling",
     ) -> torch.Tensor:
         """`count` latents of one label (count, C_z, h, w), in batches seeded by `batch_generator`,
-        so the same (seed, label, batch_size) gives the same images on any call."""
+        so the same (seed, label, batch_size) gives the same images on any call. Steps, guidance and
+        sampler default to the run's (run.sample_steps, run.guidance_scale, run.sampler)."""
         guidance_scale = self.config.run.guidance_scale if guidance_scale is None else guidance_scale
+        steps = steps or self.config.run.sample_steps
         latents = []
         batches = range(0, count, batch_size)
         for batch_index, start in enumerate(tqdm(batches, desc=f"{progress} {CLASS_NAMES[label]}", leave=False)):

@@ -64,8 +64,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--label", action="append", required=True, help="0/AD, 1/NC or both; repeatable")
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=16, help="images per label (default 16)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddim")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: 50 for DDIM, all T for DDPM)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--seed", type=int, default=0)
@@ -330,10 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with usage_errors_exit():
         labels = check_arguments(args)
-        args.steps = args.steps or (50 if args.sampler == "ddim" else None)
         pipe = load_run_for(args)
         pipe.unet = compile_model(pipe.unet, args.compile)
-        args.steps = args.steps or pipe.scheduler.num_train_timesteps
         slice_position = None
         if args.slice is not None:
             if not pipe.config.unet.slice_conditioning:

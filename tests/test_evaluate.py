@@ -1,5 +1,5 @@
 """evaluate.py: each figure on known inputs (conditioning, fidelity, TSTR, memorisation, anatomy), end to
-end on the tiny run (full evaluation, --umap, --guidance-sweep), and bad input."""
+end on the tiny run (full evaluation, --umap, --guidance-sweep, --sampler-sweep), and bad input."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from PIL import Image
 import classifier
 import evaluate
 from config import DataConfig, read_config
-from conftest import SLICES_PER_SCAN
-from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits
-from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage
+from conftest import SLICES_PER_SCAN, run_train
+from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits, to_model_range
+from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
+from modules import ms_ssim
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -74,6 +75,26 @@ def test_fidelity_on_known_inputs() -> None:
     collapsed = image_set(reference.train.pixels[[3] * 10], generated.labels, generated.predictions, 1)
     again = evaluate.fidelity(collapsed, reference, None, 0, CPU)
     assert again["ms_ssim_generated"] == pytest.approx(1.0, abs=1e-5) and again["ms_ssim_real"] == metrics["ms_ssim_real"]
+
+
+def test_sharpness_sees_blur_that_the_real_slices_do_not_have() -> None:
+    """Generated images that are the real test slices keep exactly their spectral energy (1.0 in every band);
+    reconstructions blurred by a 3x3 box keep far less above 1/4 cycle per pixel than below, and their
+    PSNR/SSIM/MS-SSIM against the slices are those of metrics and modules on the same tensors."""
+    reference = known_reference()
+    real = reference.real_test
+    box = torch.nn.functional.avg_pool2d(real.pixels.unsqueeze(1).float(), 3, stride=1, padding=1, count_include_pad=False)
+    blurred = image_set(box.squeeze(1).round().to(torch.uint8), real.labels, real.predictions, 3)
+    reference = dataclasses.replace(reference, reconstructed_test=blurred)
+    generated = image_set(real.pixels.clone(), real.labels, real.predictions, 1)
+    sharp = evaluate.sharpness(generated, reference, CPU)
+    assert sharp["spectral_energy"]["generated"] == pytest.approx({"low": 1.0, "mid": 1.0, "high": 1.0}, rel=1e-12)
+    kept = sharp["spectral_energy"]["reconstructed_test"]
+    assert kept["high"] < 0.25 < kept["low"], f"a 3x3 box blur should lose the top band most: {kept}"
+    as_model = [to_model_range(images.pixels.unsqueeze(1)) for images in (blurred, real)]
+    assert sharp["reconstruction"]["psnr"] == pytest.approx(float(psnr(*as_model).mean()))
+    assert sharp["reconstruction"]["ms_ssim"] == pytest.approx(float(ms_ssim(*as_model).mean()))
+    assert sharp["reconstruction"]["ssim"] < 1.0
 
 
 def test_memorisation_finds_planted_copies_by_distance_and_by_correlation() -> None:
@@ -243,6 +264,7 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     run_evaluate(run_copy, "--umap")
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert set(metrics["groups"]) == {"all", "AD", "NC"}
+    assert set(metrics["sharpness"]["spectral_energy"]) == {"generated", "reconstructed_test", "train_sample"}
     groups = metrics["groups"]
     for name, group in groups.items():
         assert set(group) == GROUP_KEYS
@@ -281,6 +303,7 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     markdown = (run_copy / "metrics.md").read_text()
     assert "| metric | all | AD | NC |" in markdown and "ImageNet-FID is not computed" in markdown
     assert "Train on synthetic, test on real" in markdown and "95% CI" in markdown
+    assert "| VAE reconstructions of the test slices |" in markdown and "above 1/4 cycle/px" in markdown
     assert markdown in capsys.readouterr().out
     # Where Cohen's d is undefined (a degenerate dataset: one image per class), the report says why, not a number.
     degenerate = json.loads(json.dumps(metrics))
@@ -371,6 +394,7 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
             "cohens_d_95ci",
             "frechet_distance",
             "prdc",
+            "spectral_energy",
             "generation_seconds",
         }
     assert sweep["lowest_frechet"] in (1.0, 3.0) and sweep["closest_anatomy"] in (1.0, 3.0) and sweep["recommended"] in (1.0, 3.0)
@@ -387,6 +411,93 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
     assert metrics["anatomy"]["generated"]["cohens_d_AD_minus_NC"] == sweep["scales"][1]["cohens_d_AD_minus_NC"]
 
 
+def test_sampler_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, capsys) -> None:
+    """Each sampler:steps at each seed, paired with the setting of most steps (which matches itself
+    exactly); a row draws the same images as a full evaluation with that sampler, steps and seed."""
+    quick_yardstick(monkeypatch)
+    common = ["--run", str(run_copy), "--num-samples", "4", "--batch-size", "3", "--device", "cpu"]
+    evaluate.main([*common, "--sampler-sweep", "ddim:3,dpmpp_2m:2", "--seeds", "0,1"])
+    sweep = json.loads((run_copy / "sampler_sweep.json").read_text())
+    assert [(row["sampler"], row["steps"], row["seed"]) for row in sweep["rows"]] == [
+        ("ddim", 3, 0),
+        ("ddim", 3, 1),
+        ("dpmpp_2m", 2, 0),
+        ("dpmpp_2m", 2, 1),
+    ]
+    assert all(row["seconds_per_64_images"] == pytest.approx(row["generation_seconds"] * 8, abs=1e-3) for row in sweep["rows"])
+    assert sweep["settings"] == {"num_samples": 4, "guidance": 2.0, "seed": 0, "seeds": [0, 1], "batch_size": 3}
+    assert sweep["baseline"] == {"sampler": "ddim", "steps": 3}
+    baseline = sweep["comparison"][0]
+    assert baseline["matches_baseline"] and set(baseline["paired_difference"].values()) <= {0.0, None}
+    assert sweep["recommended"] in ({"sampler": "ddim", "steps": 3}, {"sampler": "dpmpp_2m", "steps": 2})
+    assert not (run_copy / "metrics.json").exists()  # a sweep is not the full evaluation
+    with Image.open(run_copy / "sampler_sweep.png") as figure:
+        assert figure.width > 600
+    markdown = (run_copy / "sampler_sweep.md").read_text()
+    assert "| sampler | steps | seed |" in markdown and "**Recommended: " in markdown and markdown in capsys.readouterr().out
+    evaluate.main([*common, "--sampler", "dpmpp_2m", "--steps", "2", "--seed", "1"])
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["groups"]["all"]["frechet_distance"] == sweep["rows"][3]["frechet_distance"]
+    assert metrics["anatomy"]["generated"]["cohens_d_AD_minus_NC"] == sweep["rows"][3]["cohens_d_AD_minus_NC"]
+
+
+def sweep_rows(sampler: str, steps: int, accuracies: list[float], frechet: list[float]) -> list[dict]:
+    """Sampler-sweep rows of one setting at seeds 0, 1, ...: the given accuracies and Fréchet distances,
+    anatomy d 1.5, precision 0.8, coverage NaN (as in a sweep with too few images for k)."""
+    return [
+        {
+            "sampler": sampler,
+            "steps": steps,
+            "seed": seed,
+            "conditioning_accuracy": accuracy,
+            "cohens_d_AD_minus_NC": 1.5,
+            "frechet_distance": distance,
+            "prdc": {"precision": 0.8, "recall": 0.5, "density": 1.0, "coverage": math.nan},
+            "seconds_per_64_images": steps / 10,
+        }
+        for seed, (accuracy, distance) in enumerate(zip(accuracies, frechet))
+    ]
+
+
+def test_sampler_comparison_is_paired_per_seed_against_the_baseline_spread() -> None:
+    """Baseline ddim 50: accuracy 0.80 / 0.84 (spread 0.04), Fréchet 2.0 / 2.2 (spread 0.2). dpmpp 10 is off by
+    0.3 in Fréchet (outside); dpmpp 15 by +0.01 accuracy and -0.05 Fréchet (inside, a quarter of each spread);
+    ddim 15 by 0.03 and 0.15 (inside, but three quarters): dpmpp 15 is recommended. Coverage, NaN in the
+    baseline, is left out of the match."""
+    rows = [
+        *sweep_rows("ddim", 50, [0.80, 0.84], [2.0, 2.2]),
+        *sweep_rows("dpmpp_2m", 10, [0.80, 0.84], [2.3, 2.5]),
+        *sweep_rows("dpmpp_2m", 15, [0.82, 0.84], [2.0, 2.1]),
+        *sweep_rows("ddim", 15, [0.83, 0.87], [2.15, 2.35]),
+    ]
+    comparison, spread = evaluate.compare_settings(rows, ("ddim", 50), [0, 1])
+    assert spread == pytest.approx(
+        {"conditioning_accuracy": 0.04, "cohens_d_AD_minus_NC": 0, "frechet_distance": 0.2, "precision": 0, "coverage": math.nan},
+        nan_ok=True,
+    )
+    by_setting = {(entry["sampler"], entry["steps"]): entry for entry in comparison}
+    assert by_setting["dpmpp_2m", 10]["paired_difference"]["frechet_distance"] == pytest.approx(0.3)
+    assert by_setting["dpmpp_2m", 10]["within_spread"]["frechet_distance"] is False
+    matches = [entry["matches_baseline"] for entry in comparison]
+    assert [(entry["sampler"], entry["steps"]) for entry in comparison] == [
+        ("ddim", 50),
+        ("dpmpp_2m", 10),
+        ("dpmpp_2m", 15),
+        ("ddim", 15),
+    ]
+    assert matches == [True, False, True, True]
+    assert by_setting["dpmpp_2m", 15]["within_spread"] == {
+        "conditioning_accuracy": True,
+        "cohens_d_AD_minus_NC": True,
+        "frechet_distance": True,
+        "precision": True,
+        "coverage": None,
+    }
+    assert by_setting["dpmpp_2m", 15]["paired_difference"]["conditioning_accuracy"] == pytest.approx(0.01)
+    assert by_setting["dpmpp_2m", 15]["mean"]["seconds_per_64_images"] == pytest.approx(1.5)
+    assert evaluate.recommended_setting(comparison, spread) == {"sampler": "dpmpp_2m", "steps": 15}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -401,6 +512,16 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
         (["--guidance-sweep", "2,1e30"], "must be numbers from 0 to 30, got '2,1e30'"),
         (["--guidance-sweep", "1,2", "--guidance", "2"], "exclude each other"),
         (["--guidance-sweep", "1,2", "--umap"], "--umap belongs to the full evaluation"),
+        (["--sampler-sweep", "euler:10"], "sampler:steps with a sampler of ddim, ddpm, dpmpp_2m"),
+        (["--sampler-sweep", "ddim:0"], "at least 1 step"),
+        (["--sampler-sweep", "ddim:10,ddim:10"], "each sampler:steps once"),
+        (["--sampler-sweep", "ddim:2000"], "--sampler-sweep ddim:2000: the run has 1000 diffusion steps"),
+        (["--sampler-sweep", "ddim:10", "--seeds", "0"], "give two or more, e.g. 0,1"),
+        (["--sampler-sweep", "ddim:10", "--seeds", "0,0"], "distinct"),
+        (["--sampler-sweep", "ddim:10", "--steps", "5"], "drop --sampler and --steps"),
+        (["--sampler-sweep", "ddim:10", "--guidance-sweep", "1,2"], "exclude each other"),
+        (["--sampler-sweep", "ddim:10", "--umap"], "--umap belongs to the full evaluation"),
+        (["--seeds", "0,1"], "--seeds belongs to --sampler-sweep"),
     ],
 )
 def test_bad_input_exits_2(trained_run: Path, argv: list[str], message: str, capsys) -> None:
@@ -439,3 +560,41 @@ def test_umap_fit_keeps_torch_thread_count() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "1", f"torch runs {result.stdout.split()[-1]} threads after a UMAP fit, not 1"
+
+
+def test_over_training_measures_every_kept_epoch_and_draws_the_runs_together(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    """A run trained with --run.keep_every 1 is measured at UNet epochs 1 (its snapshot) and 2 (unet.pt),
+    each with the images seen and minutes so far; --quality-curves draws runs' records in one figure
+    and table. Without snapshots, or with --out missing, each is one line and exit 2."""
+    run_dir = tmp_path / "kept"
+    run_train(tiny_dataset, run_dir, "--run.keep_every", "1")
+    run_evaluate(run_dir, "--over-training")
+    record = json.loads((run_dir / "over_training.json").read_text())
+    rows = record["rows"]
+    config = read_config(run_dir)
+    steps_per_epoch = len(load_splits(run_dir / "splits.json")["train"]) * SLICES_PER_SCAN // config.unet_train.batch_size
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["images_seen"] for row in rows] == [n * steps_per_epoch * config.unet_train.batch_size for n in (1, 2)]
+    assert 0 < rows[0]["training_seconds"] < rows[1]["training_seconds"]
+    assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"], "both epochs measured the same weights"
+    assert set(rows[0]["spectral_energy"]) == {"low", "mid", "high"}
+    assert "| 2 |" in (run_dir / "over_training.md").read_text()
+    out = tmp_path / "curves.png"
+    twin = shutil.copytree(run_dir, tmp_path / "twin")
+    evaluate.main(["--quality-curves", str(run_dir), str(twin), "--out", str(out)])
+    with Image.open(out) as figure:
+        assert figure.width > 1000
+    assert (tmp_path / "curves.md").read_text().count("| epoch |") == 2
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns("snapshots", "over_training.*"))
+    for argv, message in (
+        (["--run", str(bare), "--over-training", "--device", "cpu"], "--run.keep_every"),
+        (["--quality-curves", str(run_dir)], "--out FILE.png"),
+        (["--quality-curves", str(bare), "--out", str(out), "--overwrite"], "--over-training` first"),
+        (["--run", str(run_dir), "--over-training", "--guidance-sweep", "1,2", "--overwrite"], "exclude each other"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)

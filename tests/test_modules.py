@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 from config import SchedulerConfig, UNetConfig, VAEConfig, make_config
 from modules import (
     EMA,
+    SAMPLERS,
     Attention,
     AutoencoderKL,
     Conditions,
@@ -518,6 +520,104 @@ def test_ddim_step_closed_form_with_eta():
             close(scheduler.ddim_step(x_t, x0, t, t_prev, noise=z), deterministic, atol=2e-5)  # eta defaults to 0
 
 
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 20])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
+def test_dpmpp_2m_oracle_every_state_lies_on_the_forward_process(num_steps, prediction_type):
+    """DPM-Solver++(2M) with a model that knows x0: its x̂_0 never changes, so the extrapolated data
+    prediction is x0 itself and every state is add_noise(x0, ε, t_prev), the last one x0."""
+    config = SchedulerConfig(prediction_type=prediction_type)
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(num_steps)
+    x0, noise = torch.randn(2, 4, 5, 5, generator=generator), torch.randn(2, 4, 5, 5, generator=generator)
+    states = list(
+        scheduler.sample_steps(
+            ReferenceOracle(abar, x0, prediction_type),
+            x0.shape,
+            Conditions(torch.tensor([0, 1])),
+            sampler="dpmpp_2m",
+            num_steps=num_steps,
+            x_T=reference_add_noise(abar, x0, noise, [999, 999]),
+            generator=torch.Generator().manual_seed(5),  # the loop's unused noise draws leave the global RNG alone
+        )
+    )
+    steps = scheduler.timesteps(num_steps)
+    assert [step for step, _, _ in states] == steps
+    atol = 1e-5 if prediction_type == "v" else 1e-4  # ε: x̂0 divides by sqrt(ᾱ_T) = 0.012
+    for (_step, x_prev, _x0_hat), previous in zip(states, steps[1:] + [-1]):
+        close(x_prev, reference_add_noise(abar, x0, noise, [previous, previous]), atol=atol)
+    close(states[-1][1], x0, atol=atol)
+
+
+def test_dpmpp_2m_step_is_algorithm_2_of_the_paper():
+    """Lu et al. 2022 (DPM-Solver++), Algorithm 2 written out: x_{t_i} = (σ_i / σ_{i-1}) x - α_i (e^{-h_i} - 1) D_i,
+    D_i = (1 + 1/(2 r_i)) x̂_0 - 1/(2 r_i) x̂_0,before, r_i = h_{i-1} / h_i, h_i = λ_{t_i} - λ_{t_{i-1}}; the first
+    step (no step before) and the step to the clean image (t_prev = -1) are first order, i.e. DDIM's eta = 0 step."""
+    config = SchedulerConfig()
+    scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
+    generator = torch.Generator().manual_seed(3)
+    x_t, x0, x0_before = (torch.randn(3, 2, 3, 3, generator=generator) for _ in range(3))
+    before, steps, previous = [999, 600, 40], [899, 500, 20], [799, 400, -1]
+    t, t_prev = torch.tensor(steps), torch.tensor(previous)
+
+    def alpha_sigma_lambda(times: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = per_sample([abar[s] for s in times], x0)
+        return a.sqrt(), (1 - a).sqrt(), 0.5 * (a / (1 - a)).log()
+
+    (_, sigma, lam), (alpha_p, sigma_p, lam_p), (_, _, lam_b) = map(alpha_sigma_lambda, (steps, previous, before))
+    h, r = lam_p - lam, (lam - lam_b) / (lam_p - lam)
+    data = (1 + 1 / (2 * r)) * x0.double() - 1 / (2 * r) * x0_before.double()
+    expected = sigma_p / sigma * x_t.double() - alpha_p * torch.expm1(-h) * data
+    got = scheduler.dpmpp_2m_step(x_t, x0, t, t_prev, previous=(torch.tensor(before), x0_before))
+    close(got[:2], expected[:2], atol=2e-5)
+    close(got[2], x0[2], atol=2e-5)  # the last step lands on x̂_0 itself
+    close(scheduler.dpmpp_2m_step(x_t, x0, t, t_prev), scheduler.ddim_step(x_t, x0, t, t_prev), atol=0, rtol=0)
+
+
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers not installed")
+
+
+def fake_denoiser(x: torch.Tensor, t: torch.Tensor, conditions: Conditions | None = None) -> torch.Tensor:
+    """A fixed, deterministic, non-linear stand-in for a network: its x̂_0 changes from step to step,
+    so a multistep solver's second-order term matters."""
+    time = t.float().view(-1, *([1] * (x.ndim - 1))) / 1000
+    return 0.9 * x + 0.2 * torch.sin(2 * x + time)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("num_steps", [10, 20])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
+def test_dpmpp_2m_matches_diffusers_step_by_step(num_steps: int, prediction_type: str) -> None:
+    """Every state of our DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler on the same betas,
+    trailing timesteps and final ᾱ = 1 (final_sigmas_type "zero", whose last step is first order)."""
+    import diffusers
+
+    config = SchedulerConfig(prediction_type=prediction_type)
+    ours = NoiseScheduler(config)
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        trained_betas=make_betas(config).numpy(),
+        prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[prediction_type],
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    theirs.set_timesteps(num_steps)
+    assert theirs.timesteps.tolist() == ours.timesteps(num_steps)
+    x_T = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(num_steps))
+    x, expected = x_T, []
+    for t in theirs.timesteps:
+        x = theirs.step(fake_denoiser(x, t.expand(len(x))), t, x).prev_sample
+        expected.append(x)
+    conditions, generator = Conditions(torch.tensor([0, 1])), torch.Generator().manual_seed(0)
+    states = ours.sample_steps(
+        fake_denoiser, x_T.shape, conditions, sampler="dpmpp_2m", num_steps=num_steps, x_T=x_T, generator=generator
+    )
+    for index, ((_, mine, _), reference) in enumerate(zip(states, expected, strict=True)):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5, msg=lambda text, i=index: f"step {i}: {text}")
+
+
 def test_q_posterior_matches_ddpm_paper_including_respaced_steps():
     config = SchedulerConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     scheduler, abar = NoiseScheduler(config), reference_alpha_bar(config)
@@ -1000,7 +1100,7 @@ def test_training_step_and_sampling_never_read_a_tensor_on_the_host(no_host_sync
     nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     optimizer.step()
     ema.update(unet)
-    for sampler in ("ddim", "ddpm"):
+    for sampler in SAMPLERS:
         scheduler.sample(ema.model, (3, 4, 8, 8), conditions, sampler=sampler, num_steps=3, guidance_scale=3.0)
     with pytest.raises(HostSyncForbidden):  # the fixture does catch a read
         bool(loss > 0)
