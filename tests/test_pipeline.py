@@ -160,31 +160,37 @@ def recording_scheduler(pipe: Pipeline) -> list[dict]:
     return calls
 
 
-def test_generate_passes_every_option_to_the_sampler_and_defaults_to_ddim_50_steps_in_batches_of_64() -> None:
+def test_generate_passes_every_option_to_the_sampler_and_defaults_to_the_runs_in_batches_of_64() -> None:
     pipe = tiny_pipeline()
+    run = pipe.config.run
+    run.sample_steps, run.sampler, run.guidance_scale = 7, "ddpm", 2.5
     calls = recording_scheduler(pipe)
     assert pipe.generate(0, 65, seed=1).shape == (65, *latent_shape(pipe.config))
     asked = [(call["shape"][0], call["sampler"], call["num_steps"], call["eta"], call["guidance_scale"]) for call in calls]
-    assert asked == [(64, "ddim", 50, 0.0, pipe.config.run.guidance_scale), (1, "ddim", 50, 0.0, pipe.config.run.guidance_scale)]
+    assert asked == [(64, "ddpm", 7, 0.0, 2.5), (1, "ddpm", 7, 0.0, 2.5)], "defaults: the run's steps, sampler, guidance"
     calls.clear()
-    latents = pipe.generate(1, 3, seed=1, batch_size=2, steps=7, sampler="ddpm", eta=0.5, guidance_scale=4.0)
+    latents = pipe.generate(1, 3, seed=1, batch_size=2, steps=5, sampler="ddim", eta=0.5, guidance_scale=4.0)
     assert latents.shape[0] == 3, "the last, partial batch must hold the remaining images only"
     assert [(call["shape"][0], call["sampler"], call["num_steps"], call["eta"], call["guidance_scale"]) for call in calls] == [
-        (2, "ddpm", 7, 0.5, 4.0),
-        (1, "ddpm", 7, 0.5, 4.0),
+        (2, "ddim", 5, 0.5, 4.0),
+        (1, "ddim", 5, 0.5, 4.0),
     ], "generate must hand its sampler, steps, eta and guidance to every batch"
     assert all(call["conditions"].labels.tolist() == [1] * call["shape"][0] for call in calls)
     assert all(call["conditions"].labels.dtype == torch.long and call["device"] == CPU for call in calls)
 
 
-def test_sample_defaults_to_deterministic_ddim() -> None:
+def test_sample_defaults_to_the_runs_sampler_without_ddim_noise() -> None:
     pipe = tiny_pipeline()
     conditions = Conditions(torch.tensor([0, 1]))
+    for sampler in ("ddim", "ddpm"):
+        pipe.config.run.sampler = sampler
+        default = pipe.sample(conditions, steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+        explicit = pipe.sample(
+            conditions, steps=3, guidance_scale=2.0, sampler=sampler, eta=0.0, generator=torch.Generator().manual_seed(0)
+        )
+        assert torch.equal(default, explicit), sampler
+    pipe.config.run.sampler = "ddim"
     default = pipe.sample(conditions, steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    explicit = pipe.sample(
-        conditions, steps=3, guidance_scale=2.0, sampler="ddim", eta=0.0, generator=torch.Generator().manual_seed(0)
-    )
-    assert torch.equal(default, explicit)
     ddpm = pipe.sample(conditions, steps=3, guidance_scale=2.0, sampler="ddpm", generator=torch.Generator().manual_seed(0))
     noisy = pipe.sample(conditions, steps=3, guidance_scale=2.0, eta=1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(ddpm, default) and not torch.allclose(noisy, default), "sampler and eta must reach the loop"
