@@ -132,7 +132,7 @@ def test_full_evaluation_measures_memorisation_against_the_training_set(tmp_path
     real_test = image_set(test, [0] * 5 + [1] * 5, [0] * 10, 4)
     reference = evaluate.Reference(evaluate.SliceDataset(train.numpy(), np.zeros(30), np.full(30, 70)), real_test, None, None)
     monkeypatch.setattr(evaluate, "generate_and_measure", lambda pipe, yardstick, args: (generated, 0.0))
-    for figure_of_others in ("fidelity", "anatomy", "train_on_synthetic"):
+    for figure_of_others in ("fidelity", "sharpness", "anatomy", "train_on_synthetic"):
         monkeypatch.setattr(evaluate, figure_of_others, lambda *args: {})
     pipe = SimpleNamespace(run_dir=tmp_path, runtime=SimpleNamespace(device=CPU))
     args = SimpleNamespace(num_samples=5, umap=False, seed=0)
