@@ -373,7 +373,9 @@ def test_correlation_is_exact_for_faint_images_and_bounded_by_one() -> None:
 
 def test_pairwise_ms_ssim_uses_every_pair_up_to_the_limit_then_seeded_random_pairs() -> None:
     generator = torch.Generator().manual_seed(16)
-    images = torch.rand(5, 1, 32, 32, generator=generator) * 2 - 1
+    ramp = torch.linspace(-0.8, 0.8, 32).expand(32, 32)  # a ramp under more noise each: every pair scores differently
+    images = torch.stack([(ramp + 0.15 * k * (torch.rand(32, 32, generator=generator) * 2 - 1)).clamp(-1, 1) for k in range(5)])
+    images = images.unsqueeze(1)
     every_pair = [float(ms_ssim(images[i : i + 1], images[j : j + 1])) for i in range(5) for j in range(i + 1, 5)]
     assert metrics.pairwise_ms_ssim(images, pairs=10) == pytest.approx(np.mean(every_pair), rel=1e-6)  # 10 pairs: all
     draws = torch.Generator().manual_seed(3)
