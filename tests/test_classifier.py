@@ -320,6 +320,12 @@ def test_controls_set_the_classifier_beside_slice_position_alone() -> None:
             {"slices": "74-74", "images": 2, "AD_share": 0.5, "classifier_accuracy": 0.5, "slice_position_only_accuracy": 0.5},
         ],
     }
+    # Tercile edges on an integer slice: training slices 0-12 put the edges at 4 and 8; a slice on an edge
+    # belongs to the tercile above it.
+    wide = SliceDataset(np.zeros((13, 4, 4), np.uint8), [0, 1] * 6 + [0], list(range(13)))
+    four = SliceDataset(np.zeros((4, 4, 4), np.uint8), [0, 1, 0, 1], [3, 4, 8, 12])
+    parts = classifier.classifier_controls(np.array([0, 1, 0, 1]), wide, four)["slice_terciles"]
+    assert [(part["slices"], part["images"]) for part in parts] == [("3-3", 1), ("4-4", 1), ("8-12", 2)]
     unbalanced = SliceDataset(np.zeros((2, 4, 4), np.uint8), [0, 1], [70, 75])  # no slice index holds both
     assert math.isnan(classifier.classifier_controls(np.array([0, 1]), train, unbalanced)["test_accuracy_position_balanced"])
 

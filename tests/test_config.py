@@ -317,9 +317,10 @@ def test_each_rules_edge_value_is_accepted() -> None:
     config = make_config("tiny")
     apply_overrides(config, {"scheduler.num_train_timesteps": "1", "run.sample_steps": "1"})
     check_fields(config)
-    config = make_config("tiny")  # widths of 5 (odd) with heads of 8: one head of 5 channels each
-    apply_overrides(config, {"unet.channels": "5,5", "unet.head_dim": "8"})
-    check_fields(config)
+    for channels, head_dim in (("5,5", "8"), ("16,16", "6")):  # one head of 5; two heads of 8 (16 // 6 = 2 heads)
+        config = make_config("tiny")
+        apply_overrides(config, {"unet.channels": channels, "unet.head_dim": head_dim})
+        check_fields(config)
 
 
 @pytest.mark.parametrize(

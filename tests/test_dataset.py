@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -131,6 +132,12 @@ def test_prepare_image_fits_without_cutting(tiny_root: Path) -> None:
     assert (out[:6] == 0).all() and (out[-6:] == 0).all()
     assert (out[6:-6] == 200).all()
     assert prepare_image(pixels, 64).shape == (64, 64)
+    # A tall slice is centred left-right: 256x128 → 32x16 with 8 black columns each side.
+    tall = prepare_image(np.full((256, 128), 200, dtype=np.uint8), 32)
+    assert (tall[:, :8] == 0).all() and (tall[:, -8:] == 0).all() and (tall[:, 8:24] == 200).all()
+    # A line one pixel thin stays one pixel thin (at least 1, never 0), in either direction.
+    assert (prepare_image(np.full((1, 256), 200, dtype=np.uint8), 32) > 0).sum(0).tolist() == [1] * 32
+    assert (prepare_image(np.full((256, 1), 200, dtype=np.uint8), 32) > 0).sum(1).tolist() == [1] * 32
 
 
 def test_read_image_rejects_truncated(tiny_root: Path) -> None:
@@ -473,8 +480,9 @@ def test_loading_uses_the_split_seed_and_refuses_scans_outside_the_runs_splits(t
 
 def test_loading_refuses_a_cache_inside_the_dataset(tiny_root: Path) -> None:
     config = DataConfig(data_dir=str(tiny_root), image_size=32, cache_dir=str(tiny_root / "cache"))
-    with pytest.raises(UsageError, match="--data.cache_dir"):
+    with pytest.raises(UsageError) as error:
         load_split_datasets(config, verbose=False)
+    assert str(error.value).startswith(f"--data.cache_dir {tiny_root / 'cache'} lies inside the dataset folder {tiny_root}")
     assert not (tiny_root / "cache").exists()
 
 
@@ -504,3 +512,14 @@ def test_decoding_asks_for_the_memory_of_the_decoded_images(tiny_root: Path, mon
     records = index_dataset(tiny_root).records
     decode_images(records, 24, None)
     assert asked == [(len(records) * 24 * 24, f"the {len(records)} decoded images at 24 px")]
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_the_reason(tiny_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dataset, "atomic_path", full_disk)
+    decoded = decode_images(index_dataset(tiny_root).records, 32, tmp_path / "cache")
+    assert decoded.readable.all()
+    out = capsys.readouterr().out
+    assert "(No space left on device): continuing without it" in out, out
