@@ -532,7 +532,7 @@ def sample_with_ours(
 ) -> torch.Tensor:
     """Our guided DDIM loop, as predict.py runs it (Pipeline.sample), on latents only."""
     pipe = Pipeline(config, None, unet, scheduler, runtime)
-    return pipe.sample(pipe.conditions(labels), steps=steps, guidance_scale=guidance_scale, generator=generator)
+    return pipe.sample(pipe.conditions(labels), steps=steps, guidance_scale=guidance_scale, sampler="ddim", generator=generator)
 
 
 @torch.no_grad()

@@ -530,7 +530,7 @@ def quality_curves_report(records: dict[str, dict]) -> str:
             "|---:|---:|---:|" + "---:|" * len(CURVE_PANELS),
         ]
         for row in record["rows"]:
-            minutes = number(row["training_seconds"] / 60, 1) if row["training_seconds"] is not None else "—"
+            minutes = f"{row['training_seconds'] / 60:.1f}" if row["training_seconds"] is not None else "—"
             images = f"{row['images_seen']:,}" if row["images_seen"] is not None else "—"
             cells = [number(as_float(value(row, reference)), 3) for _, value, _ in CURVE_PANELS]
             lines.append(f"| {row['epoch']} | {images} | {minutes} | " + " | ".join(cells) + " |")
@@ -993,7 +993,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=500, help="generated images per label (default 500)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps (default: the run's run.sample_steps; another --sampler: 50, ddpm all)"
+    )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument(
         "--guidance-sweep",

@@ -44,7 +44,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--unet-images", type=int, default=DEFAULT_UNET_IMAGES, help="UNet training images")
     parser.add_argument("--samples", type=int, default=64, help="predict.py images per label (default 64)")
     parser.add_argument("--eval-samples", type=int, default=200, help="evaluate.py images per label (default 200)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps for predict and evaluate (default 50)")
+    parser.add_argument("--steps", type=int, help="sampling steps for predict and evaluate (default: the run's run.sample_steps)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     return parser
 
@@ -92,7 +92,7 @@ def check_options(args: argparse.Namespace, overrides: dict[str, str]) -> Config
     """Everything that can be checked before the demo build: each size in range for the script it goes
     to, the device, the train.py config the stages will use, and where they write. Returns that config."""
     for flag in ("vae_images", "unet_images", "samples", "steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.eval_samples < 2:
         raise UsageError(f"--eval-samples must be at least 2 (evaluate.py needs pairs and spreads), got {args.eval_samples}")
@@ -109,7 +109,7 @@ def check_options(args: argparse.Namespace, overrides: dict[str, str]) -> Config
     schedule = {"vae_train.images": str(args.vae_images), "unet_train.images": str(args.unet_images)}
     apply_overrides(config, {**schedule, **overrides, "data.data_dir": str(args.data_dir)})
     validate(config)
-    if args.steps > config.scheduler.num_train_timesteps:
+    if args.steps is not None and args.steps > config.scheduler.num_train_timesteps:
         raise UsageError(
             f"--steps {args.steps}: the model has {config.scheduler.num_train_timesteps} diffusion steps; use at most that many"
         )
@@ -150,7 +150,7 @@ def check(args: argparse.Namespace, overrides: list[str]) -> str:
     schedule = ["--vae_train.images", str(args.vae_images), "--unet_train.images", str(args.unet_images)]
     for stage in ("vae", "unet"):
         run_stage(stage, "train.py", [*common, *schedule, *overrides, "--stage", stage], seconds)
-    sampling = ["--run", str(args.run), "--device", args.device, "--steps", str(args.steps)]
+    sampling = ["--run", str(args.run), "--device", args.device, *(["--steps", str(args.steps)] if args.steps else [])]
     run_stage("predict", "predict.py", [*sampling, "--label", "both", "--num-samples", str(args.samples)], seconds)
     run_stage("evaluate", "evaluate.py", [*sampling, "--num-samples", str(args.eval_samples)], seconds)
     return summary_line(args.run, seconds)

@@ -452,8 +452,23 @@ def load_run_for(args: argparse.Namespace) -> Pipeline:
     run = pipe.config.run
     args.guidance = run.guidance_scale if args.guidance is None else args.guidance
     args.sampler = args.sampler or run.sampler
-    args.steps = args.steps or run.sample_steps
+    args.steps = args.steps or default_steps(args.sampler, pipe.config)
     return pipe
+
+
+# Steps of a sampler other than the run's, when --steps is not given: DDIM's customary 50 (the default
+# before DPM-Solver++); DDPM is itself only with every one of the run's diffusion steps.
+OTHER_SAMPLER_STEPS = 50
+
+
+def default_steps(sampler: str, config: Config) -> int:
+    """--steps when not given: the run's run.sample_steps for the run's own sampler, all diffusion steps
+    for DDPM, else OTHER_SAMPLER_STEPS."""
+    if sampler == config.run.sampler:
+        return config.run.sample_steps
+    if sampler == "ddpm":
+        return config.scheduler.num_train_timesteps
+    return min(OTHER_SAMPLER_STEPS, config.scheduler.num_train_timesteps)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

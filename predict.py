@@ -65,7 +65,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=16, help="images per label (default 16)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the run's run.sample_steps)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps (default: the run's run.sample_steps; another --sampler: 50, ddpm all)"
+    )
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--seed", type=int, default=0)

@@ -284,7 +284,14 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
         == (groups["AD"]["conditioning_accuracy"] + groups["NC"]["conditioning_accuracy"]) / 2
     )
     assert groups["all"]["real_test_accuracy"] == (groups["AD"]["real_test_accuracy"] + groups["NC"]["real_test_accuracy"]) / 2
-    assert metrics["settings"] == {"num_samples": 4, "steps": 2, "guidance": 2.0, "seed": 0, "sampler": "ddim", "batch_size": 3}
+    assert metrics["settings"] == {
+        "num_samples": 4,
+        "steps": 2,
+        "guidance": 2.0,
+        "seed": 0,
+        "sampler": "dpmpp_2m",
+        "batch_size": 3,
+    }
     controls = metrics["classifier"]
     assert controls["source"].startswith("trained") and (run_copy / "classifier.pt").is_file()
     assert controls["settings"]["with_reconstructions"] is True

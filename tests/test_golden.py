@@ -153,12 +153,12 @@ def stable_metrics(value: object) -> object:
 
 
 def produce(root: Path) -> dict:
-    """Train, predict with both samplers (and a slice), evaluate: everything the record pins."""
+    """Train, predict with DDIM, DDPM and the default sampler (the slice and the grids), evaluate: everything the record pins."""
     data = make_tiny_dataset(root / "AD_NC", {"train/AD": 5, "train/NC": 5, "test/AD": 2, "test/NC": 2})
     run_dir = root / "run"
     train.main([*GOLDEN_CONFIG, "--data-dir", str(data), "--run", str(run_dir)])
     common = ["--run", str(run_dir), "--device", "cpu", "--num-samples", "3", "--batch-size", "2", "--seed", "11"]
-    predict.main([*common, "--label", "both", "--steps", "4", "--out", str(root / "ddim"), "--sequence"])
+    predict.main([*common, "--label", "both", "--sampler", "ddim", "--steps", "4", "--out", str(root / "ddim"), "--sequence"])
     predict.main([*common, "--label", "AD", "--sampler", "ddpm", "--steps", "5", "--out", str(root / "ddpm")])
     predict.main([*common, "--label", "NC", "--steps", "3", "--guidance", "1.5", "--slice", "71", "--out", str(root / "slice")])
     evaluate.main(["--run", str(run_dir), "--device", "cpu", "--num-samples", "4", "--steps", "2", "--batch-size", "3"])

@@ -584,6 +584,7 @@ def fake_denoiser(x: torch.Tensor, t: torch.Tensor, conditions: Conditions | Non
 
 
 @needs_diffusers
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers' set_timesteps
 @pytest.mark.parametrize("num_steps", [10, 20])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])
 def test_dpmpp_2m_matches_diffusers_step_by_step(num_steps: int, prediction_type: str) -> None:

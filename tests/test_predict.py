@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import predict
+from config import read_config
 from conftest import run_train
 from pipeline import Pipeline, load_run
 from utils import Runtime, UsageError, load_checkpoint, save_checkpoint
@@ -342,3 +343,19 @@ def test_real_slices_skip_an_unreadable_image(trained_run: Path, tiny_dataset: P
     assert f"skipped an unreadable test slice: {damaged}" in capsys.readouterr().out
     with Image.open(tmp_path / "out" / "real_AD.png") as grid:  # 7 readable slices of 32 px, 8 per row
         assert grid.size == (7 * 34 + 2, 34 + 2)
+
+
+def test_steps_default_to_the_run_for_its_sampler_and_to_the_samplers_own_otherwise(trained_run: Path, tmp_path: Path) -> None:
+    """Without --steps: the run's run.sample_steps for its own sampler, every diffusion step for DDPM
+    (it is DDPM only with all of them) and 50 for another sampler, as samples.json records."""
+    config = read_config(trained_run)
+    expected = {
+        config.run.sampler: config.run.sample_steps,
+        "ddpm": config.scheduler.num_train_timesteps,
+        next(name for name in ("ddim", "dpmpp_2m") if name != config.run.sampler): 50,
+    }
+    for sampler, steps in expected.items():
+        out = tmp_path / sampler
+        predict.main(["--run", str(trained_run), "--out", str(out), "--label", "AD", "--num-samples", "1", "--sampler", sampler])
+        settings = json.loads((out / "samples.json").read_text())["settings"]
+        assert (settings["sampler"], settings["steps"]) == (sampler, steps)
