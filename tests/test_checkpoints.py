@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,17 @@ from torch import nn
 import pipeline
 import train
 from config import Config, StageConfig, config_to_dict, make_config
-from utils import Runtime, UsageError, atomic_path, load_checkpoint, save_checkpoint
+from utils import (
+    Runtime,
+    UsageError,
+    atomic_path,
+    load_checkpoint,
+    new_figure,
+    save_checkpoint,
+    save_figure,
+    save_image_grid,
+    save_png,
+)
 
 
 class Payload:
@@ -83,6 +95,45 @@ def test_crash_inside_torch_save_leaves_previous_checkpoint_byte_identical(tmp_p
     save_checkpoint({"epoch": 2, "model": {"w": torch.zeros(3)}}, path)
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.zeros(3))
+
+
+def test_crash_inside_a_png_write_leaves_the_earlier_png_intact(tmp_path: Path, monkeypatch) -> None:
+    """Result images (samples, grids, figures) are written like checkpoints: a crash half-way through the
+    PNG encoder leaves the earlier file byte-identical and no partial or temporary file."""
+    from PIL import Image
+
+    first, second = np.zeros((8, 8), np.uint8), np.full((8, 8), 200, np.uint8)
+    Image.init()  # registers the PNG plugin
+    real_png = Image.SAVE["PNG"]
+
+    def crash_mid_write(image, handle, filename) -> None:
+        buffer = io.BytesIO()
+        real_png(image, buffer, filename)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError("encoder crashed")
+
+    def crash_mid_savefig(path, **kwargs) -> None:
+        Path(path).write_bytes(b"\x89PNG half a figure")
+        raise OSError("encoder crashed")
+
+    figure, _ = new_figure()
+    writers = {
+        "save_png": lambda path, pixels: save_png(pixels, path),
+        "save_image_grid": lambda path, pixels: save_image_grid(pixels[None], path, caption=["a caption"]),
+        "save_figure": lambda path, pixels: save_figure(figure, path),
+    }
+    for name, write in writers.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        write(folder / "result.png", first)
+        before = (folder / "result.png").read_bytes()
+        monkeypatch.setitem(Image.SAVE, "PNG", crash_mid_write)
+        monkeypatch.setattr(figure, "savefig", crash_mid_savefig)
+        with pytest.raises(OSError, match="encoder crashed"):
+            write(folder / "result.png", second)
+        monkeypatch.undo()
+        assert (folder / "result.png").read_bytes() == before, f"{name}: a crash mid-write damaged the earlier PNG"
+        assert [p.name for p in folder.iterdir()] == ["result.png"], f"{name}: a partial or temporary file was left"
 
 
 # ============================================================================ utils: loading

@@ -10,14 +10,17 @@ import pytest
 
 from config import (
     ADDED_FIELDS,
+    GUIDANCE_RULE,
     PRESETS,
     apply_overrides,
     check_batches,
+    check_fields,
     collect_overrides,
     config_from_dict,
     config_to_dict,
     make_config,
     override_keys,
+    parse_value,
     read_config,
 )
 from pipeline import validate
@@ -122,6 +125,8 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
         ("unet_train.images", "0", "--unet_train.images 0: must be at least 1, or none to count in epochs"),
         ("unet_train.batch_size", "0", "--unet_train.batch_size 0: must be at least 1"),
         ("vae_train.lr", "-1", "--vae_train.lr -1.0: must be a finite number above 0"),
+        ("vae_train.lr", "0", "--vae_train.lr 0.0: must be a finite number above 0"),  # a run that never learns
+        ("unet_train.lr", "0", "--unet_train.lr 0.0: must be a finite number above 0"),
         ("unet_train.lr", "nan", "--unet_train.lr nan: must be a finite number above 0"),
         ("unet_train.label_dropout", "1", "--unet_train.label_dropout 1.0: must lie in [0, 1)"),
         ("unet_train.ema_decay", "inf", "--unet_train.ema_decay inf"),
@@ -140,10 +145,14 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
 def test_every_field_is_range_checked(key: str, value: str, message: str) -> None:
     config = make_config("adni")
     apply_overrides(config, {key: value})
-    with pytest.raises(UsageError) as error:
+    try:
         validate(config)
-    assert str(error.value).startswith(message)
-    assert "\n" not in str(error.value)
+    except UsageError as error:
+        text = str(error)
+    else:
+        pytest.fail(f"--{key} {value} was accepted by the config checks; expected: {message}")
+    assert text.startswith(message)
+    assert "\n" not in text
 
 
 def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> None:
@@ -154,8 +163,27 @@ def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> Non
     monkeypatch.setattr(pipeline, "check_fields", lambda config: None)
     config = make_config("adni")
     config.unet.head_dim = 24
-    with pytest.raises(UsageError, match=r"the model config does not fit together \(.*\): check --vae.\* and --unet.\*"):
+    with pytest.raises(
+        UsageError, match=r"the model config does not fit together \(unflatten: .*\): check --vae.\* and --unet.\*"
+    ):
         validate(config)
+    # An image size that the VAE does not give back (a field rule would refuse it first): the size to choose,
+    # the VAE's factor times 2 per UNet level below the first.
+    for channels, multiple in (((16, 32), 8), ((8, 8, 8, 8), 32)):
+        config = make_config("tiny")
+        config.data.image_size, config.unet.channels, config.unet.attention_levels = 63, channels, (False,) * len(channels)
+        with pytest.raises(UsageError) as error:
+            validate(config)
+        assert str(error.value) == (
+            "--data.image_size 63 does not survive the VAE's 4x downsampling and the UNet's levels: "
+            f"choose a multiple of {multiple}"
+        )
+
+
+def test_a_slice_conditioned_model_is_checked_with_a_slice_position() -> None:
+    config = make_config("tiny")
+    config.unet.slice_conditioning = True
+    validate(config)
 
 
 def test_fields_added_later_keep_their_old_meaning_in_old_configs(tmp_path: Path) -> None:
@@ -218,3 +246,176 @@ def test_a_batch_larger_than_the_training_split_is_refused() -> None:
     check_batches(config, 40, ("unet",), world_size=1)
     with pytest.raises(UsageError, match=r"^--unet_train.batch_size 21 x 2 processes is larger"):
         check_batches(config, 40, ("unet",), world_size=2)
+    with pytest.raises(UsageError) as error:
+        check_batches(config, 39, ("vae", "unet"))
+    assert str(error.value) == (
+        "--vae_train.batch_size 40 is larger than the training split (39 images): an epoch would train "
+        "zero steps; lower --batch-size to at most 39 or add training images"
+    )
+
+
+# Each rule's edge: the last value it takes (accepted) and the first it refuses, in the tiny preset.
+EDGES_ACCEPTED = {
+    "data.image_size": ["8"],
+    "data.val_fraction": ["0.999"],
+    "data.split_seed": ["0"],
+    "vae.adversarial_start": ["0"],
+    "vae.channels": ["4"],
+    "unet.channels": ["4,4"],
+    "vae.in_channels": ["1"],
+    "vae.latent_channels": ["1"],
+    "vae.num_res_blocks": ["1"],
+    "unet.num_res_blocks": ["1"],
+    "unet.context_dim": ["1"],
+    "unet.head_dim": ["1", "64"],
+    "scheduler.prediction_type": ["v", "epsilon"],
+    "unet.label_tokens": ["1"],
+    "vae.discriminator_channels": ["1"],
+    "vae.recon_loss": ["mse", "l1"],
+    "vae.kl_weight": ["0"],
+    "vae.ssim_weight": ["0"],
+    "vae.fourier_weight": ["0"],
+    "vae.adversarial_weight": ["0"],
+    "scheduler.min_snr_gamma": ["0"],
+    "scheduler.clip_sample": ["0"],
+    "unet.dropout": ["0", "0.99"],
+    "scheduler.num_train_timesteps": ["100000"],
+    "scheduler.beta_schedule": ["linear", "scaled_linear", "cosine"],
+    "vae_train.epochs": ["1"],
+    "unet_train.images": ["none", "1"],
+    "vae_train.batch_size": ["1"],
+    "unet_train.lr": ["1e-12"],
+    "vae_train.betas": ["0,0"],
+    "unet_train.weight_decay": ["0"],
+    "vae_train.warmup_steps": ["0"],
+    "unet_train.min_lr_ratio": ["0", "1"],
+    "vae_train.grad_clip": ["1e-6"],
+    "unet_train.label_dropout": ["0"],
+    "unet_train.ema_decay": ["0", "0.9999"],
+    "run.seed": ["0", str(2**63 - 1)],
+    "run.compile": ["none", "full", "regional", "reduce-overhead"],
+    "run.log_every": ["1"],
+    "run.sample_every": ["1"],
+    "run.validate_every": ["1"],
+    "run.grid_samples": ["1"],
+    "run.keep_every": ["0"],
+    "run.checkpoint_minutes": ["0"],
+    "run.sample_steps": ["1", "1000"],
+    "run.guidance_scale": ["0", "30"],
+}
+
+
+def test_each_rules_edge_value_is_accepted() -> None:
+    for key, values in EDGES_ACCEPTED.items():
+        for value in values:
+            config = make_config("tiny")
+            apply_overrides(config, {key: value})
+            try:
+                check_fields(config)
+            except UsageError as error:
+                pytest.fail(f"--{key} {value} lies inside its range but was refused: {error}")
+    config = make_config("tiny")
+    apply_overrides(config, {"scheduler.num_train_timesteps": "1", "run.sample_steps": "1"})
+    check_fields(config)
+    for channels, head_dim in (("5,5", "8"), ("16,16", "6")):  # one head of 5; two heads of 8 (16 // 6 = 2 heads)
+        config = make_config("tiny")
+        apply_overrides(config, {"unet.channels": channels, "unet.head_dim": head_dim})
+        check_fields(config)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.image_size", "4", "--data.image_size 4: must be a positive multiple of the VAE's downsampling factor 4"),
+        ("data.val_fraction", "1", "--data.val_fraction 1.0: must lie in (0, 1)"),
+        ("data.split_seed", "-1", "--data.split_seed -1: must be 0 or more"),
+        ("data.data_dir", "", "--data.data_dir : must name the dataset folder"),
+        ("vae.channels", "3", "--vae.channels 3: must be widths of at least 4, e.g. 32,64,128"),
+        ("vae.adversarial_start", "-1", "--vae.adversarial_start -1: must be 0 or more (VAE steps)"),
+        ("unet.head_dim", "0", "--unet.head_dim 0: must be at least 1"),
+        ("unet.head_dim", "10", "--unet.head_dim 10: must split every unet.channels width (16,32) into equal heads, e.g. 32"),
+        ("scheduler.beta_schedule", "quadratic", "--scheduler.beta_schedule quadratic: must be linear, scaled_linear or cosine"),
+        ("scheduler.prediction_type", "x0", "--scheduler.prediction_type x0: must be v or epsilon"),
+        ("vae.in_channels", "0", "--vae.in_channels 0: must be at least 1"),
+        ("vae.latent_channels", "0", "--vae.latent_channels 0: must be at least 1"),
+        ("vae.num_res_blocks", "0", "--vae.num_res_blocks 0: must be at least 1"),
+        ("unet.num_res_blocks", "0", "--unet.num_res_blocks 0: must be at least 1"),
+        ("unet.context_dim", "0", "--unet.context_dim 0: must be at least 1"),
+        ("vae.ssim_weight", "-1", "--vae.ssim_weight -1.0: must be a finite number, 0 or more"),
+        ("vae.kl_weight", "inf", "--vae.kl_weight inf: must be a finite number, 0 or more"),
+        ("scheduler.min_snr_gamma", "-1", "--scheduler.min_snr_gamma -1.0: must be a finite number, 0 or more"),
+        ("scheduler.clip_sample", "nan", "--scheduler.clip_sample nan: must be a finite number, 0 or more"),
+        ("unet.dropout", "1", "--unet.dropout 1.0: must lie in [0, 1)"),
+        ("scheduler.num_train_timesteps", "0", "--scheduler.num_train_timesteps 0: must be 1 to 100000"),
+        ("scheduler.num_train_timesteps", "100001", "--scheduler.num_train_timesteps 100001: must be 1 to 100000"),
+        (
+            "scheduler.beta_start",
+            "0",
+            "--scheduler.beta_start 0.0: must be above 0 and below scheduler.beta_end (0.0195), which must be below 1",
+        ),
+        (
+            "scheduler.beta_end",
+            "1",
+            "--scheduler.beta_start 0.0015: must be above 0 and below scheduler.beta_end (1.0), which must be below 1",
+        ),
+        (
+            "scheduler.beta_end",
+            "0.0015",
+            "--scheduler.beta_start 0.0015: must be above 0 and below scheduler.beta_end (0.0015), which must be below 1",
+        ),
+        ("unet_train.images", "0", "--unet_train.images 0: must be at least 1, or none to count in epochs"),
+        ("vae_train.betas", "1,0.5", "--vae_train.betas 1.0,0.5: must be two numbers in [0, 1), e.g. 0.9,0.999"),
+        ("vae_train.betas", "0.9,0.99,0.5", "--vae_train.betas 0.9,0.99,0.5: must be two numbers in [0, 1), e.g. 0.9,0.999"),
+        ("unet_train.weight_decay", "-1", "--unet_train.weight_decay -1.0: must be 0 or more"),
+        ("vae_train.warmup_steps", "-1", "--vae_train.warmup_steps -1: must be 0 or more"),
+        ("unet_train.min_lr_ratio", "1.01", "--unet_train.min_lr_ratio 1.01: must lie in [0, 1]"),
+        ("vae_train.grad_clip", "0", "--vae_train.grad_clip 0.0: must be a finite number above 0"),
+        ("unet_train.label_dropout", "-0.1", "--unet_train.label_dropout -0.1: must lie in [0, 1)"),
+        ("unet_train.ema_decay", "1", "--unet_train.ema_decay 1.0: must lie in [0, 1)"),
+        ("run.seed", str(2**63), f"--run.seed {2**63}: must be 0 or more"),
+        ("run.compile", "fast", "--run.compile fast: must be one of none, full, regional, reduce-overhead"),
+        ("run.log_every", "0", "--run.log_every 0: must be at least 1"),
+        ("run.grid_samples", "0", "--run.grid_samples 0: must be at least 1"),
+        ("run.keep_every", "-1", "--run.keep_every -1: must be 0 (no snapshots) or more (UNet epochs between snapshots)"),
+        ("run.sample_steps", "0", "--run.sample_steps 0: must be 1 to scheduler.num_train_timesteps (1000)"),
+        ("run.guidance_scale", "30.01", f"--run.guidance_scale 30.01: {GUIDANCE_RULE}"),
+        ("run.guidance_scale", "-0.01", f"--run.guidance_scale -0.01: {GUIDANCE_RULE}"),
+    ],
+)
+def test_each_rule_refuses_the_first_value_past_its_edge(key: str, value: str, message: str) -> None:
+    config = make_config("tiny")
+    apply_overrides(config, {key: value})
+    with pytest.raises(UsageError) as error:
+        check_fields(config)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "text, value", [("none", None), ("NULL", None), ("", None), *[(t, True) for t in ("1", "true", "Yes", "ON")]]
+)
+def test_every_spelling_of_none_and_true(text: str, value: object) -> None:
+    assert parse_value(text, bool | None) is value
+
+
+@pytest.mark.parametrize("text", ["0", "false", "No", "OFF"])
+def test_every_spelling_of_false(text: str) -> None:
+    assert parse_value(text, bool) is False
+
+
+def test_a_token_without_its_dashes_is_not_an_option() -> None:
+    with pytest.raises(ValueError, match="unknown option xxdata.image_size"):
+        collect_overrides(["xxdata.image_size", "64"])
+
+
+def test_stored_configs_default_to_adni_and_refuse_unknown_sections() -> None:
+    stored = config_to_dict(make_config("adni"))
+    del stored["preset"]
+    assert config_from_dict(stored) == make_config("adni")  # configs from before presets were recorded
+    assert config_from_dict({"vae": {"kl_weight": 1e-6}}).preset == "adni"  # sections without every field
+    for section, values in (("nonsense", {}), ("preset_table", {"a": 1}), ("run", [1, 2])):
+        with pytest.raises(UsageError) as error:
+            config_from_dict({"preset": "tiny", section: values})
+        assert str(error.value) == f"config section {section!r} is unknown to this version of brainLDM"
+    old = config_to_dict(make_config("tiny"))
+    old["run"]["compile"] = True  # run.compile was true/false
+    assert config_from_dict(old).run.compile == "full"

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,6 +121,30 @@ def test_memorisation_finds_planted_copies_by_distance_and_by_correlation() -> N
         report["NC"]["generated"]["near_copy_share_distance"] == 0.2
         and report["NC"]["generated"]["near_copy_share_correlation"] == 0.4
     )
+
+
+def test_full_evaluation_measures_memorisation_against_the_training_set(tmp_path: Path, monkeypatch) -> None:
+    """Generated images holding a copy of training image 11 and a copy of test image 3: the training copy is
+    found at distance 0 and counted as a near-copy; the test copy is no training copy, and real test images
+    are measured against the training set too, not against themselves."""
+    train, test = random_images(30, 0), random_images(10, 1)
+    generated = image_set(torch.stack([train[11], test[3], *random_images(2, 2)]), [0, 0, 1, 1], [0] * 4, 3)
+    real_test = image_set(test, [0] * 5 + [1] * 5, [0] * 10, 4)
+    reference = evaluate.Reference(evaluate.SliceDataset(train.numpy(), np.zeros(30), np.full(30, 70)), real_test, None, None)
+    monkeypatch.setattr(evaluate, "generate_and_measure", lambda pipe, yardstick, args: (generated, 0.0))
+    for figure_of_others in ("fidelity", "sharpness", "anatomy", "train_on_synthetic"):
+        monkeypatch.setattr(evaluate, figure_of_others, lambda *args: {})
+    pipe = SimpleNamespace(run_dir=tmp_path, runtime=SimpleNamespace(device=CPU))
+    args = SimpleNamespace(num_samples=5, umap=False, seed=0)
+    report = evaluate.full_evaluation(pipe, None, reference, args, np.random.default_rng(0))["memorisation"]
+    assert generated.nearest_index[0] == 11 and generated.nearest_distance[0] == 0.0, (
+        f"a copy of training image 11 was matched to image {generated.nearest_index[0]} at distance "
+        f"{generated.nearest_distance[0]:.3g}: memorisation must search the training set"
+    )
+    assert generated.nearest_distance[1] > 10, "a copy of a test image was reported as a copy of a training image"
+    assert report["all"]["real_test"]["nearest_distance"]["p1"] > 10, "real test images were compared with themselves"
+    assert report["all"]["generated"]["near_copy_share_distance"] == 0.25  # the training copy alone
+    assert report["AD"]["generated"]["near_copy_share_distance"] == 0.5 and (tmp_path / "memorisation.png").is_file()
 
 
 def test_memorisation_figure_pairs_each_generated_image_with_its_training_image(tmp_path: Path) -> None:

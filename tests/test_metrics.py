@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import metrics
 from dataset import cohens_d
+from modules import ms_ssim
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
@@ -34,6 +37,36 @@ def test_frechet_distance_of_a_scaled_set_is_its_covariance_trace() -> None:
     features -= features.mean(0)
     expected = np.trace(np.cov(features, rowvar=False))
     assert metrics.frechet_distance(features, 2 * features) == pytest.approx(expected, rel=1e-9)
+
+
+def with_covariance(rng: np.random.Generator, count: int, covariance: np.ndarray, mean: list[float]) -> np.ndarray:
+    """`count` points whose sample mean and covariance (np.cov) are exactly `mean` and `covariance`."""
+    points = rng.normal(size=(count, len(covariance)))
+    points -= points.mean(0)
+    points = points @ np.linalg.inv(np.linalg.cholesky(np.cov(points, rowvar=False))).T  # sample covariance I
+    return points @ np.linalg.cholesky(covariance).T + np.asarray(mean)
+
+
+def test_frechet_distance_takes_the_root_of_the_covariances_product_not_the_product_of_roots() -> None:
+    """Covariances that do not commute, so (Σa Σb)^½ ≠ Σa^½ Σb^½. For 2x2 matrices the trace of the root is
+    known in closed form: tr √M = √(tr M + 2 √det M); in 5-D the answer is scipy's sqrtm of the product."""
+    rng = np.random.default_rng(10)
+    cov_a, cov_b = np.array([[2.0, 1.0], [1.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 4.0]])
+    product = cov_a @ cov_b
+    assert not np.allclose(product, cov_b @ cov_a)
+    expected = 2.0 + np.trace(cov_a + cov_b) - 2 * math.sqrt(np.trace(product) + 2 * math.sqrt(np.linalg.det(product)))
+    roots_apart = 2.0 + np.trace(cov_a + cov_b) - 2 * np.trace(scipy.linalg.sqrtm(cov_a) @ scipy.linalg.sqrtm(cov_b))
+    assert abs(roots_apart - expected) > 0.05  # the case tells the two formulas apart
+    distance = metrics.frechet_distance(with_covariance(rng, 50, cov_a, [0, 0]), with_covariance(rng, 60, cov_b, [1, -1]))
+    assert distance == pytest.approx(expected, rel=1e-9), (
+        f"Fréchet distance {distance} of N(0, A) and N((1, -1), B) is not the closed form {expected} "
+        f"(with the roots of A and B taken apart it would be {roots_apart})"
+    )
+    cov_a, cov_b = (np.cov(rng.normal(size=(40, 5)) @ rng.normal(size=(5, 5)), rowvar=False) for _ in range(2))
+    mean_b = rng.normal(size=5)
+    expected = np.sum(mean_b**2) + np.trace(cov_a + cov_b) - 2 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    distance = metrics.frechet_distance(with_covariance(rng, 30, cov_a, [0] * 5), with_covariance(rng, 30, cov_b, mean_b))
+    assert distance == pytest.approx(expected, rel=1e-7), f"5-D: {distance} against scipy's closed form {expected}"
 
 
 def reference_kid(x: np.ndarray, y: np.ndarray) -> float:
@@ -158,6 +191,26 @@ def test_cohens_d_interval_covers_the_estimate_and_narrows_with_more_data() -> N
     assert all(math.isnan(value) for value in metrics.cohens_d_interval(np.array([1.0]), small[1]))
 
 
+def test_cohens_d_interval_is_95_percent_wide_on_both_sides() -> None:
+    """For groups of 500 the sampling distribution of d is close to normal with standard error
+    SE = √((n1 + n2) / (n1 n2) + d² / (2 (n1 + n2))) (Hedges & Olkin 1985), so a 95% percentile interval
+    reaches about 1.96 SE below and above d; a 90% one would stop at 1.645 SE, a 99% one at 2.58.
+    Averaged over 4 data sets the bootstrap's own scatter (about 0.06 SE per end) falls to 0.03 SE."""
+    below, above = [], []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        a, b = rng.normal(0.5, 1.0, 500), rng.normal(0.0, 1.0, 500)
+        d = cohens_d(a, b)
+        standard_error = math.sqrt(2 / 500 + d**2 / 2000)
+        low, high = metrics.cohens_d_interval(a, b, seed=seed)
+        below.append((d - low) / standard_error)
+        above.append((high - d) / standard_error)
+    reach = (float(np.mean(below)), float(np.mean(above)))
+    assert all(1.8 < side < 2.15 for side in reach), (
+        f"the interval reaches {reach[0]:.2f} SE below and {reach[1]:.2f} SE above d: a 95% interval reaches 1.96 each way"
+    )
+
+
 def test_psnr_of_a_constant_offset_is_its_closed_form() -> None:
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     assert torch.allclose(metrics.psnr(x, x + 0.1), torch.full((3,), 10 * math.log10(4 / 0.01)), atol=1e-3)
@@ -203,4 +256,172 @@ def test_cohens_d_of_groups_without_spread_is_undefined_not_huge() -> None:
     assert all(map(math.isnan, metrics.cohens_d_interval(ad, nc)))
     assert cohens_d(np.array([0.1, 0.1, 0.2]), nc) == pytest.approx(
         (0.4 / 3 - 0.3) / math.sqrt(2 * np.var([0.1, 0.1, 0.2], ddof=1) / 21)
+    )
+
+
+# ----------------------------------------------------------------------------- edge cases the mutation run found unguarded
+
+
+def test_frechet_distance_of_singular_covariances_adds_a_small_ridge() -> None:
+    """2 and 3 points in 3-D: Σa Σb is singular and scipy's square root of it is not finite; the distance
+    then uses (Σa + εI)(Σb + εI) with ε = 1e-6, written out here."""
+    a = np.array([[2.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    b = np.array([[2.0, 2.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 2.0]])
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not np.isfinite(scipy.linalg.sqrtm(cov_a @ cov_b)).all()  # the case reaches the fallback
+        ridge = np.eye(3) * 1e-6
+        root = scipy.linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
+    expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b) - 2 * np.trace(root.real)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, abs=1e-9)
+
+
+def test_float32_features_are_measured_in_float64() -> None:
+    """Classifier features arrive as float32; every measure converts them first, so the answer equals the
+    float64 one of the same values (a float32 mean of values near 1000 would be off in the 5th digit)."""
+    rng = np.random.default_rng(11)
+    a32 = (rng.normal(size=(40, 3)) + 1000).astype(np.float32)
+    b32 = (rng.normal(size=(30, 3)) * 2 + 1001).astype(np.float32)
+    a64, b64 = a32.astype(np.float64), b32.astype(np.float64)
+    assert metrics.frechet_distance(a32, b32) == pytest.approx(metrics.frechet_distance(a64, b64), rel=1e-12)
+    assert metrics.frechet_distance(a64, b32) == pytest.approx(metrics.frechet_distance(a64, b64), rel=1e-12)
+    scaled32, other32 = a32 / np.float32(1000), b32 / np.float32(1000)
+    kid64 = metrics.kernel_inception_distance(scaled32.astype(np.float64), other32.astype(np.float64), subsets=3, subset_size=20)
+    assert metrics.kernel_inception_distance(scaled32, other32, subsets=3, subset_size=20) == pytest.approx(kid64, rel=1e-9)
+    assert metrics.kernel_inception_distance(scaled32.astype(np.float64), other32, subsets=3, subset_size=20) == pytest.approx(
+        kid64, rel=1e-9
+    )
+    np.testing.assert_allclose(metrics.pairwise_distances(a32, b32), metrics.pairwise_distances(a64, b64), rtol=1e-9)
+    np.testing.assert_allclose(metrics.pairwise_distances(a64, b32), metrics.pairwise_distances(a64, b64), rtol=1e-9)
+    np.testing.assert_allclose(metrics.pairwise_distances(a32, b64), metrics.pairwise_distances(a64, b64), rtol=1e-9)
+    small32, other32 = a32[:8] - 1000, b32[:8] - 1000
+    assert metrics.cohens_d_interval(small32, other32, draws=50) == pytest.approx(
+        metrics.cohens_d_interval(small32.astype(np.float64), other32.astype(np.float64), draws=50), rel=1e-12
+    )
+    assert metrics.cohens_d_interval(small32.astype(np.float64), other32, draws=50) == pytest.approx(
+        metrics.cohens_d_interval(small32.astype(np.float64), other32.astype(np.float64), draws=50), rel=1e-12
+    )
+
+
+def test_kid_subsets_are_seeded_draws_of_the_capped_size() -> None:
+    """Subsets of min(subset_size, |a|, |b|) points drawn without replacement, a's then b's, from
+    default_rng(seed): the estimator written out over the same draws; the default seed is 0."""
+    rng = np.random.default_rng(12)
+    a, b = rng.normal(size=(9, 3)), rng.normal(size=(7, 3)) + 0.2
+    for subset_size, size in ((5, 5), (8, 7), (20, 7)):
+        draws = np.random.default_rng(4)
+        values = []
+        for _ in range(6):
+            x, y = a[draws.choice(9, size, replace=False)], b[draws.choice(7, size, replace=False)]
+            values.append(reference_kid(x, y))
+        result = metrics.kernel_inception_distance(a, b, subsets=6, subset_size=subset_size, seed=4)
+        assert result == pytest.approx((np.mean(values), np.std(values)), rel=1e-9), subset_size
+        result = metrics.kernel_inception_distance(b, a, subsets=6, subset_size=subset_size, seed=4)
+        assert result[0] == pytest.approx(metrics.kernel_inception_distance(b, a, subsets=6, subset_size=size, seed=4)[0])
+    assert metrics.kernel_inception_distance(a, b, subsets=4, subset_size=5) == metrics.kernel_inception_distance(
+        a, b, subsets=4, subset_size=5, seed=0
+    )
+    assert metrics.kernel_inception_distance(a[:2], b[:2], subsets=1)[0] == pytest.approx(reference_kid(a[:2], b[:2]))
+    with pytest.raises(ValueError, match="^KID needs at least 2 feature vectors in each set$"):
+        metrics.kernel_inception_distance(a[:1], b)
+
+
+def test_kth_neighbour_radius_is_the_kth_smallest_distance_to_another_point() -> None:
+    features = np.random.default_rng(13).normal(size=(300, 4))
+    distances = np.sqrt(((features[:, None] - features[None]) ** 2).sum(-1))
+    np.fill_diagonal(distances, np.inf)
+    for k in (1, 5, 9):
+        np.testing.assert_allclose(metrics.kth_neighbour_radii(features, k), np.sort(distances, 1)[:, k - 1], rtol=1e-9)
+
+
+def test_prdc_balls_are_closed_a_point_on_the_boundary_counts() -> None:
+    """Real points 0..9 and generated 10, 12, ..., 20 on a line (k = 1, exact distances): generated 10 lies on
+    real 9's ball (radius 1) and real 8 on generated 10's (radius 2); open balls would count neither."""
+    real, generated = np.arange(10.0)[:, None], np.arange(10.0, 21.0, 2.0)[:, None]
+    result = metrics.precision_recall_density_coverage(real, generated, k=1)
+    assert result == pytest.approx({"precision": 1 / 6, "recall": 0.2, "density": 1 / 6, "coverage": 0.1})
+    assert result == pytest.approx(reference_prdc(real, generated, 1))
+
+
+def test_nearest_and_most_correlated_take_the_first_of_equal_references_and_scan_every_chunk() -> None:
+    generator = torch.Generator().manual_seed(14)
+    references = torch.randint(0, 256, (40, 6, 6), dtype=torch.uint8, generator=generator)
+    references[25] = references[3]  # a tie: the first index wins, as argmin / argmax
+    queries = torch.stack([references[3], references[0], references[39]])
+    for measure in (metrics.nearest_distances, metrics.most_correlated):
+        values, indices = measure(queries, references, chunk=16)
+        assert indices.tolist() == [3, 0, 39], measure.__name__
+        assert indices.dtype == np.int64, f"{measure.__name__} returns indices as {indices.dtype}"
+        assert values.dtype == np.float32 and values.shape == (3,)
+    assert metrics.nearest_distances(queries, references)[1].tolist() == [3, 0, 39]  # the default chunk
+
+
+def test_correlation_is_exact_for_faint_images_and_bounded_by_one() -> None:
+    """A faint float image (amplitude 1e-3, so |x − mean| < 1) correlates 1 with its copy; rounding never
+    takes a correlation outside [−1, 1]."""
+    generator = torch.Generator().manual_seed(15)
+    faint = (torch.rand(4, 8, 8, generator=generator) - 0.5) * 1e-3
+    correlations, indices = metrics.most_correlated(faint, faint)
+    assert indices.tolist() == [0, 1, 2, 3] and correlations == pytest.approx(1.0, abs=1e-5)
+    copies = torch.randint(0, 256, (200, 1, 5, 5), generator=generator).float()
+    correlations, _ = metrics.most_correlated(copies * 3 + 7, copies)
+    assert correlations.max() <= 1.0 and correlations.min() >= -1.0
+    negative = [metrics.most_correlated(7 - copy * 3, copy)[0][0] for copy in copies[:40, None]]  # r = −1 each
+    assert min(negative) >= -1.0 and min(negative) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_pairwise_ms_ssim_uses_every_pair_up_to_the_limit_then_seeded_random_pairs() -> None:
+    generator = torch.Generator().manual_seed(16)
+    ramp = torch.linspace(-0.8, 0.8, 32).expand(32, 32)  # a ramp under more noise each: every pair scores differently
+    images = torch.stack([(ramp + 0.15 * k * (torch.rand(32, 32, generator=generator) * 2 - 1)).clamp(-1, 1) for k in range(5)])
+    images = images.unsqueeze(1)
+    every_pair = [float(ms_ssim(images[i : i + 1], images[j : j + 1])) for i in range(5) for j in range(i + 1, 5)]
+    assert metrics.pairwise_ms_ssim(images, pairs=10) == pytest.approx(np.mean(every_pair), rel=1e-6)  # 10 pairs: all
+    draws = torch.Generator().manual_seed(3)
+    first = torch.randint(5, (9,), generator=draws)
+    second = (first + torch.randint(1, 5, (9,), generator=draws)) % 5
+    expected = np.mean([float(ms_ssim(images[i : i + 1], images[j : j + 1])) for i, j in zip(first, second)])
+    assert metrics.pairwise_ms_ssim(images, pairs=9, seed=3) == pytest.approx(expected, rel=1e-6)  # 9 < 10: random
+    assert metrics.pairwise_ms_ssim(images, pairs=9) == metrics.pairwise_ms_ssim(images, pairs=9, seed=0)
+
+
+def test_cohens_d_interval_needs_two_values_per_group_and_defaults_to_seed_0() -> None:
+    low, high = metrics.cohens_d_interval(np.array([1.0, 2.0]), np.array([3.0, 5.0]), draws=200)
+    assert math.isfinite(low) and math.isfinite(high) and low <= high
+    a, b = np.arange(6.0), np.arange(6.0) * 2
+    assert metrics.cohens_d_interval(a, b, draws=100) == metrics.cohens_d_interval(a, b, draws=100, seed=0)
+
+
+def test_psnr_is_per_image() -> None:
+    x = torch.zeros(2, 1, 4, 4)
+    offsets = torch.tensor([0.1, 0.2]).view(2, 1, 1, 1)
+    assert torch.allclose(metrics.psnr(x, x + offsets), 10 * torch.log10(4 / torch.tensor([0.01, 0.04])), atol=1e-4)
+
+
+def test_band_energy_puts_a_frequency_on_a_band_edge_in_the_band_above() -> None:
+    """Cosines of period 16 and 8 px (1/16 and 1/8 cycles per pixel, the low band's edges) on 32 px: the
+    first belongs to the low band, the second to the mid band; energies are float64 sums over all chunks."""
+    columns = torch.arange(32, dtype=torch.float64)
+    for period, band in ((16, "low"), (8, "mid")):
+        image = torch.cos(2 * math.pi * columns / period).expand(32, 32).reshape(1, 1, 32, 32)
+        energy = metrics.band_energy(image.float())
+        assert energy.dtype == torch.float64
+        assert dict(zip(metrics.SPECTRAL_BANDS, energy.tolist()))[band] == pytest.approx(float(energy.sum()))
+        assert float(energy.sum()) == pytest.approx(32**4 / 2, rel=1e-6)  # Parseval: N² Σx² = 1024 · 512
+
+
+def test_band_energy_sums_every_chunk_and_ratios_hold_for_faint_images(monkeypatch) -> None:
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(17)) * 2 - 1
+    whole = metrics.band_energy(images)
+    monkeypatch.setattr(metrics, "CHUNK", 2)
+    assert torch.allclose(metrics.band_energy(images), whole, rtol=1e-12)
+    faint = images * 1e-3  # energies far below 1
+    assert metrics.spectral_energy_kept(faint * 2, faint) == pytest.approx(dict.fromkeys(metrics.SPECTRAL_BANDS, 4.0))
+
+
+def test_distribution_reports_mean_and_percentiles() -> None:
+    assert metrics.distribution(np.arange(101.0)) == {"mean": 50.0, "p1": 1.0, "median": 50.0, "p99": 99.0}
+    assert metrics.distribution(np.array([3.0, 1.0, 2.0, 10.0])) == pytest.approx(
+        {"mean": 4.0, "p1": 1.03, "median": 2.5, "p99": 9.79}
     )

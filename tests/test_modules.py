@@ -20,6 +20,7 @@ from modules import (
     Conditions,
     NoiseScheduler,
     UNet,
+    kl_divergence,
     make_betas,
     ms_ssim,
     split_qkv,
@@ -89,6 +90,25 @@ def test_vae_loss_parts():
     total, parts = vae_loss(x, x + 0.1, mean + 1, logvar, TINY_VAE)
     assert parts["reconstruction"].item() == pytest.approx(0.1, rel=1e-4)
     assert parts["kl"].item() == pytest.approx(0.5 * 64, rel=1e-5)  # 0.5 * mean² summed over 4x4x4
+
+
+def test_kl_term_matches_torch_distributions() -> None:
+    """KL(N(μ, σ²) || N(0, 1)) per latent element from torch.distributions, summed per image; log-variances
+    on both sides of 0, so a flipped sign of log σ² cannot agree."""
+    generator = torch.Generator().manual_seed(4)
+    mean, logvar = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator) * 2
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean.double(), (0.5 * logvar.double()).exp()), torch.distributions.Normal(0.0, 1.0)
+    )
+    per_image = expected.flatten(1).sum(1)
+    kl = kl_divergence(mean, logvar).double()
+    assert torch.allclose(kl, per_image, rtol=1e-5), (
+        f"kl_divergence per image {kl.tolist()} is not torch.distributions' KL(N(μ, σ²) || N(0, 1)) {per_image.tolist()}"
+    )
+    _, parts = vae_loss(torch.zeros(3, 1, 32, 32), torch.zeros(3, 1, 32, 32), mean, logvar, TINY_VAE)
+    assert parts["kl"].item() == pytest.approx(per_image.mean().item(), rel=1e-6), (
+        f"vae_loss's KL {parts['kl'].item():.6g} is not KL(N(μ, σ²) || N(0, I)) = {per_image.mean().item():.6g} per image"
+    )
 
 
 def reference_ssim(x: torch.Tensor, y: torch.Tensor, size: int = 11, sigma: float = 1.5):

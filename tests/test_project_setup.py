@@ -11,6 +11,7 @@ import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -427,3 +428,36 @@ def test_zip_without_the_layout_is_refused_and_cleaned_up(tmp_path: Path, run_se
     code, _, err = run_setup("--zip", tmp_path / "other.zip", "--data-dir", tmp_path / "unpacked" / "AD_NC")
     assert_one_line_error(code, err, "holds no train/ and test/ folders")
     assert list((tmp_path / "unpacked").iterdir()) == []
+
+
+def test_free_space_is_compared_with_the_unpacked_size_not_the_packed_one(
+    demo: Path, tmp_path: Path, run_setup, monkeypatch
+) -> None:
+    """The demo's slices (1.5 MiB) and 16 MiB of zeros that pack into a few KiB, on a disk with 4 MiB free:
+    they do not fit once unpacked, although the packed bytes would; with 32 MiB free they unpack."""
+    zip_path = tmp_path / "ADNI.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(demo.rglob("*")):
+            archive.write(path, f"AD_NC/{path.relative_to(demo).as_posix()}")
+        archive.writestr("AD_NC/README.txt", bytes(16 * 2**20))
+    with zipfile.ZipFile(zip_path) as archive:
+        unpacked = sum(member.file_size for member in archive.infolist())
+        packed = sum(member.compress_size for member in archive.infolist())
+    assert packed < 4 * 2**20 < unpacked < 32 * 2**20  # the case tells the two sizes apart
+    for free, fits in ((4 * 2**20, False), (32 * 2**20, True)):
+        monkeypatch.setattr(
+            shutil, "disk_usage", lambda path, free=free: SimpleNamespace(total=10 * free, used=9 * free, free=free)
+        )
+        target = tmp_path / f"unpacked_{free}" / "AD_NC"
+        code, _, err = run_setup("--zip", zip_path, "--data-dir", target)
+        if fits:
+            assert code == 0 and target.is_dir(), f"{_mib(unpacked)} unpacked with {_mib(free)} free was refused: {err}"
+        else:
+            assert code == 2 and "unpacks to" in err and not target.exists(), (
+                f"a zip of {_mib(packed)} packed, {_mib(unpacked)} unpacked was let onto a disk with {_mib(free)} free: "
+                f"the free-space check compared the packed size ({err.strip() or 'no error'})"
+            )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"

@@ -69,6 +69,30 @@ def test_model_override_on_existing_run_is_refused(trained_run: Path, tiny_datas
     assert "vae.channels" in capsys.readouterr().err
 
 
+def test_resume_reads_the_runs_splits_even_when_the_dataset_gained_a_scan(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """A scan added to the data folder after the run started is in no split of its splits.json: a resume
+    keeps the run's own splits (drawing new ones would move scans between train and val mid-run) and so
+    refuses, naming the scan, with splits.json and the checkpoints untouched."""
+    data, run_dir = Path(shutil.copytree(tiny_dataset, tmp_path / "AD_NC")), Path(shutil.copytree(trained_run, tmp_path / "run"))
+    first = sorted((data / "train" / "AD").iterdir())[0].name.split("_")[0]
+    for path in sorted((data / "train" / "AD").glob(f"{first}_*.jpeg")):
+        shutil.copy(path, path.with_name(path.name.replace(first, "199999")))
+    before = {name: (run_dir / name).read_bytes() for name in ("splits.json", "vae.pt", "unet.pt")}
+    try:
+        run_train(data, run_dir, "--resume")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "199999" in err and "splits.json" in err, (
+        f"a resume into a data folder with a new scan did not keep the run's splits.json (exit {code}): {err or 'no error'}"
+    )
+    for name, content in before.items():
+        assert (run_dir / name).read_bytes() == content, f"the refused resume rewrote {name}"
+
+
 def test_checkpoint_from_another_config_is_refused(trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys) -> None:
     other = tmp_path / "other"
     run_train(tiny_dataset, other, "--stage", "vae", "--vae.channels", "8,8,16", "--vae_train.epochs", "1")
