@@ -23,6 +23,7 @@ from config import (
     parse_value,
     read_config,
 )
+from modules import SAMPLERS
 from pipeline import validate
 from utils import UsageError
 
@@ -178,6 +179,14 @@ def test_models_that_do_not_fit_are_found_on_the_meta_device(monkeypatch) -> Non
             "--data.image_size 63 does not survive the VAE's 4x downsampling and the UNet's levels: "
             f"choose a multiple of {multiple}"
         )
+
+
+def test_an_unknown_sampler_is_refused_naming_the_samplers() -> None:
+    config = make_config("tiny")
+    config.run.sampler = "euler"
+    with pytest.raises(UsageError) as error:
+        validate(config)
+    assert str(error.value) == f"--run.sampler 'euler': must be one of {', '.join(SAMPLERS)}"
 
 
 def test_a_slice_conditioned_model_is_checked_with_a_slice_position() -> None:
