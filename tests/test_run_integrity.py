@@ -481,7 +481,10 @@ def save_then_hang(self, fp, *args, **kwargs):
     real_save(self, fp, *args, **kwargs)
     if "AD_0001.png" in str(fp):  # its temporary file is written, not yet renamed into place
         print("writing", flush=True)
-        time.sleep(60)
+        # Short sleeps: the kernel may deliver SIGTERM to one of torch's threads, which does not cut
+        # the main thread's sleep short, and Python runs the handler only when the main thread wakes.
+        for _ in range(600):
+            time.sleep(0.1)
 
 
 PIL.Image.Image.save = save_then_hang
