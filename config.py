@@ -26,6 +26,10 @@ from utils import UsageError
 CLASS_NAMES = ("AD", "NC")  # label = CLASS_NAMES.index(name): AD=0, NC=1, never directory-listing order
 DEFAULT_DATA_DIR = "data/ADNI/AD_NC"
 DEMO_DATA_DIR = "data/demo/AD_NC"
+# project_setup.py --demo-pairs: each demo test scan at the typical AD and NC severity, in this folder
+# beside the demo's (data/demo/pairs/{AD,NC}/<scanID>_<slice>.jpeg), described by its manifest.
+PAIRS_FOLDER = "pairs"
+PAIRS_MANIFEST = "pairs.json"
 # The demo's scan count: a train and a test scan per class at least; at most as many as its six-digit scan IDs.
 DEMO_SCAN_LIMITS = (4, 900_000)
 # Classifier-free guidance scales above this are refused, given or stored (run.guidance_scale, --guidance,

@@ -238,9 +238,14 @@ BRAIN_LEVEL = 10  # 8-bit: above JPEG ringing on the black background
 DARK_FRACTION = 0.6  # of a slice's median brain intensity: CSF is below it, grey matter well above
 
 
+def brain_mask(pixels: np.ndarray) -> np.ndarray:
+    """Where a uint8 slice (..., H, W) shows brain: above BRAIN_LEVEL (bool, same shape)."""
+    return pixels > BRAIN_LEVEL
+
+
 def brain_pixels(pixels: np.ndarray) -> np.ndarray:
-    """The values of a uint8 slice's brain pixels (above BRAIN_LEVEL), flattened."""
-    return pixels[pixels > BRAIN_LEVEL]
+    """The values of a uint8 slice's brain pixels (brain_mask), flattened."""
+    return pixels[brain_mask(pixels)]
 
 
 def csf_dark_share(brain: np.ndarray) -> float:

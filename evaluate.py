@@ -5,6 +5,7 @@ scale suits the run.
     python evaluate.py                                    # the latest run, 500 images per label
     python evaluate.py --run runs/adni --num-samples 1000 --device cuda --umap
     python evaluate.py --guidance-sweep 1,1.5,2,3,5       # pick the guidance scale
+    python evaluate.py --counterfactuals                  # counterfactuals against the demo's true ones
     python evaluate.py --sampler-sweep ddim:50,dpmpp_2m:10,dpmpp_2m:20 --seeds 0,1   # pick sampler and steps
 
 No ImageNet network can be downloaded here, so the yardstick is the run's own: a small CNN trained to
@@ -35,9 +36,10 @@ instead <run>/guidance_sweep.{json,md,png}; with --sampler-sweep instead <run>/s
 (each sampler:steps at each of --seeds, paired per seed with the setting of most steps); with
 --over-training instead <run>/over_training.{json,md,png} (the sweep's figures at every UNet epoch the run
 kept with --run.keep_every, against training images and minutes); `--quality-curves RUN ... --out F.png`
-draws several runs' over-training records in one figure (and table, F.md). The same --seed
-and settings give the same numbers; the samples are predict.py's for the same seed, sampler, steps and
-batch size.
+draws several runs' over-training records in one figure (and table, F.md); with --counterfactuals instead
+<run>/counterfactuals.{json,md,png} (counterfactual.py: NC → AD and AD → NC on the demo's pairs, both
+methods, a strength sweep). The same --seed and settings give the same numbers; the samples are
+predict.py's for the same seed, sampler, steps and batch size.
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ from classifier import (
     load_or_train_yardstick,
     train_classifier,
 )
-from config import CLASS_NAMES, MAX_GUIDANCE
+from config import CLASS_NAMES, DEMO_DATA_DIR, MAX_GUIDANCE, PAIRS_FOLDER
+from counterfactual import DEFAULT_GUIDANCE as COUNTERFACTUAL_GUIDANCE
+from counterfactual import DEFAULT_STEPS as COUNTERFACTUAL_STEPS
+from counterfactual import TARGETS, check_pairs_folder, read_pairs, recommend, save_pairs_figure
+from counterfactual import Settings as CounterfactualSettings
+from counterfactual import markdown_report as counterfactual_report
+from counterfactual import sweep as counterfactual_sweep
 from dataset import (
     SliceDataset,
     brain_pixels,
@@ -127,6 +135,8 @@ UMAP_FILE = "umap_features.png"
 SWEEP_FILES = ("guidance_sweep.json", "guidance_sweep.md", "guidance_sweep.png")
 SAMPLER_SWEEP_FILES = ("sampler_sweep.json", "sampler_sweep.md", "sampler_sweep.png")
 OVER_TRAINING_FILES = ("over_training.json", "over_training.md", "over_training.png")
+COUNTERFACTUAL_FILES = ("counterfactuals.json", "counterfactuals.md", "counterfactuals.png")
+DEFAULT_PAIRS = Path(DEMO_DATA_DIR).parent / PAIRS_FOLDER
 GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
 
 
@@ -1028,6 +1038,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="the figure --quality-curves writes")
     parser.add_argument("--umap", action="store_true", help=f"also write {UMAP_FILE} (needs umap-learn)")
+    add_counterfactual_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
@@ -1037,6 +1048,7 @@ def build_parser() -> ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    check_counterfactual_arguments(args)
     if args.num_samples < 2:
         raise UsageError(f"--num-samples must be at least 2 (pairs and spreads need two), got {args.num_samples}")
     if args.guidance_sweep is not None and args.guidance is not None:
@@ -1081,6 +1093,8 @@ def check_sampler_sweep(args: argparse.Namespace) -> None:
 
 
 def output_paths(run_dir: Path, args: argparse.Namespace) -> list[Path]:
+    if args.counterfactuals:
+        return [run_dir / name for name in COUNTERFACTUAL_FILES]
     if args.guidance_sweep is not None:
         return [run_dir / name for name in SWEEP_FILES]
     if args.sampler_sweep is not None:
@@ -1278,21 +1292,28 @@ def load_checked(args: argparse.Namespace) -> tuple[Pipeline, list[Path], dict[s
     return pipe, outputs, datasets, splits
 
 
-def measure_reference(
-    pipe: Pipeline, datasets: dict[str, SliceDataset], splits: dict, args: argparse.Namespace, rng: np.random.Generator
-) -> tuple[SliceClassifier, dict, Reference]:
-    """The yardstick (cached or trained), what it knows of itself, and the real images it measures against."""
-    device, train, test = pipe.runtime.device, datasets["train"], datasets["test"]
-    yardstick, yardstick_info = load_or_train_yardstick(
+def yardstick_of(
+    pipe: Pipeline, datasets: dict[str, SliceDataset], splits: dict, args: argparse.Namespace
+) -> tuple[SliceClassifier, dict]:
+    """The run's yardstick, cached or trained (--retrain-classifier), and what it knows of itself."""
+    return load_or_train_yardstick(
         pipe.run_dir,
         datasets,
         splits,
         pipe.config.data.image_size,
         fingerprint(pipe.vae),
         lambda pixels: reconstruct(pipe, pixels),
-        device,
+        pipe.runtime.device,
         args.retrain_classifier,
     )
+
+
+def measure_reference(
+    pipe: Pipeline, datasets: dict[str, SliceDataset], splits: dict, args: argparse.Namespace, rng: np.random.Generator
+) -> tuple[SliceClassifier, dict, Reference]:
+    """The yardstick (cached or trained), what it knows of itself, and the real images it measures against."""
+    device, train, test = pipe.runtime.device, datasets["train"], datasets["test"]
+    yardstick, yardstick_info = yardstick_of(pipe, datasets, splits, args)
     # The floors compare as many real training images as there are generated ones: Fréchet
     # distance, KID and PRDC depend on the sample size.
     floor_positions = per_label_positions(train.labels.numpy(), args.num_samples, rng)
@@ -1346,6 +1367,8 @@ def evaluate_as_asked(
 
 def describe(args: argparse.Namespace) -> str:
     """What is sampled, for the first line printed."""
+    if args.counterfactuals:
+        return f"counterfactuals, DDIM {args.steps} steps, strengths {','.join(f'{s:g}' for s in args.strengths)} | guidance {args.guidance}"
     if args.sampler_sweep is not None:
         settings = ",".join(f"{sampler}:{steps}" for sampler, steps in args.sampler_sweep)
         return f"sampler sweep {settings} | seeds {','.join(map(str, args.seeds))} | guidance {args.guidance}"
@@ -1374,6 +1397,80 @@ def draw_quality_curves(runs: list[Path], out: Path | None, overwrite: bool) -> 
     print(f"wrote {out}, {table}")
 
 
+# ============================================================================ counterfactuals against the truth
+
+
+def parse_strengths(text: str) -> list[float]:
+    """`0.3,0.5` → [0.3, 0.5]: the strengths of a counterfactual sweep, each in (0, 1]."""
+    try:
+        strengths = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.3,0.5,0.7,0.8, got {text!r}") from None
+    if not all(math.isfinite(value) and 0 < value <= 1 for value in strengths):
+        raise argparse.ArgumentTypeError(f"strengths are shares of the noise schedule, in (0, 1], got {text!r}")
+    return strengths
+
+
+def add_counterfactual_arguments(parser: ArgumentParser) -> None:
+    group = parser.add_argument_group("counterfactuals against the demo's true ones (--counterfactuals)")
+    group.add_argument("--counterfactuals", action="store_true", help="instead of the full evaluation, score counterfactuals")
+    group.add_argument(
+        "--pairs", type=Path, help=f"the pairs folder (default {DEFAULT_PAIRS}, from project_setup.py --demo-pairs)"
+    )
+    group.add_argument("--strengths", type=parse_strengths, help="strength sweep (default 0.2,0.3,0.4,0.5,0.6)")
+    group.add_argument(
+        "--pair-slices", type=int, help="pair slices per direction, one per scan (default 90: every demo test scan)"
+    )
+
+
+def check_counterfactual_arguments(args: argparse.Namespace) -> None:
+    """--pairs, --strengths and --pair-slices only with --counterfactuals, which excludes the other modes."""
+    options = {"--pairs": args.pairs, "--strengths": args.strengths, "--pair-slices": args.pair_slices}
+    given = [name for name, value in options.items() if value is not None]
+    if not args.counterfactuals:
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --counterfactuals: add it, or drop them")
+        return
+    if args.guidance_sweep is not None or args.sampler_sweep is not None or args.over_training or args.umap:
+        raise UsageError(
+            "--counterfactuals is an evaluation of its own: "
+            "run it without --guidance-sweep, --sampler-sweep, --over-training and --umap"
+        )
+    args.pairs = args.pairs or DEFAULT_PAIRS
+    args.strengths = args.strengths or [0.2, 0.3, 0.4, 0.5, 0.6]
+    args.guidance = COUNTERFACTUAL_GUIDANCE if args.guidance is None else args.guidance
+    args.steps = args.steps or COUNTERFACTUAL_STEPS
+    args.pair_slices = 90 if args.pair_slices is None else args.pair_slices
+    if args.pair_slices < 2:
+        raise UsageError(f"--pair-slices must be at least 2 (a correlation across scans needs two), got {args.pair_slices}")
+    check_pairs_folder(args.pairs)
+
+
+def counterfactual_evaluation(pipe: Pipeline, yardstick: SliceClassifier, args: argparse.Namespace, outputs: list[Path]) -> str:
+    """Counterfactuals of the demo's pairs in both directions, both methods and every strength of
+    --strengths, scored against the true ones (counterfactual.py); writes `outputs` (json, md, png)
+    and returns the Markdown report."""
+    pairs = read_pairs(args.pairs, pipe.config.data.image_size, args.pair_slices, args.seed)
+    base = CounterfactualSettings(0, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    device = pipe.runtime.device
+    started = time.perf_counter()
+    result = counterfactual_sweep(
+        pipe, pairs, lambda pixels: classify(yardstick, torch.from_numpy(pixels), device)[0], args.strengths, base
+    )
+    chosen = recommend(result.rows)
+    settings = {key: value for key, value in dataclasses.asdict(base).items() if key not in ("target", "method", "strength")}
+    report = without_nan(
+        {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "pairs": str(args.pairs), "slices": len(pairs.names)}
+        | {"settings": settings | {"strengths": args.strengths}, "seconds": round(time.perf_counter() - started, 1)}
+        | {"targets": TARGETS, "recommended": chosen, "rows": result.rows, "slice_names": pairs.names}
+    )
+    save_pairs_figure(pairs, result, chosen, outputs[2])
+    write_json_atomic(outputs[0], report)
+    text = counterfactual_report(report)
+    write_text_atomic(outputs[1], text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.quality_curves:
@@ -1386,6 +1483,9 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything(args.seed)
         rng = np.random.default_rng(args.seed)
         print(f"run {pipe.run_dir} (epoch {pipe.epoch}) | {describe(args)} | device {pipe.runtime.device}")
+        if args.counterfactuals:
+            print(counterfactual_evaluation(pipe, yardstick_of(pipe, datasets, splits, args)[0], args, outputs))
+            return
         yardstick, yardstick_info, reference = measure_reference(pipe, datasets, splits, args, rng)
         header = {"run": str(pipe.run_dir), "run_epoch": pipe.epoch, "image_size": pipe.config.data.image_size}
         header["settings"] = settings_of(args)

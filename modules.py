@@ -809,13 +809,20 @@ class NoiseScheduler:
         # 3. x_{t_prev} = (σ_prev / σ_t) x_t - α_prev (e^{-h_i} - 1) D_i, which is DDIM's step with D_i as x̂_0
         return self.ddim_step(x_t, x0, t, t_prev)
 
-    def timesteps(self, num_steps: int) -> list[int]:
+    def timesteps(self, num_steps: int, strength: float = 1.0) -> list[int]:
         """Trailing spacing (Lin et al. 2024, table 2): T-1, ..., always starting at the noisiest step,
-        so a short schedule still starts from x_T ≈ N(0, I); num_steps = T gives every step."""
+        so a short schedule still starts from x_T ≈ N(0, I); num_steps = T gives every step.
+
+        `strength` in (0, 1] keeps the schedule's last round(strength · num_steps) steps (at least one),
+        the part below noise level strength · T: an edit of a given image starts there (SDEdit, Meng et
+        al. 2022), with the same step size as sampling from noise."""
         if not 1 <= num_steps <= self.num_train_timesteps:
             raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {num_steps}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         stride = self.num_train_timesteps / num_steps
-        return [round(self.num_train_timesteps - i * stride) - 1 for i in range(num_steps)]
+        kept = max(1, round(strength * num_steps))
+        return [round(self.num_train_timesteps - i * stride) - 1 for i in range(num_steps - kept, num_steps)]
 
     # -- training
 
@@ -875,16 +882,19 @@ class NoiseScheduler:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         x_T: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Reverse diffusion from x_T ~ N(0, I) with one of SAMPLERS: yields (t, x_{t_prev}, x̂_0)
         after every step. `ddpm` is ancestral sampling (eta is ignored); `ddim` uses eta (0 = deterministic);
-        `dpmpp_2m` is deterministic (eta is ignored)."""
+        `dpmpp_2m` is deterministic (eta is ignored). With `strength` < 1 it runs only the schedule's last
+        steps (`timesteps`), from an x_T given at the first of them: an image noised or inverted to that
+        level (counterfactual.py)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         step_function = SAMPLERS[sampler]
         device = torch.device(device) if device is not None else conditions.labels.device
         x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device, torch.float32)
-        steps = self.timesteps(num_steps)
+        steps = self.timesteps(num_steps, strength)
         # What stays the same across steps is made once: the guidance batch's conditions, and every
         # step's t and t_prev in one copy to the device, each step's a view of it (B,).
         paired = guidance_conditions(conditions, guidance_scale)

@@ -546,9 +546,12 @@ class Pipeline:
         sampler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        start: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """One batch: conditions (B) → scaled latents (B, C_z, h, w) by guided reverse diffusion with
-        `sampler` (default: the run's run.sampler)."""
+        `sampler` (default: the run's run.sampler), from noise, or with `start` (B, C_z, h, w) from latents
+        at noise level `strength` (the schedule's last steps only: NoiseScheduler.timesteps)."""
         self.unet.eval()
         with self.runtime.autocast():
             latents = self.scheduler.sample(
@@ -561,6 +564,8 @@ class Pipeline:
                 guidance_scale=guidance_scale,
                 generator=generator,
                 device=self.runtime.device,
+                x_T=start,
+                strength=strength,
             )
         return latents.float()
 

@@ -3,13 +3,21 @@ the label conditioning works (UMAP of UNet bottleneck features with a label-swap
 
     python predict.py --label AD                          # 16 AD slices from the latest run
     python predict.py --label both --num-samples 64 --out results --sequence --umap --real
+    python predict.py --counterfactual data/demo/AD_NC/test/NC --to AD --out cf   # the same slices as AD
 
 Sampling uses the EMA weights, batched classifier-free guidance and no autograd (bf16 on CUDA).
 The same settings and seed give the same images; samples.json records them.
+
+--counterfactual shows given slices with the other diagnosis (counterfactual.py): per slice its
+source, VAE reconstruction, counterfactual and signed difference map (counterfactual minus
+reconstruction; blue darker, red brighter; one scale for all), one grid (counterfactuals.png) and
+counterfactuals.json with every setting, the seed and each slice's CSF-dark share before and after.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +25,26 @@ import numpy as np
 import torch
 
 from config import CLASS_NAMES, COMPILE_MODES, Config, latent_shape
+from counterfactual import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_METHOD,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    INVERSION_ITERATIONS,
+    METHODS,
+    check_strength,
+    csf_shares,
+    difference_colours,
+    difference_maps,
+    label_from_path,
+    make_counterfactuals,
+    read_originals,
+    save_image_table,
+    shared_scale,
+    slice_files,
+    slice_positions,
+)
+from counterfactual import Settings as CounterfactualSettings
 from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS, compile_model
 from pipeline import (
@@ -61,7 +89,7 @@ def parse_label(text: str) -> list[int]:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--label", action="append", required=True, help="0/AD, 1/NC or both; repeatable")
+    parser.add_argument("--label", action="append", help="0/AD, 1/NC or both; repeatable (or --counterfactual)")
     parser.add_argument("--run", type=Path, help="run folder (default: the run whose unet.pt is newest in runs/)")
     parser.add_argument("--num-samples", type=int, default=16, help="images per label (default 16)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), help="how to sample (default: the run's run.sampler)")
@@ -86,11 +114,72 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--umap", action="store_true", help="also write umap.png and umap_scores.json")
     parser.add_argument("--umap-count", type=int, default=200, help="real test slices per label in the UMAP (default 200)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
+    edit = parser.add_argument_group(
+        "counterfactuals: the same slices with another diagnosis (default --out <run>/counterfactuals)"
+    )
+    edit.add_argument(
+        "--counterfactual", nargs="+", type=Path, metavar="PATH", help="slice files or folders of them, instead of --label"
+    )
+    edit.add_argument("--to", help="AD or NC: the diagnosis to show them with")
+    edit.add_argument(
+        "--from", dest="source", help="AD or NC: their own diagnosis (default: a folder named AD or NC, else unknown)"
+    )
+    edit.add_argument(
+        "--strength", type=float, help=f"share of the noise schedule they are carried to, in (0, 1] (default {DEFAULT_STRENGTH})"
+    )
+    edit.add_argument(
+        "--method",
+        choices=METHODS,
+        help=f"how they get there (default {DEFAULT_METHOD}); --guidance defaults to {DEFAULT_GUIDANCE:g}, --steps (DDIM) to {DEFAULT_STEPS}",
+    )
     return parser
 
 
+COUNTERFACTUAL_OPTIONS = {"--to": "to", "--from": "source", "--strength": "strength", "--method": "method"}
+SAMPLING_ONLY = {"--label": "label", "--sequence": "sequence", "--real": "real", "--umap": "umap", "--slice": "slice"}
+
+
+def parse_diagnosis(text: str, option: str) -> int:
+    """`AD`/`0` or `NC`/`1` (any case) → label."""
+    key = text.strip().upper()
+    if key in CLASS_NAMES:
+        return CLASS_NAMES.index(key)
+    if key in ("0", "1"):
+        return int(key)
+    raise UsageError(f"{option} {text!r}: use AD (or 0) or NC (or 1)")
+
+
+def check_counterfactual_arguments(args) -> None:
+    """--counterfactual's options only with it, sampling's only without; --to given; --from, --strength
+    and --method resolved to their values or defaults."""
+    given = [option for option, field in COUNTERFACTUAL_OPTIONS.items() if getattr(args, field) is not None]
+    if args.counterfactual is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --counterfactual PATH ...: add it, or drop them")
+        return
+    clashing = [option for option, field in SAMPLING_ONLY.items() if getattr(args, field) not in (None, False)]
+    if clashing:
+        raise UsageError(f"{', '.join(clashing)} do not apply with --counterfactual, which edits the slices it is given")
+    if args.to is None:
+        raise UsageError("--counterfactual needs --to AD or --to NC: the diagnosis to show the slices with")
+    if args.sampler not in (None, "ddim") or args.eta != 0:
+        raise UsageError(
+            "counterfactuals denoise with deterministic DDIM (the inversion's mirror image): drop --sampler and --eta"
+        )
+    args.to = parse_diagnosis(args.to, "--to")
+    args.source = None if args.source is None else parse_diagnosis(args.source, "--from")
+    args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+    check_strength(args.strength)
+    args.method = args.method or DEFAULT_METHOD
+    args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    args.steps = args.steps or DEFAULT_STEPS
+
+
 def check_arguments(args) -> list[int]:
-    labels = list(dict.fromkeys(label for text in args.label for label in parse_label(text)))
+    check_counterfactual_arguments(args)
+    if args.counterfactual is None and not args.label:
+        raise UsageError("give --label AD, NC or both to sample, or --counterfactual PATH ... --to AD|NC to edit slices")
+    labels = list(dict.fromkeys(label for text in args.label or [] for label in parse_label(text)))
     check_sampling_options(args)
     if not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
@@ -302,7 +391,10 @@ def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_posi
     elapsed = time.perf_counter() - started
     total = args.num_samples * len(labels)
     print(f"generated {total} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s, decoding included) → {out}")
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    editing = {"counterfactual", *COUNTERFACTUAL_OPTIONS.values()}  # --counterfactual's options, unused here
+    settings = {
+        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items() if key not in editing
+    }
     write_json_atomic(
         out / "samples.json",
         {
@@ -328,12 +420,117 @@ def write_outputs(pipe: Pipeline, labels: list[int], args, out: Path, slice_posi
             print(f"UMAP silhouette, {name}: {score['silhouette_umap']}")
 
 
+COUNTERFACTUAL_KINDS = ("source", "reconstruction", "counterfactual", "difference")
+GRID_SLICES = 32  # rows of counterfactuals.png; every slice has its own files
+
+
+def slice_outputs(files: list[Path], out: Path) -> list[dict[str, Path]]:
+    """Per input slice, kind → its file: <index>_<name>_<kind>.png (the index keeps same-named slices apart)."""
+    return [
+        {kind: out / f"{index:04d}_{path.stem}_{kind}.png" for kind in COUNTERFACTUAL_KINDS} for index, path in enumerate(files)
+    ]
+
+
+def check_counterfactual_outputs(pipe: Pipeline, files: list[Path], args, out: Path) -> None:
+    """Before any editing: no output inside the run's dataset or the folders the slices come from,
+    and none that exists unless --overwrite."""
+    planned = [out / "counterfactuals.json", out / "counterfactuals.png"]
+    planned += [path for outputs in slice_outputs(files, out) for path in outputs.values()]
+    read = [*dataset_folders(pipe.config), *(path if path.is_dir() else path.parent for path in args.counterfactual)]
+    check_output_paths(read, folders={"--out": out}, files={f"--out's {path.name}": path for path in planned})
+    existing = [path for path in planned if path.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]} already exists (and {len(existing) - 1} more): add --overwrite or choose another --out")
+
+
+def save_counterfactual_slices(
+    files: list[Path], images: dict[str, np.ndarray], sources: list[int | None], args, out: Path
+) -> list[dict]:
+    """Each slice's four images (kind → uint8 (N, S, S), the difference (N, S, S, 3)) and its record."""
+    shares = {kind: csf_shares(images[kind]) for kind in COUNTERFACTUAL_KINDS[:3]}
+    records = []
+    for index, (path, outputs) in enumerate(zip(files, slice_outputs(files, out))):
+        for kind, target in outputs.items():
+            save_png(images[kind][index], target)
+        records.append(
+            {
+                "input": str(path),
+                "source_label": None if sources[index] is None else CLASS_NAMES[sources[index]],
+                "source_from": "--from" if args.source is not None else "folder" if sources[index] is not None else "unknown",
+                "files": {kind: target.name for kind, target in outputs.items()},
+                "csf_dark_share": {
+                    kind: None if math.isnan(values[index]) else float(values[index]) for kind, values in shares.items()
+                },
+                "batch": index // args.batch_size,
+            }
+        )
+    return records
+
+
+def write_counterfactuals(pipe: Pipeline, files: list[Path], originals: list[np.ndarray], args, out: Path) -> None:
+    """Edit the slices to --to and write every output of the module docstring's --counterfactual."""
+    report_removed(remove_temporary_files(out), out)
+    if args.overwrite:
+        for stale in (path for kind in COUNTERFACTUAL_KINDS for path in out.glob(f"[0-9][0-9][0-9][0-9]_*_{kind}.png")):
+            stale.unlink()
+    pixels = np.stack([prepare_image(image, pipe.config.data.image_size) for image in originals])
+    sources = [args.source if args.source is not None else label_from_path(path) for path in files]
+    settings = CounterfactualSettings(
+        args.to, args.method, args.strength, args.steps, args.guidance, args.seed, args.batch_size, INVERSION_ITERATIONS
+    )
+    print(
+        f"run {pipe.run_dir} (epoch {pipe.epoch}) | {len(files)} slices → {CLASS_NAMES[args.to]} | {args.method} at strength "
+        f"{args.strength:g} | DDIM {args.steps} steps | guidance {args.guidance} | device {pipe.runtime.device}"
+    )
+    started = time.perf_counter()
+    reconstructions, counterfactuals = make_counterfactuals(pipe, pixels, sources, settings, slice_positions(pipe, files))
+    seconds = time.perf_counter() - started
+    differences, masks = difference_maps(counterfactuals, reconstructions)
+    scale = shared_scale(differences, masks)
+    images = {"source": pixels, "reconstruction": reconstructions, "counterfactual": counterfactuals}
+    images["difference"] = difference_colours(differences, masks, scale)
+    records = save_counterfactual_slices(files, images, sources, args, out)
+    shown = range(min(GRID_SLICES, len(files)))
+    save_image_table(
+        [[images[kind][index] for kind in COUNTERFACTUAL_KINDS] for index in shown],
+        [files[index].name for index in shown],
+        list(COUNTERFACTUAL_KINDS),
+        out / "counterfactuals.png",
+        f"→ {CLASS_NAMES[args.to]}, {args.method} at strength {args.strength:g}: blue = darker, red = brighter"
+        + (f" (first {GRID_SLICES} of {len(files)} slices)" if len(files) > GRID_SLICES else ""),
+        scale,
+    )
+    write_json_atomic(
+        out / "counterfactuals.json",
+        {
+            "run": str(pipe.run_dir),
+            "run_epoch": pipe.epoch,
+            "settings": dataclasses.asdict(settings) | {"target": CLASS_NAMES[args.to], "sampler": "ddim", "eta": 0.0},
+            "difference_scale_grey_levels": scale,
+            "seconds": round(seconds, 3),
+            "slices": records,
+        },
+    )
+    before, after = (float(np.nanmean(csf_shares(images[kind]))) for kind in ("reconstruction", "counterfactual"))
+    print(
+        f"CSF-dark share, mean over slices: {before:.4f} (reconstructions) → {after:.4f} (counterfactuals) in {seconds:.1f} s → {out}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     with usage_errors_exit():
         labels = check_arguments(args)
+        if args.counterfactual is not None:  # bad slices fail before the run loads
+            files = slice_files(args.counterfactual)
+            originals = read_originals(files)
         pipe = load_run_for(args)
         pipe.unet = compile_model(pipe.unet, args.compile)
+        if args.counterfactual is not None:
+            out = args.out or pipe.run_dir / "counterfactuals"
+            check_counterfactual_outputs(pipe, files, args, out)
+            write_counterfactuals(pipe, files, originals, args, out)
+            return
         slice_position = None
         if args.slice is not None:
             if not pipe.config.unet.slice_conditioning:

@@ -41,7 +41,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from config import DEMO_DATA_DIR, DEMO_SCAN_LIMITS
+from config import DEMO_DATA_DIR, DEMO_SCAN_LIMITS, PAIRS_FOLDER, PAIRS_MANIFEST
 from dataset import (
     CLASS_NAMES,
     DEFAULT_ROOT,
@@ -76,6 +76,7 @@ from utils import (
     report_removed,
     save_image_grid,
     usage_errors_exit,
+    write_json_atomic,
 )
 from volumes import convert_volumes
 
@@ -94,6 +95,11 @@ ATLAS_Z = (28, 128)  # template planes any demo slice can reach, margin for tilt
 BRAIN_CENTRE = (98.0, 117.0)  # template x, y (voxels) of the middle of the brain's bounding box
 HIPPOCAMPI = ((73.0, 112.0, 60.0), (123.0, 112.0, 60.0))  # template voxels of MNI (±25, -22, -12)
 CSF_LEVEL = 0.34  # template T1 intensity of CSF (GM ~0.65, WM ~0.87)
+# Disease stage (0 none, 1 full atrophy) drawn per class: NC scans get a little of what AD has
+# (ageing), so the classes overlap at the edges. The pairs render each test scan at each class's middle.
+SEVERITY_RANGES = {"AD": (0.3, 1.0), "NC": (0.0, 0.3)}
+TYPICAL_SEVERITY = {class_name: (low + high) / 2 for class_name, (low, high) in SEVERITY_RANGES.items()}
+
 COARSE_STEP = 8  # pixels between the points where the warp is computed exactly; linear in between
 
 # ----------------------------------------------------------------------------- unpacking limits
@@ -280,15 +286,17 @@ def _acquire(tissue: np.ndarray, scanner: np.random.Generator, noise: np.random.
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def render_scan(atlas: Atlas, scan: DemoScan, seed: int) -> tuple[int, np.ndarray]:
-    """(first slice index, (20, 240, 256) uint8 slices) of one synthetic scan."""
+def render_scan(atlas: Atlas, scan: DemoScan, seed: int, severity: float | None = None) -> tuple[int, np.ndarray]:
+    """(first slice index, (20, 240, 256) uint8 slices) of one synthetic scan; with `severity` (0 to 1)
+    the same scan at that disease stage instead of its drawn one, every other draw unchanged (the
+    stage is drawn either way): the true counterfactual."""
     anatomy = np.random.default_rng([seed, scan.index, 1])
     # Scans 2j (AD) and 2j+1 (NC) share the acquisition (slice window, contrast, bias, noise level,
     # brightness), as in a matched study: none of those can tell AD from NC, even in a tiny demo.
     scanner = np.random.default_rng([seed, scan.index // len(CLASS_NAMES), 2])
     first_slice = int(scanner.integers(FIRST_SLICE[0], FIRST_SLICE[1] + 1))
-    # Disease stage: NC scans get a little of what AD has (ageing), so the classes overlap at the edges.
-    severity = anatomy.uniform(0.3, 1.0) if scan.class_name == "AD" else anatomy.uniform(0.0, 0.3)
+    drawn = anatomy.uniform(*SEVERITY_RANGES[scan.class_name])
+    severity = drawn if severity is None else severity
     ventricle_mm = 4.0 * severity + anatomy.normal(0.0, 0.8)  # ventricle size varies among healthy people too
     coords = _template_coordinates(atlas, anatomy, first_slice, ventricle_mm, hippocampus_mm=3.0 * severity)
     tissue = _sample_tissue(atlas, coords, thinning=0.8 * severity)
@@ -319,9 +327,74 @@ def _start_worker(atlas: Atlas, parent_pid: int) -> None:
 def _write_scan(scan: DemoScan, seed: int, root: Path, atlas: Atlas | None = None) -> None:
     """Render one scan and write its 20 slices as `<root>/<split>/<class>/<scanID>_<slice>.jpeg`."""
     first_slice, slices = render_scan(atlas or _worker_atlas, scan, seed)
-    folder = root / scan.split / scan.class_name
+    _write_slices(slices, first_slice, root / scan.split / scan.class_name, scan.scan_id)
+
+
+def _write_pair(scan: DemoScan, seed: int, root: Path, atlas: Atlas | None = None) -> None:
+    """Render one scan at each class's typical severity: `<root>/<class>/<scanID>_<slice>.jpeg`."""
+    for class_name, severity in TYPICAL_SEVERITY.items():
+        first_slice, slices = render_scan(atlas or _worker_atlas, scan, seed, severity)
+        _write_slices(slices, first_slice, root / class_name, scan.scan_id)
+
+
+def _write_slices(slices: np.ndarray, first_slice: int, folder: Path, scan_id: str) -> None:
     for offset, pixels in enumerate(slices):
-        Image.fromarray(pixels).save(folder / f"{scan.scan_id}_{first_slice + offset}.jpeg", quality=JPEG_QUALITY)
+        Image.fromarray(pixels).save(folder / f"{scan_id}_{first_slice + offset}.jpeg", quality=JPEG_QUALITY)
+
+
+def _render_all(job, scans: list[DemoScan], seed: int, temp: Path, workers: int, description: str) -> None:
+    """`job(scan, seed, temp)` for every scan, in `workers` processes. The bytes depend on the scans
+    and the seed only: each scan draws from its own seeded generators, so the worker count and the
+    order scans finish in change nothing."""
+    atlas = load_atlas()
+    with tqdm(total=len(scans), desc=description, unit="scan", disable=None) as progress:
+        if workers == 1:
+            for scan in scans:
+                job(scan, seed, temp, atlas)
+                progress.update()
+            return
+        # Forked on Linux (as Python 3.11 does anyway): the workers inherit the atlas without pickling
+        # it, and are this process's children, which is what _start_worker's PR_SET_PDEATHSIG watches.
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        others = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(atlas, os.getpid()))
+        finished = False
+        try:
+            for result in [pool.submit(job, scan, seed, temp) for scan in scans]:
+                result.result()
+                progress.update()
+            finished = True
+        finally:
+            # After an error or a signal (SIGTERM, Ctrl-C) the queued scans are dropped and the running ones
+            # stopped, instead of waited for (as the pool's exit, and Python's, would).
+            pool.shutdown(wait=finished, cancel_futures=not finished)
+            if not finished:
+                for worker in set(multiprocessing.active_children()) - others:
+                    worker.kill()
+
+
+def _build_atomically(root: Path, folders: list[str], fill) -> None:
+    """Make `folders` in a temporary sibling of `root` (which must not hold anything yet), let
+    `fill(temp)` write into them, then rename it into place: an interrupted build leaves nothing."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UsageError(f"{root} already exists and is not empty: delete it or choose another --data-dir for the demo")
+    temp = fresh_sibling(root, "building")
+    try:
+        for folder in folders:
+            (temp / folder).mkdir(parents=True)
+        fill(temp)
+        if root.is_dir():
+            root.rmdir()  # empty (checked above); replacing a folder needs it gone on some systems
+        os.replace(temp, root)
+    except OSError as error:
+        raise UsageError(f"building the demo in {root} failed ({error}): check the free disk space") from None
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _check_demo_size(num_scans: int) -> None:
+    if not DEMO_SCAN_LIMITS[0] <= num_scans <= DEMO_SCAN_LIMITS[1]:
+        raise UsageError(f"--scans {num_scans}: the demo takes {DEMO_SCAN_LIMITS[0]} to {DEMO_SCAN_LIMITS[1]:,} scans")
 
 
 def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int = 0, workers: int | None = None) -> None:
@@ -330,51 +403,36 @@ def build_demo(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int =
     The bytes depend on (num_scans, seed) only: each scan draws from its own seeded generator,
     so the worker count and the order scans finish in change nothing.
     """
-    root = Path(root)
-    if not DEMO_SCAN_LIMITS[0] <= num_scans <= DEMO_SCAN_LIMITS[1]:
-        raise UsageError(f"--scans {num_scans}: the demo takes {DEMO_SCAN_LIMITS[0]} to {DEMO_SCAN_LIMITS[1]:,} scans")
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise UsageError(f"{root} already exists and is not empty: delete it or choose another --data-dir for the demo")
+    _check_demo_size(num_scans)
     scans = plan_demo(num_scans, seed)
-    atlas = load_atlas()
     workers = min(workers or available_cpus(), num_scans)
-    # Built next to the target and renamed into place, so an interrupted build leaves no half dataset.
-    temp = fresh_sibling(root, "building")
-    try:
-        for split in SPLITS:
-            for class_name in CLASS_NAMES:
-                (temp / split / class_name).mkdir(parents=True)
-        with tqdm(total=num_scans, desc="demo scans", unit="scan", disable=None) as progress:
-            if workers == 1:
-                for scan in scans:
-                    _write_scan(scan, seed, temp, atlas)
-                    progress.update()
-            else:
-                # Forked on Linux (as Python 3.11 does anyway): the workers inherit the atlas without pickling
-                # it, and are this process's children, which is what _start_worker's PR_SET_PDEATHSIG watches.
-                context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-                others = set(multiprocessing.active_children())
-                pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(atlas, os.getpid()))
-                finished = False
-                try:
-                    for job in [pool.submit(_write_scan, scan, seed, temp) for scan in scans]:
-                        job.result()
-                        progress.update()
-                    finished = True
-                finally:
-                    # After an error or a signal (SIGTERM, Ctrl-C) the queued scans are dropped and the running ones
-                    # stopped, instead of waited for (as the pool's exit, and Python's, would).
-                    pool.shutdown(wait=finished, cancel_futures=not finished)
-                    if not finished:
-                        for worker in set(multiprocessing.active_children()) - others:
-                            worker.kill()
-        if root.is_dir():
-            root.rmdir()  # empty (checked above); replacing a folder needs it gone on some systems
-        os.replace(temp, root)
-    except OSError as error:
-        raise UsageError(f"building the demo in {root} failed ({error}): check the free disk space") from None
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    _build_atomically(
+        Path(root),
+        [f"{split}/{class_name}" for split in SPLITS for class_name in CLASS_NAMES],
+        lambda temp: _render_all(_write_scan, scans, seed, temp, workers, "demo scans"),
+    )
+
+
+def build_demo_pairs(root: str | os.PathLike, num_scans: int = DEMO_SCANS, seed: int = 0, workers: int | None = None) -> None:
+    """Write, for each test scan of the demo of (num_scans, seed), its slices at the typical AD and
+    the typical NC severity (TYPICAL_SEVERITY), every other draw the scan's own, into
+    `<root>/{AD,NC}/<scanID>_<slice>.jpeg` with PAIRS_MANIFEST; atomically, like build_demo. The
+    same slice in both folders is one brain with two disease stages: the true counterfactual."""
+    _check_demo_size(num_scans)
+    scans = [scan for scan in plan_demo(num_scans, seed) if scan.split == "test"]
+    workers = min(workers or available_cpus(), len(scans))
+    manifest = {
+        "seed": seed,
+        "scans": num_scans,
+        "severity": TYPICAL_SEVERITY,
+        "test_scans": [{"scan_id": scan.scan_id, "class": scan.class_name} for scan in scans],
+    }
+
+    def fill(temp: Path) -> None:
+        _render_all(_write_pair, scans, seed, temp, workers, "demo pairs")
+        write_json_atomic(temp / PAIRS_MANIFEST, manifest)
+
+    _build_atomically(Path(root), list(CLASS_NAMES), fill)
 
 
 # ============================================================================ unpacking data/ADNI.zip
@@ -679,6 +737,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--demo", action="store_true", help="build the demo dataset into --data-dir first (it must not exist yet)"
     )
     parser.add_argument(
+        "--demo-pairs",
+        action="store_true",
+        help=f"--demo, then also each test scan at the typical AD and NC severity in <data-dir>/../{PAIRS_FOLDER} "
+        "(the true counterfactuals that evaluate.py --counterfactuals scores against)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         help="demo: random seed, the same seed gives the same bytes; --from-nifti: the split's seed (default 0)",
@@ -710,6 +774,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_combinations(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    args.demo = args.demo or args.demo_pairs  # the pairs are renders of the demo's test scans
     if not args.demo and args.from_nifti is None and (args.seed is not None or args.scans is not None):
         parser.error("--seed and --scans only apply with --demo (--seed also with --from-nifti)")
     low, high = DEMO_SCAN_LIMITS
@@ -757,6 +822,27 @@ def make_work_folders() -> None:
             raise UsageError(f"cannot create the working folder {folder} ({error}): run from a writable folder") from None
 
 
+def make_demo_pairs(demo: DatasetIndex, pairs: Path, num_scans: int, seed: int) -> None:
+    """Build the pairs of the demo indexed in `demo` into `pairs`, unless they are there already; the
+    demo must be the one (num_scans, seed) builds, or the pairs would be of other brains."""
+    removed = remove_leftovers(pairs)
+    if removed:
+        print(f"removed {len(removed)} folder(s) that a killed pairs build left next to {display_path(pairs)}")
+    if pairs.is_dir() and any(pairs.iterdir()):
+        print(f"{pairs} already holds the pairs: not rebuilding (delete it to build them anew)")
+        return
+    built = {(record.scan_id, record.split, CLASS_NAMES[record.label]) for record in demo.records}
+    for scan in plan_demo(num_scans, seed):
+        if (scan.scan_id, scan.split, scan.class_name) not in built:
+            raise UsageError(
+                f"{demo.root} is not the demo of --scans {num_scans} --seed {seed} (it lacks {scan.split} scan "
+                f"{scan.scan_id}): pass the --scans and --seed it was built with"
+            )
+    started = time.perf_counter()
+    build_demo_pairs(pairs, num_scans, seed)
+    print(f"built the pairs: {len(list(pairs.rglob('*.jpeg')))} slices in {pairs} ({time.perf_counter() - started:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = (args.out or NIFTI_ROOT) if args.from_nifti else args.data_dir or (DEMO_ROOT if args.demo else DEFAULT_ROOT)
@@ -769,6 +855,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"removed {len(removed)} folder(s) that a killed demo build, unpacking or conversion left next to "
                 f"{display_path(root)}: " + ", ".join(display_path(folder.name) for folder in removed)
             )
+        pairs = root.parent / PAIRS_FOLDER if args.demo_pairs else None
+        check_output_paths([root], folders={"the pairs folder": pairs})
         if args.demo and (root / "train").is_dir():
             print(f"{root} already holds a dataset: checking it, not rebuilding (delete it to build the demo anew)")
         elif args.demo:
@@ -787,6 +875,9 @@ def main(argv: list[str] | None = None) -> None:
     problem = find_problem(report)
     if problem:
         fail(problem)
+    if pairs is not None:
+        with usage_errors_exit():
+            make_demo_pairs(report.index, pairs, DEMO_SCANS if args.scans is None else args.scans, args.seed or 0)
     if args.figures:
         with usage_errors_exit():
             report_removed(remove_temporary_files(args.figures), args.figures)

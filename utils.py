@@ -520,11 +520,11 @@ def image_grid(images: np.ndarray | torch.Tensor, ncols: int = 8, padding: int =
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 (H, W) array as an 8-bit grayscale PNG, atomically."""
+    """Write a uint8 (H, W) array as an 8-bit grayscale PNG, or (H, W, 3) as colour, atomically."""
     from PIL import Image
 
     with atomic_path(path) as temp_path:
-        Image.fromarray(array, mode="L").save(temp_path, format="PNG")
+        Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB").save(temp_path, format="PNG")
 
 
 def with_caption(grid: np.ndarray, lines: list[str]) -> np.ndarray:

@@ -605,3 +605,68 @@ def test_over_training_measures_every_kept_epoch_and_draws_the_runs_together(tin
             evaluate.main(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+# ----------------------------------------------------------------------------- counterfactuals against the truth
+
+
+def make_pairs(root: Path, scans: int = 3) -> Path:
+    """A pairs folder in --demo-pairs' layout: each scan's 2 slices as an AD ellipse (smaller) and an NC one."""
+    from conftest import write_slice
+
+    scan_ids = [str(200001 + index) for index in range(scans)]
+    for scan_id in scan_ids:
+        for slice_index in (70, 71):
+            for class_name, radius in (("AD", 0.3), ("NC", 0.42)):
+                write_slice(root / class_name / f"{scan_id}_{slice_index}.jpeg", 110 + slice_index, radius)
+    (root / "pairs.json").write_text(json.dumps({"test_scans": [{"scan_id": scan_id} for scan_id in scan_ids]}))
+    return root
+
+
+def test_counterfactuals_write_the_table_and_the_figure(run_copy: Path, tmp_path: Path, capsys) -> None:
+    pairs = make_pairs(tmp_path / "pairs")
+    argv = ["--counterfactuals", "--pairs", str(pairs), "--strengths", "0.3,0.6", "--pair-slices", "2", "--batch-size", "2"]
+    evaluate.main(["--run", str(run_copy), "--steps", "3", "--device", "cpu", *argv])
+    report = json.loads((run_copy / "counterfactuals.json").read_text())
+    assert report["slices"] == 2 and len({name.split("_")[0] for name in report["slice_names"]}) == 2
+    settings = {(row["direction"], row["method"], row["strength"]) for row in report["rows"]}
+    assert settings == {(d, m, s) for d in ("NC → AD", "AD → NC") for m in ("ddim-inversion", "sdedit") for s in (0.3, 0.6)}
+    chosen = report["recommended"]
+    assert (chosen["method"], chosen["strength"]) in {(m, s) for _, m, s in settings}
+    assert report["settings"]["steps"] == 3 and report["settings"]["strengths"] == [0.3, 0.6]
+    assert report["settings"]["guidance"] == 3.0  # counterfactuals' own default, not the run's 2
+    for row in report["rows"]:
+        assert 0 <= row["flip_rate"] <= 1 and 0 <= row["closer_share"] <= 1
+        # The yardstick's references: the true counterfactuals and the sources, judged as the target label.
+        assert {row["yardstick_truth_rate"], row["yardstick_source_rate"]} <= {0.0, 0.5, 1.0}
+    table = (run_copy / "counterfactuals.md").read_text()
+    assert "| difference-map correlation, predicted vs true, inside the brain (median over slices) |" in table
+    assert "| yardstick flip rate: counterfactuals it assigns to the target label |" in table
+    assert f"**Recommended: {chosen['method']} at strength {chosen['strength']:g}**" in table
+    assert table in capsys.readouterr().out
+    with Image.open(run_copy / "counterfactuals.png") as figure:
+        assert figure.width > 200 and figure.height > 8 * 100  # 8 rows: 4 per direction
+    assert not (run_copy / "metrics.json").exists()  # --counterfactuals is an evaluation of its own
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pairs", "somewhere"], "--pairs only apply with --counterfactuals"),
+        (["--strengths", "0.5", "--pair-slices", "4"], "--strengths, --pair-slices only apply with --counterfactuals"),
+        (["--counterfactuals", "--strengths", "0,0.5"], "strengths are shares of the noise schedule, in (0, 1]"),
+        (["--counterfactuals", "--strengths", "0.5,x"], "comma-separated numbers"),
+        (["--counterfactuals", "--pair-slices", "1"], "--pair-slices must be at least 2"),
+        (["--counterfactuals", "--umap"], "without --guidance-sweep, --sampler-sweep, --over-training and --umap"),
+        (["--counterfactuals", "--over-training"], "an evaluation of its own"),
+        (
+            ["--counterfactuals", "--pairs", "no/such/pairs"],
+            "holds no pairs.json: build the pairs with python project_setup.py --demo-pairs",
+        ),
+    ],
+)
+def test_counterfactual_bad_input_exits_2(trained_run: Path, argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--run", str(trained_run), "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err

@@ -359,3 +359,122 @@ def test_steps_default_to_the_run_for_its_sampler_and_to_the_samplers_own_otherw
         predict.main(["--run", str(trained_run), "--out", str(out), "--label", "AD", "--num-samples", "1", "--sampler", sampler])
         settings = json.loads((out / "samples.json").read_text())["settings"]
         assert (settings["sampler"], settings["steps"]) == (sampler, steps)
+
+
+# ----------------------------------------------------------------------------- counterfactuals
+
+
+def run_counterfactual(run_dir: Path, out: Path, *extra: str) -> dict:
+    predict.main(["--run", str(run_dir), "--out", str(out), "--steps", "4", "--batch-size", "3", "--device", "cpu", *extra])
+    return json.loads((out / "counterfactuals.json").read_text())
+
+
+def test_counterfactual_outputs_per_slice_grid_and_record(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    test_folder = tiny_dataset / "test"
+    record = run_counterfactual(trained_run, tmp_path / "out", "--counterfactual", str(test_folder), "--to", "AD")
+    inputs = sorted(test_folder.rglob("*.jpeg"))
+    assert [Path(entry["input"]) for entry in record["slices"]] == inputs
+    assert [entry["source_label"] for entry in record["slices"]] == [path.parent.name for path in inputs]
+    assert {entry["source_from"] for entry in record["slices"]} == {"folder"}
+    settings = record["settings"]
+    assert (
+        settings["target"] == "AD"
+        and settings["method"] == "ddim-inversion"
+        and settings["strength"] == 0.3
+        and settings["guidance"] == 3.0
+    )
+    assert (settings["seed"], settings["steps"], settings["batch_size"], settings["sampler"]) == (0, 4, 3, "ddim")
+    assert [entry["batch"] for entry in record["slices"]][:4] == [0, 0, 0, 1]
+    for entry in record["slices"]:
+        assert set(entry["csf_dark_share"]) == {"source", "reconstruction", "counterfactual"}
+        for kind, name in entry["files"].items():
+            with Image.open(tmp_path / "out" / name) as image:
+                assert image.size == (32, 32) and image.mode == ("RGB" if kind == "difference" else "L")
+    assert (tmp_path / "out" / "counterfactuals.png").is_file()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4 * len(inputs) + 1
+
+
+def test_counterfactual_to_the_source_label_gives_back_the_reconstruction(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    record = run_counterfactual(
+        trained_run, out, "--counterfactual", str(tiny_dataset / "test" / "NC"), "--to", "nc", "--strength", "0.3"
+    )
+    for entry in record["slices"]:
+        reconstruction, edited = (
+            np.asarray(Image.open(out / entry["files"][kind]), int) for kind in ("reconstruction", "counterfactual")
+        )
+        assert np.abs(edited - reconstruction).max() <= 1
+
+
+def test_counterfactual_from_overrides_the_folder_and_sdedit_follows_the_seed(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    slice_file = str(sorted((tiny_dataset / "test" / "AD").iterdir())[0])
+    common = ("--counterfactual", slice_file, "--to", "NC", "--method", "sdedit")
+    first = run_counterfactual(trained_run, tmp_path / "a", *common, "--from", "NC", "--seed", "1")
+    assert first["slices"][0]["source_label"] == "NC" and first["slices"][0]["source_from"] == "--from"
+    run_counterfactual(trained_run, tmp_path / "b", *common, "--seed", "1")
+    run_counterfactual(trained_run, tmp_path / "c", *common, "--seed", "2")
+    edited = [(tmp_path / name / first["slices"][0]["files"]["counterfactual"]).read_bytes() for name in "abc"]
+    assert edited[0] == edited[1] != edited[2]
+    with pytest.raises(SystemExit):  # the outputs exist now
+        run_counterfactual(trained_run, tmp_path / "a", *common)
+
+
+def test_counterfactual_steps_and_guidance_are_their_own_not_the_runs(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """The tiny run samples with 3 steps at guidance 2; counterfactuals default to DDIM 50 at guidance 3."""
+    slice_file = str(sorted((tiny_dataset / "test" / "AD").iterdir())[0])
+    predict.main(
+        ["--run", str(trained_run), "--out", str(tmp_path / "o"), "--counterfactual", slice_file, "--to", "NC", "--device", "cpu"]
+    )
+    settings = json.loads((tmp_path / "o" / "counterfactuals.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["strength"], settings["sampler"]) == (50, 3.0, 0.3, "ddim")
+
+
+def counterfactual_bad_inputs(tmp_path: Path, tiny_dataset: Path) -> dict[str, tuple[list[str], str]]:
+    slice_file = str(sorted((tiny_dataset / "test" / "AD").iterdir())[0])
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.jpeg").write_bytes(b"\xff\xd8 truncated")
+    return {
+        "text file": (["--counterfactual", str(tmp_path / "notes.txt"), "--to", "AD"], "notes.txt"),
+        "broken image": (["--counterfactual", str(tmp_path / "broken.jpeg"), "--to", "AD"], "pass image slices"),
+        "empty folder": (["--counterfactual", str(tmp_path / "empty"), "--to", "AD"], "holds no images"),
+        "missing path": (["--counterfactual", str(tmp_path / "nowhere"), "--to", "AD"], "not found"),
+        "--to MCI": (["--counterfactual", slice_file, "--to", "MCI"], "--to 'MCI': use AD (or 0) or NC (or 1)"),
+        "--to both": (["--counterfactual", slice_file, "--to", "both"], "--to 'both'"),
+        "--from CN": (["--counterfactual", slice_file, "--to", "AD", "--from", "CN"], "--from 'CN'"),
+        "no --to": (["--counterfactual", slice_file], "needs --to AD or --to NC"),
+        "strength 0": (
+            ["--counterfactual", slice_file, "--to", "AD", "--strength", "0"],
+            "--strength 0.0: use a number in (0, 1]",
+        ),
+        "strength 1.5": (["--counterfactual", slice_file, "--to", "AD", "--strength", "1.5"], "(0, 1]"),
+        "strength nan": (["--counterfactual", slice_file, "--to", "AD", "--strength", "nan"], "(0, 1]"),
+        "--to alone": (["--label", "AD", "--to", "NC"], "--to only apply with --counterfactual"),
+        "options alone": (["--label", "AD", "--strength", "0.5", "--method", "sdedit"], "--strength, --method only apply"),
+        "with --label": (["--counterfactual", slice_file, "--to", "AD", "--label", "AD"], "--label do not apply"),
+        "with --sampler": (["--counterfactual", slice_file, "--to", "AD", "--sampler", "ddpm"], "drop --sampler and --eta"),
+        "bad method": (["--counterfactual", slice_file, "--to", "AD", "--method", "magic"], "invalid choice"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["text file", "broken image", "empty folder", "missing path", "--to MCI", "--to both", "--from CN", "no --to", "strength 0"]
+    + ["strength 1.5", "strength nan", "--to alone", "options alone", "with --label", "with --sampler", "bad method"],
+)
+def test_counterfactual_bad_input_one_line_exit_2(
+    trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys, case: str
+) -> None:
+    argv, message = counterfactual_bad_inputs(tmp_path, tiny_dataset)[case]
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--run", str(trained_run), "--out", str(tmp_path / "o"), "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

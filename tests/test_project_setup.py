@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,6 +133,67 @@ def test_demo_ad_differs_from_nc_in_anatomy_not_brightness(tmp_path: Path) -> No
     assert dataset.cohens_d(dark["AD"], dark["NC"]) > 0.8, "AD scans should show more CSF (atrophy)"
     assert abs(dataset.cohens_d(brightness["AD"], brightness["NC"])) < 0.1
     assert abs(brightness["AD"].mean() - brightness["NC"].mean()) < 1.0  # 8-bit grey levels
+
+
+# ----------------------------------------------------------------------------- the true counterfactuals
+
+
+# sha256 of the first demo scan's pixels (8 scans, seed 0), measured before render_scan took a severity:
+# the demo's data is what it was. A deliberate change to the demo updates it in a commit that says why.
+FIRST_SCAN_PIXELS = "0a48c535c84b3148df8f8dfdb68412d9ee601d222c712320cf7af93fc3b4081b"
+
+
+def test_a_scan_at_another_severity_differs_only_by_the_atrophy() -> None:
+    atlas = project_setup.load_atlas()
+    scan = project_setup.plan_demo(TINY_SCANS, 0)[0]
+    first_slice, drawn = project_setup.render_scan(atlas, scan, 0)
+    assert hashlib.sha256(drawn.tobytes()).hexdigest() == FIRST_SCAN_PIXELS
+    # The severity is the scan's first anatomy draw; giving it back reproduces the scan exactly.
+    severity = np.random.default_rng([0, scan.index, 1]).uniform(*project_setup.SEVERITY_RANGES[scan.class_name])
+    assert np.array_equal(project_setup.render_scan(atlas, scan, 0, severity)[1], drawn)
+    renders = {name: project_setup.render_scan(atlas, scan, 0, value) for name, value in project_setup.TYPICAL_SEVERITY.items()}
+    assert renders["AD"][0] == renders["NC"][0] == first_slice  # the same slice window
+    dark = {
+        name: np.mean([dataset.csf_dark_share(dataset.brain_pixels(pixels)) for pixels in slices])
+        for name, (_, slices) in renders.items()
+    }
+    assert dark["AD"] > dark["NC"] + 0.01, dark
+    # Without atrophy fields the two severities give the same bytes: pose, warp, scanner and noise
+    # draws are the same, and the severity acts through the atrophy alone.
+    no_atrophy = dataclasses.replace(
+        atlas,
+        thinning=np.zeros_like(atlas.thinning),
+        ventricle_push=np.zeros_like(atlas.ventricle_push),
+        hippocampus_push=np.zeros_like(atlas.hippocampus_push),
+    )
+    mild, severe = (project_setup.render_scan(no_atrophy, scan, 0, value)[1] for value in (0.0, 1.0))
+    assert np.array_equal(mild, severe)
+    assert not np.array_equal(renders["AD"][1], renders["NC"][1])
+
+
+def test_demo_pairs_render_each_test_scan_at_both_severities(copy_of_demo: Path, run_setup) -> None:
+    before = file_hashes(copy_of_demo)
+    code, out, _ = run_setup("--demo-pairs", "--scans", TINY_SCANS, "--data-dir", copy_of_demo)
+    assert code == 0 and "built the pairs: 80 slices" in out
+    pairs = copy_of_demo.parent / "pairs"
+    assert file_hashes(copy_of_demo) == before, "the demo changed"
+    test_slices = sorted(path.name for path in copy_of_demo.glob("test/*/*.jpeg"))
+    for class_name in CLASS_NAMES:
+        assert sorted(path.name for path in (pairs / class_name).iterdir()) == test_slices
+    manifest = json.loads((pairs / "pairs.json").read_text())
+    assert manifest["seed"] == 0 and manifest["scans"] == TINY_SCANS and manifest["severity"] == {"AD": 0.65, "NC": 0.15}
+    assert sorted(scan["scan_id"] for scan in manifest["test_scans"]) == sorted({name.split("_")[0] for name in test_slices})
+    built = file_hashes(pairs)
+    code, out, _ = run_setup("--demo-pairs", "--scans", TINY_SCANS, "--data-dir", copy_of_demo)
+    assert code == 0 and "already holds the pairs" in out and file_hashes(pairs) == built
+
+
+def test_demo_pairs_of_another_build_are_refused(copy_of_demo: Path, run_setup) -> None:
+    code, _, err = run_setup("--demo-pairs", "--scans", TINY_SCANS, "--seed", 1, "--data-dir", copy_of_demo)
+    assert_one_line_error(
+        code, err, f"is not the demo of --scans {TINY_SCANS} --seed 1", "pass the --scans and --seed it was built with"
+    )
+    assert not (copy_of_demo.parent / "pairs").exists()
 
 
 # ----------------------------------------------------------------------------- the report
