@@ -3,7 +3,7 @@
 #
 #   bash tests/mutate.sh modules   # scheduler, samplers, loss, conditions, EMA  <- tests/test_modules.py (~2 min on 2 cores)
 #   bash tests/mutate.sh train     # epoch loop, optimizer, checkpoints  <- test_train.py, test_checkpoints.py, test_run_integrity.py (~20 min)
-#   bash tests/mutate.sh library   # pipeline, metrics, classifier, dataset splits/transform/cache, config checks
+#   bash tests/mutate.sh library   # pipeline, metrics, classifier, dataset splits/transform/cache, config checks (~20 min)
 #                                  #   <- their own test files, without the golden test (docs/testing.md)
 #
 # It works on a copy in a temporary folder, never on this tree. mutmut 3 skips decorated functions, so the
