@@ -1236,13 +1236,13 @@ def unet_history(run_dir: Path) -> dict[int, dict]:
 def over_training(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, args: argparse.Namespace) -> dict:
     """The sweep's figures (sweep_row) at each kept UNet epoch, sampled alike, with the training images
     seen and the stage's wall-clock seconds (history.jsonl) up to that epoch: quality against training time."""
-    history = unet_history(pipe.run_dir)
-    if len(training_points(pipe)) < 2:
+    history, points = unet_history(pipe.run_dir), training_points(pipe)
+    if len(points) < 2:
         raise UsageError(
             f"{pipe.run_dir} kept no UNet snapshots: train it with --run.keep_every K (e.g. 2) to measure over training"
         )
     rows = []
-    for epoch, path in training_points(pipe):
+    for epoch, path in points:
         print(f"UNet epoch {epoch} ({path.name})")
         at_epoch = load_run(pipe.run_dir, pipe.runtime, path)
         seconds = sum(entry["seconds"]["total"] for done, entry in history.items() if done <= epoch and "seconds" in entry)
