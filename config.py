@@ -92,6 +92,9 @@ class UNetConfig:
     num_classes: int = len(CLASS_NAMES)
     slice_conditioning: bool = False
     dropout: float = 0.0
+    # Latent pixels per UNet position along each side (DiT's patch size): with 2 the UNet works on a 2x2-patched
+    # grid, so an f = 2 VAE's 32x32 latents cost about what f = 4's 16x16 do (docs/training.md, issue 21).
+    patch_size: int = 1
 
 
 @dataclass
@@ -351,6 +354,7 @@ ADDED_FIELDS = {
     ("unet_train", "betas"): (0.9, 0.999),
     ("run", "tensorboard"): False,
     ("run", "sampler"): "ddim",
+    ("unet", "patch_size"): 1,
 }
 
 
@@ -511,7 +515,7 @@ def _model_rules(vae: VAEConfig, unet: UNetConfig, scheduler: SchedulerConfig) -
         yield key, len(widths) >= 1 and all(w >= 4 for w in widths), "must be widths of at least 4, e.g. 32,64,128"
     for section, name in (
         *(("vae", name) for name in ("in_channels", "latent_channels", "num_res_blocks")),
-        *(("unet", name) for name in ("num_res_blocks", "head_dim", "context_dim", "label_tokens")),
+        *(("unet", name) for name in ("num_res_blocks", "head_dim", "context_dim", "label_tokens", "patch_size")),
         ("vae", "discriminator_channels"),
     ):
         yield f"{section}.{name}", getattr(vae if section == "vae" else unet, name) >= 1, "must be at least 1"

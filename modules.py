@@ -545,7 +545,11 @@ class UNet(nn.Module):
                 nn.Linear(config.context_dim, config.context_dim), nn.SiLU(), nn.Linear(config.context_dim, config.context_dim)
             )
             self.null_slice = nn.Parameter(torch.zeros(config.context_dim))
-        self.conv_in = nn.Conv2d(latent_channels, widths[0], 3, padding=1)
+        # Patches of patch_size x patch_size latent pixels become one position (as DiT's patch embedding),
+        # and the output layer unfolds them again; with 1 both are the identity.
+        patch_channels = latent_channels * config.patch_size**2
+        self.patchify, self.unpatchify = nn.PixelUnshuffle(config.patch_size), nn.PixelShuffle(config.patch_size)
+        self.conv_in = nn.Conv2d(patch_channels, widths[0], 3, padding=1)
 
         def level_block(in_width: int, out_width: int, attention: bool) -> nn.ModuleList:
             block = nn.ModuleList([ResBlock(in_width, out_width, time_dim, config.dropout)])
@@ -580,7 +584,7 @@ class UNet(nn.Module):
                 previous = width
             if level > 0:
                 self.upsamples.append(Upsample(width))
-        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, latent_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, patch_channels, 3, padding=1)))
 
     def context(self, conditions: Conditions) -> torch.Tensor:
         """Context tokens (B, label_tokens [+ 1 slice token], context_dim); an absent label gets the
@@ -606,7 +610,7 @@ class UNet(nn.Module):
             h = block[0](h, time_embedding)
             return block[1](h, context) if len(block) > 1 else h
 
-        h = self.conv_in(x)
+        h = self.conv_in(self.patchify(x))
         skips = [h]
         blocks = iter(self.down_blocks)
         for level in range(len(self.config.channels)):
@@ -626,7 +630,7 @@ class UNet(nn.Module):
                 h = run(next(blocks), torch.cat([h, skips.pop()], dim=1))
             if level < len(self.config.channels) - 1:
                 h = self.upsamples[level](h, size=skips[-1].shape[-2:])
-        prediction = self.out(h)
+        prediction = self.unpatchify(self.out(h))
         return (prediction, features.flatten(1)) if return_features else prediction
 
 

@@ -272,7 +272,7 @@ def validate(config: Config) -> None:
         raise UsageError(
             f"--data.image_size {side} does not survive the VAE's {config.vae.downsample_factor}x "
             "downsampling and the UNet's levels: choose a multiple of "
-            f"{config.vae.downsample_factor * 2 ** (len(config.unet.channels) - 1)}"
+            f"{config.vae.downsample_factor * config.unet.patch_size * 2 ** (len(config.unet.channels) - 1)}"
         )
 
 

@@ -161,6 +161,22 @@ def test_unet_any_latent_size(side):
     assert features.shape[0] == 2 and features.ndim == 2
 
 
+def test_unet_patch_size_works_on_a_grid_of_patches():
+    """patch_size 2: a 32x32 latent enters as a 16x16 grid of 2x2 patches (the bottleneck of a 16x16 latent
+    without patches) and leaves at 32x32, each of a patch's four pixels predicted on its own."""
+    patched = randomise_zero_inits(UNet(UNetConfig(**{**TINY_UNET.__dict__, "patch_size": 2}), 4)).eval()
+    t, conditions = torch.tensor([0, 999]), Conditions(torch.tensor([0, 1]))
+    x = torch.randn(2, 4, 32, 32)
+    out, features = patched(x, t, conditions, return_features=True)
+    _, unpatched_features = UNet(TINY_UNET, 4)(torch.randn(2, 4, 16, 16), t, conditions, return_features=True)
+    assert out.shape == x.shape and features.shape == unpatched_features.shape
+    assert patched.conv_in.in_channels == 16 and torch.equal(patched.unpatchify(patched.patchify(x)), x)
+    assert not torch.allclose(out[..., 0::2, 0::2], out[..., 1::2, 1::2], atol=1e-4), "one value per patch"
+    moved = x.clone()
+    moved[..., 0, 0] += 1.0  # a pixel of the first patch: its patch's prediction changes
+    assert not torch.allclose(patched(moved, t, conditions)[..., :2, :2], out[..., :2, :2], atol=1e-5)
+
+
 def test_unet_output_zero_initialised_and_not_squashed():
     unet = UNet(TINY_UNET, 4)
     assert not any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in unet.modules())
