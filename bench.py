@@ -456,8 +456,8 @@ def import_diffusers() -> types.ModuleType:
 
 class DiffusersUNet(nn.Module):
     """diffusers' UNet2DConditionModel behind our UNet's call signature: the label becomes label_tokens
-    context tokens from an embedding with an extra "no label" row, exactly as our UNet conditions itself.
-    It has no slice-position token."""
+    context tokens from an embedding with an extra "no label" row, exactly as our UNet conditions itself,
+    and it works on the same grid of patch_size x patch_size latent patches. It has no slice-position token."""
 
     def __init__(self, unet: nn.Module, config: UNetConfig):
         super().__init__()
@@ -465,19 +465,20 @@ class DiffusersUNet(nn.Module):
         self.null_label = config.num_classes
         self.tokens = config.label_tokens
         self.label_embedding = nn.Embedding(config.num_classes + 1, config.label_tokens * config.context_dim)
+        self.patchify, self.unpatchify = nn.PixelUnshuffle(config.patch_size), nn.PixelShuffle(config.patch_size)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         labels = torch.where(conditions.labels == Conditions.ABSENT, self.null_label, conditions.labels)
         context = self.label_embedding(labels).unflatten(-1, (self.tokens, -1))  # (B, label_tokens, context_dim)
-        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+        return self.unpatchify(self.unet(self.patchify(x), timesteps, encoder_hidden_states=context).sample)
 
 
 def build_peer(diffusers: types.ModuleType, config: UNetConfig, latent_channels: int, latent_side: int) -> DiffusersUNet:
     """UNet2DConditionModel with our widths, depth, attention levels, heads and parameter count."""
     unet = diffusers.UNet2DConditionModel(
-        sample_size=latent_side,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
+        sample_size=latent_side // config.patch_size,
+        in_channels=latent_channels * config.patch_size**2,
+        out_channels=latent_channels * config.patch_size**2,
         block_out_channels=config.channels,
         layers_per_block=config.num_res_blocks,
         down_block_types=tuple("CrossAttnDownBlock2D" if attention else "DownBlock2D" for attention in config.attention_levels),

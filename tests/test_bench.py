@@ -145,10 +145,11 @@ def test_bad_arguments_exit_2(argument: str, tmp_path: Path) -> None:
 
 
 @needs_diffusers
-@pytest.mark.parametrize("preset", ["demo", "tiny"])
-def test_peer_matches_our_unet(preset: str) -> None:
+@pytest.mark.parametrize("preset, patch_size", [("demo", 1), ("tiny", 1), ("demo", 2)])
+def test_peer_matches_our_unet(preset: str, patch_size: int) -> None:
     """Same parameter count, the same output shape, and a head width equal to ours at every attention."""
     config = bench.bench_config(bench.parse_args(["--preset", preset]))
+    config.unet.patch_size = patch_size
     side = config.data.image_size // config.vae.downsample_factor
     peer = bench.build_peer(bench.import_diffusers(), config.unet, config.vae.latent_channels, side)
     assert bench.count_parameters(peer) == bench.count_parameters(build_unet(config))
