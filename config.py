@@ -213,6 +213,10 @@ def _demo() -> Config:
         data=DataConfig(data_dir=DEMO_DATA_DIR, image_size=64),
         vae=VAEConfig(channels=(16, 32, 64), num_res_blocks=1),
         unet=UNetConfig(channels=(32, 64, 128), num_res_blocks=1, attention_levels=(False, True, True), context_dim=128),
+        # min-SNR γ = 5 (Hang et al. 2023), measured by `evaluate.py --over-training` (200 per label) after the
+        # same 45,312 training images: Fréchet / floor 10.3 against 15.7 unweighted, conditioning accuracy 0.875
+        # against 0.833, precision 0.53 / 0.51, coverage 0.16 / 0.15 (docs/training.md, "Issue 21").
+        scheduler=SchedulerConfig(min_snr_gamma=5.0),
         vae_train=StageConfig(epochs=4, batch_size=16, lr=1e-3, warmup_steps=100),
         unet_train=UNetTrainConfig(epochs=12, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
         run=RunConfig(sample_every=6, grid_samples=16),
@@ -226,6 +230,7 @@ def _tiny() -> Config:
     config.data.image_size, config.data.cache_dir = 32, None
     config.vae = VAEConfig(channels=(8, 16, 16), num_res_blocks=1)
     config.unet = UNetConfig(channels=(16, 32), num_res_blocks=1, attention_levels=(False, True), head_dim=8, context_dim=16)
+    config.scheduler = SchedulerConfig()  # the plain loss, whose value tests can work out by hand
     for stage in (config.vae_train, config.unet_train):
         stage.epochs, stage.batch_size, stage.warmup_steps = 2, 8, 2
     # A checkpoint every epoch, so tests can stop a run after any epoch and resume it.

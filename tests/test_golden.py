@@ -71,6 +71,8 @@ GOLDEN_CONFIG = [
     "true",
     "--unet.label_tokens",  # one label token, as when the record was made, whatever the demo preset says
     "1",
+    "--scheduler.min_snr_gamma",  # the plain loss, as when the record was made (the demo preset weights it since)
+    "0",
     "--vae_train.epochs",
     "2",
     "--vae_train.batch_size",

@@ -238,7 +238,7 @@ def test_presets_are_consistent():
     for name in ("demo", "adni", "tiny"):
         config = make_config(name)
         assert len(config.unet.attention_levels) == len(config.unet.channels)
-        assert config.scheduler == SchedulerConfig()
+        assert config.scheduler == SchedulerConfig(min_snr_gamma=5.0 if name == "demo" else 0.0)
     assert make_config("demo").vae.downsample_factor == 4
     assert make_config("adni").vae.downsample_factor == 8
 
