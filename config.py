@@ -93,7 +93,8 @@ class UNetConfig:
     slice_conditioning: bool = False
     dropout: float = 0.0
     # Latent pixels per UNet position along each side (DiT's patch size): with 2 the UNet works on a 2x2-patched
-    # grid, so an f = 2 VAE's 32x32 latents cost about what f = 4's 16x16 do (docs/training.md, issue 21).
+    # grid, so an f = 2 VAE's 32x32 latents cost what f = 4's 16x16 do. Measured on the demo (docs/training.md,
+    # issue 21): the second-lowest Fréchet distance of nine recipes, but blotchy samples, so no preset uses it.
     patch_size: int = 1
 
 
@@ -359,7 +360,6 @@ ADDED_FIELDS = {
     ("unet_train", "betas"): (0.9, 0.999),
     ("run", "tensorboard"): False,
     ("run", "sampler"): "ddim",
-    ("unet", "patch_size"): 1,
 }
 
 
