@@ -137,6 +137,8 @@ SAMPLER_SWEEP_FILES = ("sampler_sweep.json", "sampler_sweep.md", "sampler_sweep.
 OVER_TRAINING_FILES = ("over_training.json", "over_training.md", "over_training.png")
 COUNTERFACTUAL_FILES = ("counterfactuals.json", "counterfactuals.md", "counterfactuals.png")
 DEFAULT_PAIRS = Path(DEMO_DATA_DIR).parent / PAIRS_FOLDER
+COUNTERFACTUAL_STRENGTHS = (0.2, 0.3, 0.4, 0.5, 0.6)  # --strengths' default sweep
+PAIR_SLICES = 90  # --pair-slices' default: one slice of every demo test scan
 GROUPS = ((None, "all"), *enumerate(CLASS_NAMES))  # every figure is reported for all images and per label
 
 
@@ -1417,9 +1419,11 @@ def add_counterfactual_arguments(parser: ArgumentParser) -> None:
     group.add_argument(
         "--pairs", type=Path, help=f"the pairs folder (default {DEFAULT_PAIRS}, from project_setup.py --demo-pairs)"
     )
-    group.add_argument("--strengths", type=parse_strengths, help="strength sweep (default 0.2,0.3,0.4,0.5,0.6)")
     group.add_argument(
-        "--pair-slices", type=int, help="pair slices per direction, one per scan (default 90: every demo test scan)"
+        "--strengths", type=parse_strengths, help=f"strength sweep (default {','.join(map(str, COUNTERFACTUAL_STRENGTHS))})"
+    )
+    group.add_argument(
+        "--pair-slices", type=int, help=f"pair slices per direction, one per scan (default {PAIR_SLICES}: every demo test scan)"
     )
 
 
@@ -1437,10 +1441,10 @@ def check_counterfactual_arguments(args: argparse.Namespace) -> None:
             "run it without --guidance-sweep, --sampler-sweep, --over-training and --umap"
         )
     args.pairs = args.pairs or DEFAULT_PAIRS
-    args.strengths = args.strengths or [0.2, 0.3, 0.4, 0.5, 0.6]
+    args.strengths = args.strengths or list(COUNTERFACTUAL_STRENGTHS)
     args.guidance = COUNTERFACTUAL_GUIDANCE if args.guidance is None else args.guidance
     args.steps = args.steps or COUNTERFACTUAL_STEPS
-    args.pair_slices = 90 if args.pair_slices is None else args.pair_slices
+    args.pair_slices = PAIR_SLICES if args.pair_slices is None else args.pair_slices
     if args.pair_slices < 2:
         raise UsageError(f"--pair-slices must be at least 2 (a correlation across scans needs two), got {args.pair_slices}")
     check_pairs_folder(args.pairs)
