@@ -140,13 +140,14 @@ SAMPLING_ONLY = {"--label": "label", "--sequence": "sequence", "--real": "real",
 
 
 def parse_diagnosis(text: str, option: str) -> int:
-    """`AD`/`0` or `NC`/`1` (any case) → label."""
-    key = text.strip().upper()
-    if key in CLASS_NAMES:
-        return CLASS_NAMES.index(key)
-    if key in ("0", "1"):
-        return int(key)
-    raise UsageError(f"{option} {text!r}: use AD (or 0) or NC (or 1)")
+    """`AD`/`0` or `NC`/`1` (any case) → label: parse_label's one-label answers."""
+    try:
+        labels = parse_label(text)
+    except UsageError:
+        labels = []
+    if len(labels) != 1:
+        raise UsageError(f"{option} {text!r}: use AD (or 0) or NC (or 1)")
+    return labels[0]
 
 
 def check_counterfactual_arguments(args) -> None:
