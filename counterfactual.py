@@ -40,8 +40,7 @@ from dataset import (
     IMAGE_SUFFIXES,
     UnreadableImageError,
     brain_mask,
-    brain_pixels,
-    csf_dark_share,
+    csf_dark_shares,
     parse_image_name,
     prepare_image,
     read_image,
@@ -243,11 +242,6 @@ def slice_index_from_path(path: Path) -> int | None:
 # ============================================================================ measuring
 
 
-def csf_shares(pixels: np.ndarray) -> np.ndarray:
-    """CSF-dark share of each uint8 slice's brain pixels (N,) (dataset.csf_dark_share; NaN without brain)."""
-    return np.array([csf_dark_share(brain_pixels(image)) for image in pixels])
-
-
 def difference_maps(after: np.ndarray, before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed differences after − before of uint8 slices (N, S, S) in grey levels (float32), zero
     outside the brain, and that brain mask (bool, brain in either slice)."""
@@ -308,7 +302,7 @@ def score(
     through the VAE, which a perfect edit of the latent would decode to."""
     true, brain = difference_maps(truth, source)
     brain = brain | brain_mask(reconstruction) | brain_mask(counterfactual)
-    true_change = csf_shares(truth) - csf_shares(source)
+    true_change = csf_dark_shares(truth) - csf_dark_shares(source)
     scores = edit_scores(source, truth, reconstruction, counterfactual, brain, true, true_change)
     ceiling = edit_scores(source, truth, reconstruction, truth_reconstruction, brain, true, true_change)
     outside = brain & ~atrophy_prone(true)
@@ -340,7 +334,7 @@ def edit_scores(
     """What `score` measures of one set of decoded edits (N, S, S) uint8 against the truth: the
     difference map (edited − reconstruction) against the true one (`true`) inside `brain`, the change
     of the CSF-dark share against `true_change`, and the distance to the truth against the reconstruction's."""
-    change = csf_shares(edited) - csf_shares(reconstruction)
+    change = csf_dark_shares(edited) - csf_dark_shares(reconstruction)
     distance = rms_inside(edited, truth, brain)
     return {
         "localisation_median": finite_median(masked_correlations(difference_maps(edited, reconstruction)[0], true, brain)),

@@ -256,6 +256,11 @@ def csf_dark_share(brain: np.ndarray) -> float:
     return float(np.mean(brain < DARK_FRACTION * np.median(brain)))
 
 
+def csf_dark_shares(pixels: np.ndarray) -> np.ndarray:
+    """csf_dark_share of each uint8 slice's brain pixels (N, H, W) → (N,); NaN for a slice without brain."""
+    return np.array([csf_dark_share(brain_pixels(image)) for image in pixels])
+
+
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     """Difference of means in units of the pooled standard deviation; NaN when that is zero (every
     value of each group the same: `zero_spread`), where the ratio means nothing."""

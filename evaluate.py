@@ -76,9 +76,8 @@ from counterfactual import markdown_report as counterfactual_report
 from counterfactual import sweep as counterfactual_sweep
 from dataset import (
     SliceDataset,
-    brain_pixels,
     cohens_d,
-    csf_dark_share,
+    csf_dark_shares,
     load_split_datasets,
     load_splits,
     to_model_range,
@@ -296,7 +295,7 @@ def memorisation(generated: ImageSet, real_sample: ImageSet) -> dict:
 
 def csf_shares(images: ImageSet) -> list[np.ndarray]:
     """CSF-dark share of each image's brain pixels, per label (images without brain left out)."""
-    shares = np.array([csf_dark_share(brain_pixels(image)) for image in images.pixels.numpy()])
+    shares = csf_dark_shares(images.pixels.numpy())
     return [shares[(images.labels == label) & np.isfinite(shares)] for label in range(len(CLASS_NAMES))]
 
 

@@ -33,7 +33,6 @@ from counterfactual import (
     INVERSION_ITERATIONS,
     METHODS,
     check_strength,
-    csf_shares,
     difference_colours,
     difference_maps,
     label_from_path,
@@ -45,7 +44,7 @@ from counterfactual import (
     slice_positions,
 )
 from counterfactual import Settings as CounterfactualSettings
-from dataset import UnreadableImageError, index_dataset, prepare_image, read_image, to_model_range
+from dataset import UnreadableImageError, csf_dark_shares, index_dataset, prepare_image, read_image, to_model_range
 from modules import SAMPLERS, compile_model
 from pipeline import (
     Pipeline,
@@ -448,7 +447,7 @@ def save_counterfactual_slices(
     files: list[Path], images: dict[str, np.ndarray], sources: list[int | None], args, out: Path
 ) -> list[dict]:
     """Each slice's four images (kind → uint8 (N, S, S), the difference (N, S, S, 3)) and its record."""
-    shares = {kind: csf_shares(images[kind]) for kind in COUNTERFACTUAL_KINDS[:3]}
+    shares = {kind: csf_dark_shares(images[kind]) for kind in COUNTERFACTUAL_KINDS[:3]}
     records = []
     for index, (path, outputs) in enumerate(zip(files, slice_outputs(files, out))):
         for kind, target in outputs.items():
@@ -512,7 +511,7 @@ def write_counterfactuals(pipe: Pipeline, files: list[Path], originals: list[np.
             "slices": records,
         },
     )
-    before, after = (float(np.nanmean(csf_shares(images[kind]))) for kind in ("reconstruction", "counterfactual"))
+    before, after = (float(np.nanmean(csf_dark_shares(images[kind]))) for kind in ("reconstruction", "counterfactual"))
     print(
         f"CSF-dark share, mean over slices: {before:.4f} (reconstructions) → {after:.4f} (counterfactuals) in {seconds:.1f} s → {out}"
     )
