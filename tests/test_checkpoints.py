@@ -357,7 +357,7 @@ def test_damaged_and_foreign_checkpoints_name_exactly_what_is_wrong(tmp_path: Pa
     other.vae.channels, other.vae.num_res_blocks, other.vae.kl_weight, other.vae.ssim_weight = (8, 8, 16), 2, 0.5, 0.5
     with pytest.raises(UsageError) as error:
         pipeline.load_stage_checkpoint(path, "vae", other, device)
-    assert "(vae.channels: (16, 32, 64) → (8, 8, 16); vae.num_res_blocks: 1 → 2; vae.kl_weight: 1e-06 → 0.5)" in str(error.value)
+    assert "(vae.channels: (16, 32) → (8, 8, 16); vae.num_res_blocks: 1 → 2; vae.kl_weight: 1e-06 → 0.5)" in str(error.value)
     # A weight that does not fit names the checkpoint, also through restore_stage.
     save_checkpoint({**state, "model": {**state["model"], "bias": torch.zeros(7)}}, path)
     optimizer, schedule = train.make_optimizer(model, config.vae_train, 3)

@@ -57,6 +57,10 @@ GOLDEN_CONFIG = [
     "8,16,16",
     "--vae.num_res_blocks",
     "1",
+    "--vae.middle_attention",  # the VAE as when the record was made (the demo preset's f = 2 VAE has none since)
+    "true",
+    "--vae.fourier_weight",
+    "0",
     "--unet.channels",
     "16,32",
     "--unet.attention_levels",

@@ -239,12 +239,12 @@ def test_presets_are_consistent():
         config = make_config(name)
         assert len(config.unet.attention_levels) == len(config.unet.channels)
         assert config.scheduler == SchedulerConfig(min_snr_gamma=5.0 if name == "demo" else 0.0)
-    assert make_config("demo").vae.downsample_factor == 4
+    assert make_config("demo").vae.downsample_factor == 2
     assert make_config("adni").vae.downsample_factor == 8
 
 
 @pytest.mark.parametrize(
-    "name, vae_parameters, unet_parameters", [("demo", 680_857, 3_909_220), ("adni", 15_477_321, 37_283_588)]
+    "name, vae_parameters, unet_parameters", [("demo", 158_713, 3_861_012), ("adni", 15_477_321, 37_283_588)]
 )
 def test_preset_parameter_counts_match_the_readme(name, vae_parameters, unet_parameters):
     """The README's Model section quotes these counts (with 4 label tokens); a size change must be deliberate."""
