@@ -95,6 +95,8 @@ GOLDEN_CONFIG = [
     "2",
     "--run.sample_steps",
     "3",
+    "--run.guidance_scale",  # as when the record was made (the demo preset guides at 1.5 since)
+    "2",
     "--run.log_every",
     "2",
     "--run.seed",
