@@ -208,7 +208,7 @@ def _adni() -> Config:
 
 
 def _demo() -> Config:
-    """64 px, f = 2 → 32x32 latents: trains in about ten minutes on 2 CPU cores."""
+    """64 px, f = 2 → 32x32 latents: trains in 10-18 minutes on 2 CPU cores, by the machine (docs/training.md)."""
     return Config(
         preset="demo",
         data=DataConfig(data_dir=DEMO_DATA_DIR, image_size=64),
@@ -217,8 +217,9 @@ def _demo() -> Config:
         # channels at most 0.62); without the middle attention over its 1,024 latent positions it is nearly
         # as sharp and cheaper (docs/training.md, "Issue 21"). 3 epochs: the 4th added nothing (0.84).
         vae=VAEConfig(channels=(16, 32), num_res_blocks=1, middle_attention=False, fourier_weight=1.0),
-        # The f = 4 UNet with a thin 16-channel level in front for the 32x32 latents: a timed training step
-        # ran at 80 images/s against 84 (a 32-channel level costs 2.3x). Measured by `evaluate.py
+        # The f = 4 UNet with a thin 16-channel level in front for the 32x32 latents: bench.py's training step
+        # ran at 62 images/s against the f = 4 UNet's 89 (a 32-channel level costs 2.6x), which the cheaper f = 2
+        # VAE pays for: Quickstart 1,061 s against the f = 4 recipe's 1,119 s, one machine. Measured by `evaluate.py
         # --over-training` (200 per label) after the same 45,312 training images against the f = 4 recipe:
         # Fréchet / floor 8.7 against 10.3, precision 0.66 / 0.53, coverage 0.23 / 0.16, samples' energy
         # above 1/4 cycle/px 0.60 / 0.26, conditioning accuracy 0.873 / 0.875 (docs/training.md, "Issue 21").
