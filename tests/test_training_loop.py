@@ -141,12 +141,13 @@ def test_minute_cadence_checkpoint_mid_stage_resumes_bit_identical(
         mine, theirs = load_checkpoint(resumed / name), load_checkpoint(straight / name)
         for key in ("model", "optimizer", "lr_schedule", "step", "epoch") + (("ema",) if name == "unet.pt" else ()):
             assert_same(mine[key], theirs[key], f"{name} {key}")
-    # The resumed stage prints where its time went; its one epoch record accounts for most of it.
+    # The resumed stage prints where its time went, its one epoch record included. Not "most of it": how
+    # long loading and the run's setup take beside a tiny epoch depends on the machine (0.64 of 1.3 s on one).
     (line,) = [line for line in out.splitlines() if line.startswith("unet time ")]
     printed_total = float(line.split()[2])
     last = json.loads((resumed / "history.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 3 and last["seconds"]["latent_encoding"] > 0
-    assert 0.5 * printed_total <= last["seconds"]["total"] <= printed_total + 0.05
+    assert 0 < last["seconds"]["total"] <= printed_total + 0.05
 
 
 def test_sigterm_stops_cleanly_after_the_epoch_with_a_checkpoint(tiny_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
