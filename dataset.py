@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile
+from scipy import ndimage
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -259,6 +260,30 @@ def csf_dark_share(brain: np.ndarray) -> float:
 def csf_dark_shares(pixels: np.ndarray) -> np.ndarray:
     """csf_dark_share of each uint8 slice's brain pixels (N, H, W) → (N,); NaN for a slice without brain."""
     return np.array([csf_dark_share(brain_pixels(image)) for image in pixels])
+
+
+# Where the CSF is: the brain's outer band (cortex and sulci, which thin and widen in AD) and the deep brain
+# inside it (the ventricles, which grow). A model can learn one of the two without the other.
+CSF_REGIONS = ("cortex_band", "deep")
+CORTEX_BAND = 5 / 64  # the outer band's depth as a share of the image width: 5 px at 64 px, 15 at 192
+
+
+def csf_dark_shares_by_region(pixels: np.ndarray) -> np.ndarray:
+    """CSF-dark share of each uint8 slice (N, H, W) in each of CSF_REGIONS → (N, 2): brain pixels within
+    CORTEX_BAND of the (hole-filled) brain's edge, then those deeper; dark is relative to the whole
+    brain's median, as csf_dark_share. NaN where a region holds no brain pixel."""
+    shares = np.full((len(pixels), len(CSF_REGIONS)), math.nan)
+    for index, image in enumerate(pixels):
+        brain = brain_mask(image)
+        if not brain.any():
+            continue
+        depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(brain))
+        dark = image < DARK_FRACTION * np.median(image[brain])
+        in_band = depth <= CORTEX_BAND * image.shape[-1]
+        for column, region in enumerate((brain & in_band, brain & ~in_band)):
+            if region.any():
+                shares[index, column] = dark[region].mean()
+    return shares
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:

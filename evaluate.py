@@ -75,9 +75,12 @@ from counterfactual import Settings as CounterfactualSettings
 from counterfactual import markdown_report as counterfactual_report
 from counterfactual import sweep as counterfactual_sweep
 from dataset import (
+    CORTEX_BAND,
+    CSF_REGIONS,
     SliceDataset,
     cohens_d,
     csf_dark_shares,
+    csf_dark_shares_by_region,
     load_split_datasets,
     load_splits,
     to_model_range,
@@ -315,12 +318,29 @@ def anatomy_of(images: ImageSet, seed: int) -> dict:
         report["cohens_d_undefined"] = f"fewer than 2 images with brain pixels in a label ({counts})"
     elif zero_spread(*by_label):
         report["cohens_d_undefined"] = "no spread: every image of each label has the same CSF-dark share"
+    report["by_region"] = anatomy_by_region(images)
     return report
 
 
-def anatomy(generated: ImageSet, real_test: ImageSet, seed: int) -> dict:
-    """The AD-vs-NC anatomy effect of generated beside real test images, and whether its sign agrees."""
+def anatomy_by_region(images: ImageSet) -> dict:
+    """The CSF-dark share's mean by label and Cohen's d (AD − NC) in each of CSF_REGIONS (cortex band,
+    deep brain): where a model puts the disease, beside where the real slices have it."""
+    shares = csf_dark_shares_by_region(images.pixels.numpy())
+    report = {}
+    for region, column in zip(CSF_REGIONS, shares.T):
+        by_label = [column[(images.labels == label) & np.isfinite(column)] for label in range(len(CLASS_NAMES))]
+        means = {f"{name}_mean": float(values.mean()) if len(values) else math.nan for name, values in zip(CLASS_NAMES, by_label)}
+        defined = min(map(len, by_label)) >= 2 and not zero_spread(*by_label)
+        report[region] = means | {"cohens_d_AD_minus_NC": cohens_d(*by_label) if defined else math.nan}
+    return report
+
+
+def anatomy(generated: ImageSet, real_test: ImageSet, seed: int, reconstructed_test: ImageSet | None = None) -> dict:
+    """The AD-vs-NC anatomy effect of generated beside real test images (and, given, their VAE
+    reconstructions: what the decoder keeps of it), and whether the generated effect's sign agrees."""
     report = {"generated": anatomy_of(generated, seed), "real_test": anatomy_of(real_test, seed)}
+    if reconstructed_test is not None:
+        report["reconstructed_test"] = anatomy_of(reconstructed_test, seed)
     d_generated, d_real = (report[name]["cohens_d_AD_minus_NC"] for name in ("generated", "real_test"))
     report["directions_agree"] = (
         None if math.isnan(d_generated) or math.isnan(d_real) else bool(np.sign(d_generated) == np.sign(d_real))
@@ -428,7 +448,8 @@ def save_umap_figure(generated: ImageSet, real: ImageSet, seed: int, path: Path)
 
 
 def save_sweep_figure(sweep: dict, path: Path) -> None:
-    """Conditioning accuracy, anatomy d and fidelity against the guidance scale, with the real references."""
+    """Conditioning accuracy, anatomy d (whole brain, and in the cortex band and the deep brain, each with
+    its real value as a thin line) and fidelity against the guidance scale, with the real references."""
     rows, reference = sweep["scales"], sweep["reference"]
     scales = [row["guidance"] for row in rows]
     figure, axes = new_figure(1, 3, figsize=(14, 4), squeeze=False)
@@ -439,9 +460,14 @@ def save_sweep_figure(sweep: dict, path: Path) -> None:
     accuracy_axis.set_title("conditioning accuracy", fontsize=10)
     d = np.array([row["cohens_d_AD_minus_NC"] for row in rows], dtype=float)
     interval = np.array([row["cohens_d_95ci"] for row in rows], dtype=float)
-    anatomy_axis.errorbar(scales, d, yerr=[d - interval[:, 0], interval[:, 1] - d], fmt="o-", capsize=3, label="generated")
+    anatomy_axis.errorbar(scales, d, yerr=[d - interval[:, 0], interval[:, 1] - d], fmt="o-", capsize=3, label="whole brain")
     anatomy_axis.axhspan(*reference["cohens_d_95ci"], color="grey", alpha=0.2, label="real test (95% CI)")
     anatomy_axis.axhline(reference["cohens_d_AD_minus_NC"], c="grey")
+    for region, style in zip(CSF_REGIONS, ("s--", "^:")):  # where the effect lies, each beside its real value
+        line = anatomy_axis.plot(
+            scales, [row["cohens_d_by_region"][region] for row in rows], style, label=region.replace("_", " ")
+        )
+        anatomy_axis.axhline(reference["cohens_d_by_region"][region], c=line[0].get_color(), ls=style[1:], lw=0.8)
     anatomy_axis.set_title("anatomy: CSF-dark share, Cohen's d (AD − NC)", fontsize=10)
     fidelity_axis.plot(scales, [row["frechet_distance"] for row in rows], "o-", label="Fréchet distance")
     fidelity_axis.axhline(reference["frechet_floor"], ls="--", c="grey", label="Fréchet floor")
@@ -615,6 +641,11 @@ def markdown_report(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def image_sets(csf: dict) -> list[str]:
+    """The image sets an anatomy report holds, in table order (reconstructions only in newer reports)."""
+    return [name for name in ("generated", "real_test", "reconstructed_test") if name in csf]
+
+
 def anatomy_section(csf: dict) -> list[str]:
     """The CSF-dark share by label and Cohen's d, generated beside real test images."""
     lines = [
@@ -624,7 +655,7 @@ def anatomy_section(csf: dict) -> list[str]:
         "| images | AD mean ± sd | NC mean ± sd | Cohen's d (AD − NC) | 95% CI (bootstrap) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in ("generated", "real_test"):
+    for name in image_sets(csf):
         row = csf[name]
         lines.append(
             f"| {name.replace('_', ' ')} | {number(row['AD_mean'], 3)} ± {number(row['AD_std'], 2)} | "
@@ -632,7 +663,28 @@ def anatomy_section(csf: dict) -> list[str]:
             f"{interval(row['cohens_d_95ci'])} |"
         )
     agree = {True: "yes", False: "**no**", None: "n/a"}[csf["directions_agree"]]
-    return [*lines, "", f"Directions agree: {agree}.{undefined_effects(csf)}"]
+    lines += ["", f"Directions agree: {agree}.{undefined_effects(csf)}", "", *region_table(csf)]
+    return lines
+
+
+def region_table(csf: dict) -> list[str]:
+    """Where the effect lies: the CSF-dark share by label and its Cohen's d in the cortex band and the deep brain."""
+
+    def cell(region: dict) -> str:
+        return f"{number(region['AD_mean'], 3)} / {number(region['NC_mean'], 3)}, d {number(region['cohens_d_AD_minus_NC'], 3)}"
+
+    lines = [
+        f"By region: the brain's outer band ({CORTEX_BAND * 64:g}/64 of the image width deep: cortex and sulci) and the "
+        "deep brain inside it (the ventricles); AD mean / NC mean, Cohen's d (AD − NC).",
+        "",
+        "| images | " + " | ".join(region.replace("_", " ") for region in CSF_REGIONS) + " |",
+        "|---|" + "---:|" * len(CSF_REGIONS),
+    ]
+    for name in image_sets(csf):
+        lines.append(
+            f"| {name.replace('_', ' ')} | " + " | ".join(cell(csf[name]["by_region"][region]) for region in CSF_REGIONS) + " |"
+        )
+    return lines
 
 
 def fidelity_section(groups: dict) -> list[str]:
@@ -786,6 +838,11 @@ def yardstick_section(controls: dict) -> list[str]:
     ]
 
 
+def regions_cell(row: dict) -> str:
+    """A sweep row's Cohen's d in each of CSF_REGIONS, "cortex band / deep"."""
+    return " / ".join(number(row["cohens_d_by_region"][region], 3) for region in CSF_REGIONS)
+
+
 def sweep_report(sweep: dict) -> str:
     reference, settings = sweep["reference"], sweep["settings"]
     lines = [
@@ -799,14 +856,20 @@ def sweep_report(sweep: dict) -> str:
             f"Fréchet floor {number(reference['frechet_floor'], 4)}; PRDC floor {prdc_cell(reference['prdc_floor'])}."
         ),
         "",
-        "| guidance | conditioning accuracy | Cohen's d (AD − NC) | 95% CI | Fréchet distance | precision / recall / density / coverage |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| guidance | conditioning accuracy | Cohen's d (AD − NC) | 95% CI | d in the cortex band / deep brain | Fréchet distance "
+        "| precision / recall / density / coverage |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sweep["scales"]:
         lines.append(
             f"| {number(row['guidance'], 3)} | {number(row['conditioning_accuracy'], 3)} | {number(row['cohens_d_AD_minus_NC'], 3)} | "
-            f"{interval(row['cohens_d_95ci'])} | {number(row['frechet_distance'], 4)} | {prdc_cell(row['prdc'])} |"
+            f"{interval(row['cohens_d_95ci'])} | {regions_cell(row)} | {number(row['frechet_distance'], 4)} | {prdc_cell(row['prdc'])} |"
         )
+    lines.append(
+        f"| real test (floors) | {number(reference['real_test_accuracy'], 3)} | {number(reference['cohens_d_AD_minus_NC'], 3)} | "
+        f"{interval(reference['cohens_d_95ci'])} | {regions_cell(reference)} | {number(reference['frechet_floor'], 4)} | "
+        f"{prdc_cell(reference['prdc_floor'])} |"
+    )
     lines += [
         "",
         (
@@ -1157,7 +1220,7 @@ def full_evaluation(
         "generation_seconds": round(seconds, 3),
         "groups": {name: fidelity(generated, reference, label, args.seed, device) for label, name in GROUPS},
         "sharpness": sharpness(generated, reference, device),
-        "anatomy": anatomy(generated, reference.real_test, args.seed),
+        "anatomy": anatomy(generated, reference.real_test, args.seed, reference.reconstructed_test),
         "tstr": train_on_synthetic(generated, reference.train_sample, reference.real_test, len(reference.train), device),
         "memorisation": memorisation(generated, real_sample),
     }
@@ -1175,6 +1238,7 @@ def sweep_reference(reference: Reference, seed: int) -> dict:
     return {
         "cohens_d_AD_minus_NC": real_anatomy["cohens_d_AD_minus_NC"],
         "cohens_d_95ci": real_anatomy["cohens_d_95ci"],
+        "cohens_d_by_region": {region: row["cohens_d_AD_minus_NC"] for region, row in real_anatomy["by_region"].items()},
         "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
         "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
         "frechet_floor": frechet_distance(floor.features, real_test.features),
@@ -1191,6 +1255,7 @@ def sweep_row(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, 
         "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
         "cohens_d_AD_minus_NC": generated_anatomy["cohens_d_AD_minus_NC"],
         "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
+        "cohens_d_by_region": {region: row["cohens_d_AD_minus_NC"] for region, row in generated_anatomy["by_region"].items()},
         "frechet_distance": frechet_distance(generated.features, reference.real_test.features),
         "prdc": prdc_or_nan(reference.real_test.features, generated.features),
         "spectral_energy": spectral_energy_kept(

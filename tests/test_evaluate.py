@@ -22,7 +22,15 @@ import classifier
 import evaluate
 from config import DataConfig, read_config
 from conftest import SLICES_PER_SCAN, run_train
-from dataset import brain_pixels, csf_dark_share, load_split_datasets, load_splits, to_model_range
+from dataset import (
+    brain_pixels,
+    cohens_d,
+    csf_dark_share,
+    csf_dark_shares_by_region,
+    load_split_datasets,
+    load_splits,
+    to_model_range,
+)
 from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
 from modules import ms_ssim
 
@@ -177,6 +185,7 @@ def test_anatomy_means_cohens_d_interval_and_direction_on_known_shares() -> None
     assert set(report) == {"generated", "real_test", "directions_agree"}
     expected_sd = pytest.approx(np.sqrt(0.005))
     expected_interval = list(cohens_d_interval(np.array([0.2, 0.3]), np.array([0.1, 0.2]), seed=0))
+    assert set(report["generated"].pop("by_region")) == {"cortex_band", "deep"}  # its own test below
     assert report["generated"] == {
         "AD_mean": pytest.approx(0.25),
         "AD_std": expected_sd,
@@ -196,6 +205,40 @@ def test_anatomy_means_cohens_d_interval_and_direction_on_known_shares() -> None
     assert report["directions_agree"] is None
     cleaned = evaluate.without_nan(report)["generated"]
     assert cleaned["cohens_d_AD_minus_NC"] is None and cleaned["cohens_d_95ci"] == [None, None]
+
+
+def brain_disc(dark: str, radius_of_dark: float) -> torch.Tensor:
+    """A 64x64 disc of brain (radius 25, grey 150) dark (40) in its outer 3 px on the left half (`dark` =
+    "band", 3 px inside the 5 px cortex band), or in a central disc of `radius_of_dark` (`dark` = "deep")."""
+    y, x = np.mgrid[:64, :64]
+    radius = np.hypot(y - 31.5, x - 31.5)
+    image = np.where(radius < 25, 150, 0).astype(np.uint8)
+    image[(radius < 25) & ((radius > 22) & (x < 32) if dark == "band" else (radius < radius_of_dark))] = 40
+    return torch.from_numpy(image)
+
+
+def test_anatomy_by_region_puts_dark_pixels_where_they_are() -> None:
+    """CSF in the outer band counts in the cortex band only, CSF in the middle in the deep brain only; the
+    region's d follows its own shares (here AD's deep CSF grows, the cortex band does not change)."""
+    band, deep = brain_disc("band", 0), brain_disc("deep", 6)
+    shares = csf_dark_shares_by_region(torch.stack([band, deep]).numpy())
+    assert shares[0, 0] > 0.2 and shares[0, 1] == 0 and shares[1, 0] == 0 and shares[1, 1] > 0.05
+    assert np.isnan(csf_dark_shares_by_region(np.zeros((1, 64, 64), np.uint8))).all()
+    ad = [brain_disc("deep", radius) for radius in (7, 8, 9)]
+    nc = [brain_disc("deep", radius) for radius in (4, 5, 6)]
+    images = image_set(torch.stack([*ad, *nc, band, band]), [0, 0, 0, 1, 1, 1, 0, 1], [0] * 8, 0)
+    regions = evaluate.anatomy_of(images, seed=0)["by_region"]
+    deep_shares = csf_dark_shares_by_region(torch.stack([*ad, *nc, band]).numpy())[:, 1]
+    ad_deep, nc_deep = np.append(deep_shares[:3], 0.0), np.append(deep_shares[3:6], 0.0)
+    assert regions["deep"]["AD_mean"] == pytest.approx(ad_deep.mean()) and regions["deep"]["NC_mean"] == pytest.approx(
+        nc_deep.mean()
+    )
+    assert (
+        regions["deep"]["cohens_d_AD_minus_NC"] == pytest.approx(cohens_d(ad_deep, nc_deep))
+        and regions["deep"]["cohens_d_AD_minus_NC"] > 0
+    )
+    assert regions["cortex_band"]["AD_mean"] == pytest.approx(regions["cortex_band"]["NC_mean"])
+    assert regions["cortex_band"]["cohens_d_AD_minus_NC"] == pytest.approx(0, abs=1e-9)
 
 
 def test_anatomy_without_spread_or_with_one_image_says_why_d_is_undefined() -> None:
@@ -299,8 +342,10 @@ def test_end_to_end_writes_every_file_and_reuses_the_classifier(run_copy: Path, 
     assert controls["test_accuracy"] == groups["all"]["real_test_accuracy"]
     assert controls["slice_position_only_test_accuracy"] == 0.5  # AD and NC share the slice window 70-73
     assert sum(tercile["images"] for tercile in controls["slice_terciles"]) == metrics["real_test_images"] == 16
-    assert {"generated", "real_test", "directions_agree"} == set(metrics["anatomy"])
+    assert {"generated", "real_test", "reconstructed_test", "directions_agree"} == set(metrics["anatomy"])
     assert metrics["anatomy"]["real_test"]["cohens_d_AD_minus_NC"] is not None
+    assert set(metrics["anatomy"]["reconstructed_test"]["by_region"]) == {"cortex_band", "deep"}
+    assert "| reconstructed test |" in (run_copy / "metrics.md").read_text()
     assert metrics["tstr"]["images"] == {"synthetic": 8, "real": 8, "real_plus_synthetic": 16}
     assert metrics["tstr"]["draws_per_epoch"] == len(load_splits(run_copy / "splits.json")["train"]) * SLICES_PER_SCAN
     assert set(metrics["tstr"]["test_accuracy"]) == {"synthetic", "real", "real_plus_synthetic"}
@@ -399,11 +444,13 @@ def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, c
             "conditioning_accuracy",
             "cohens_d_AD_minus_NC",
             "cohens_d_95ci",
+            "cohens_d_by_region",
             "frechet_distance",
             "prdc",
             "spectral_energy",
             "generation_seconds",
         }
+        assert set(row["cohens_d_by_region"]) == {"cortex_band", "deep"}
     assert sweep["lowest_frechet"] in (1.0, 3.0) and sweep["closest_anatomy"] in (1.0, 3.0) and sweep["recommended"] in (1.0, 3.0)
     assert set(sweep["reference"]) >= {"cohens_d_AD_minus_NC", "frechet_floor", "reconstructed_test_accuracy"}
     assert not (run_copy / "metrics.json").exists()  # a sweep is not the full evaluation
