@@ -521,7 +521,8 @@ class Conditions:
 class UNet(nn.Module):
     """Latent noise predictor conditioned on the timestep (added in every ResBlock) and on context
     tokens (cross-attention): label_tokens learned tokens per label, and as many for "no label", and
-    optionally a slice-position token with a learned "no position" token.
+    optionally a slice-position token with a learned "no position" token. With label_in_resblocks the
+    label's own embedding ("no label" too) is also added to the timestep's, so every ResBlock sees it.
 
     forward(x (B, C_z, h, w), timesteps (B,), conditions) → prediction (B, C_z, h, w)
     [and bottleneck features (B, C * h' * w') with return_features]."""
@@ -540,6 +541,7 @@ class UNet(nn.Module):
         # Each row holds a label's label_tokens context tokens side by side; with one token the layout (and
         # the initialisation's random draws) are those of runs made before there were several.
         self.label_embedding = nn.Embedding(config.num_classes + 1, config.label_tokens * config.context_dim)
+        self.resblock_label_embedding = nn.Embedding(config.num_classes + 1, time_dim) if config.label_in_resblocks else None
         if config.slice_conditioning:
             self.slice_mlp = nn.Sequential(
                 nn.Linear(config.context_dim, config.context_dim), nn.SiLU(), nn.Linear(config.context_dim, config.context_dim)
@@ -586,11 +588,14 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(width))
         self.out = nn.Sequential(group_norm(previous), nn.SiLU(), zero_init(nn.Conv2d(previous, patch_channels, 3, padding=1)))
 
+    def label_rows(self, conditions: Conditions) -> torch.Tensor:
+        """Each item's row (B,) of a label embedding: its label, or the "no label" row where it is absent."""
+        return torch.where(conditions.labels == Conditions.ABSENT, self.null_label, conditions.labels)
+
     def context(self, conditions: Conditions) -> torch.Tensor:
         """Context tokens (B, label_tokens [+ 1 slice token], context_dim); an absent label gets the
         "no label" row's label_tokens tokens."""
-        labels = conditions.labels
-        rows = self.label_embedding(torch.where(labels == Conditions.ABSENT, self.null_label, labels))
+        rows = self.label_embedding(self.label_rows(conditions))
         tokens = rows.unflatten(-1, (self.config.label_tokens, self.config.context_dim))
         if self.config.slice_conditioning:
             position = conditions.slice_position
@@ -604,6 +609,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, conditions: Conditions, return_features: bool = False):
         time_embedding = self.time_mlp(sinusoidal_embedding(timesteps, self.config.channels[0], self.time_frequencies))
+        if self.resblock_label_embedding is not None:
+            time_embedding = time_embedding + self.resblock_label_embedding(self.label_rows(conditions))
         context = self.context(conditions)
 
         def run(block: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:

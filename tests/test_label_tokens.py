@@ -1,5 +1,7 @@
-"""Several learned context tokens per label (unet.label_tokens): why they exist, what the null label
-gets, and that runs saved before the field existed keep their single token."""
+"""How the label reaches the UNet. Several learned context tokens per label (unet.label_tokens): why
+they exist, what the null label gets, and that runs saved before the field existed keep their single
+token. The label in every ResBlock (unet.label_in_resblocks): it reaches the levels without attention,
+and runs saved before it are built and loaded without it."""
 
 from __future__ import annotations
 
@@ -78,3 +80,40 @@ def test_the_state_dict_of_one_token_is_the_old_layout() -> None:
     """An old unet.pt (one token per label) loads into a UNet with label_tokens = 1 unchanged."""
     unet = UNet(dataclasses.replace(SMALL_UNET, label_tokens=1), latent_channels=4)
     assert isinstance(unet.label_embedding, nn.Embedding) and unet.label_embedding.weight.shape == (3, 16)
+
+
+def first_resblock_outputs(label_in_resblocks: bool, labels: list[int]) -> torch.Tensor:
+    """The full-resolution level's first ResBlock output (B, C, h, w) of one noisy latent under each label."""
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(SMALL_UNET, label_in_resblocks=label_in_resblocks), latent_channels=4)
+    with torch.no_grad():
+        for parameter in unet.parameters():  # zero-initialised output convolutions would hide the time embedding
+            parameter.normal_(0, 0.2)
+    outputs = []
+    unet.down_blocks[0][0].register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    x = torch.randn(1, 4, 8, 8).expand(len(labels), -1, -1, -1)
+    unet(x, torch.full((len(labels),), 300), Conditions(torch.tensor(labels)))
+    return outputs[0]
+
+
+def test_label_in_resblocks_reaches_the_level_without_attention() -> None:
+    """SMALL_UNET has no attention at full resolution: there the label is felt only with label_in_resblocks,
+    each label and "no label" (guidance's null condition) differently."""
+    labels = [0, 1, Conditions.ABSENT]
+    without = first_resblock_outputs(False, labels)
+    assert torch.equal(without[0], without[1]) and torch.equal(without[0], without[2])
+    with_label = first_resblock_outputs(True, labels)
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        assert (with_label[first] - with_label[second]).abs().max() > 1e-3
+
+
+def test_runs_saved_before_label_in_resblocks_load_without_it(tmp_path: Path) -> None:
+    """A config.json without the field means no label in the ResBlocks, so its unet.pt loads strictly."""
+    stored = config_to_dict(make_config("demo"))
+    del stored["unet"]["label_in_resblocks"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    config = read_config(tmp_path).unet
+    assert config.label_in_resblocks is False
+    old = UNet(config, latent_channels=4).state_dict()
+    assert not any(key.startswith("resblock_label_embedding") for key in old)
+    UNet(config, latent_channels=4).load_state_dict(old)
