@@ -464,10 +464,10 @@ def save_sweep_figure(sweep: dict, path: Path) -> None:
     anatomy_axis.axhspan(*reference["cohens_d_95ci"], color="grey", alpha=0.2, label="real test (95% CI)")
     anatomy_axis.axhline(reference["cohens_d_AD_minus_NC"], c="grey")
     for region, style in zip(CSF_REGIONS, ("s--", "^:")):  # where the effect lies, each beside its real value
-        line = anatomy_axis.plot(
-            scales, [row["cohens_d_by_region"][region] for row in rows], style, label=region.replace("_", " ")
-        )
-        anatomy_axis.axhline(reference["cohens_d_by_region"][region], c=line[0].get_color(), ls=style[1:], lw=0.8)
+        by_scale = [as_float(row["cohens_d_by_region"][region]) for row in rows]  # NaN where JSON holds null
+        line = anatomy_axis.plot(scales, by_scale, style, label=region.replace("_", " "))
+        real = as_float(reference["cohens_d_by_region"][region])
+        anatomy_axis.axhline(real, c=line[0].get_color(), ls=style[1:], lw=0.8)
     anatomy_axis.set_title("anatomy: CSF-dark share, Cohen's d (AD − NC)", fontsize=10)
     fidelity_axis.plot(scales, [row["frechet_distance"] for row in rows], "o-", label="Fréchet distance")
     fidelity_axis.axhline(reference["frechet_floor"], ls="--", c="grey", label="Fréchet floor")

@@ -433,6 +433,17 @@ def test_recommended_guidance_balances_anatomy_and_fidelity() -> None:
     assert np.isnan(evaluate.recommended_scale(scales, d_generated, math.nan, frechet))
 
 
+def test_sweep_figure_draws_a_region_whose_effect_is_undefined(tmp_path: Path) -> None:
+    """A region without spread has no Cohen's d (null in the sweep's JSON): the figure still draws, leaving it out."""
+    row = {"guidance": 1.0, "conditioning_accuracy": 0.5, "cohens_d_AD_minus_NC": 0.2, "cohens_d_95ci": [0.1, 0.3]}
+    rows = [row | {"frechet_distance": 2.0, "cohens_d_by_region": {"cortex_band": None, "deep": 0.2}}]
+    rows.append(rows[0] | {"guidance": 2.0, "cohens_d_by_region": {"cortex_band": None, "deep": 0.4}})
+    reference = {"real_test_accuracy": 0.8, "reconstructed_test_accuracy": 0.7, "cohens_d_95ci": [1.0, 2.0]}
+    reference |= {"cohens_d_AD_minus_NC": 1.5, "frechet_floor": 0.1, "cohens_d_by_region": {"cortex_band": 1.1, "deep": None}}
+    evaluate.save_sweep_figure({"scales": rows, "reference": reference}, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
 def test_guidance_sweep_writes_its_table_and_plot(run_copy: Path, monkeypatch, capsys) -> None:
     quick_yardstick(monkeypatch)
     run_evaluate(run_copy, "--guidance-sweep", "1,3")
