@@ -330,8 +330,8 @@ def anatomy_by_region(images: ImageSet) -> dict:
     for region, column in zip(CSF_REGIONS, shares.T):
         by_label = [column[(images.labels == label) & np.isfinite(column)] for label in range(len(CLASS_NAMES))]
         means = {f"{name}_mean": float(values.mean()) if len(values) else math.nan for name, values in zip(CLASS_NAMES, by_label)}
-        defined = min(map(len, by_label)) >= 2 and not zero_spread(*by_label)
-        report[region] = means | {"cohens_d_AD_minus_NC": cohens_d(*by_label) if defined else math.nan}
+        enough = min(map(len, by_label)) >= 2  # cohens_d itself is NaN without spread
+        report[region] = means | {"cohens_d_AD_minus_NC": cohens_d(*by_label) if enough else math.nan}
     return report
 
 
