@@ -625,7 +625,7 @@ def header_line(config: Config, args: argparse.Namespace, argv: list[str], runti
             f"preset {args.preset}",
             f"batch size VAE {config.vae_train.batch_size}, UNet {config.unet_train.batch_size}",
             f"threads {torch.get_num_threads()}",
-            f"bf16 autocast {'on' if runtime.bf16 else 'off'}",
+            f"bf16 autocast VAE {'on' if runtime.with_bf16(config.vae_train.bf16).bf16 else 'off'}, UNet {'on' if runtime.bf16 else 'off'}",
             f"channels_last {'on' if cuda and config.run.channels_last else 'off'}",
             f"compile {args.compile}",
             f"`{shlex.join(['python', 'bench.py', *argv])}`",
@@ -716,7 +716,8 @@ def measure_denoisers(
 ) -> dict[str, dict[str, Measurement]]:
     """Every figure of every denoiser: the VAE's training (ours only), then each UNet's training and sampling."""
     print("VAE training ...", flush=True)
-    figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, runtime, args)}}
+    vae_runtime = runtime.with_bf16(config.vae_train.bf16)
+    figures: dict[str, dict[str, Measurement]] = {"ours": {"vae": time_vae_training(vae, config, vae_runtime, args)}}
     vae.eval().requires_grad_(False)  # from here on the frozen encoder of the on-the-fly UNet figures
     scheduler = unets["ours"][2]
     # ABBA order (ours, diffusers, diffusers, ours), repeats pooled: a drift in the machine's speed
@@ -750,7 +751,7 @@ def main(argv: list[str] | None = None) -> None:
         config = bench_config(args)
         device = pick_device(args.device)
         out = output_file(args, config, device)
-    runtime = Runtime(device, bf16=config.run.bf16 and device.type == "cuda")
+    runtime = Runtime(device).with_bf16(config.unet_train.bf16)  # the UNet's training and sampling; the VAE's is its own
     if args.profile:
         publish(run_profile(config, args, argv, runtime), out)
         return

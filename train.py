@@ -581,7 +581,8 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
     config = prepare_run(args, overrides, run_dir)
     if config.run.tensorboard:
         require_tensorboard()  # now, not after a stage of training
-    runtime = start_runtime(config.run.device, config.run.bf16)
+    runtime = start_runtime(config.run.device)
+    stage_runtimes = {name: runtime.with_bf16(getattr(config, f"{name}_train").bf16) for name in ("vae", "unet")}
     splits = load_splits(run_dir / "splits.json") if (run_dir / "splits.json").is_file() else None
     datasets, splits = load_split_datasets(config.data, splits, return_slice=True, verbose=runtime.is_main)
     check_classes(datasets)
@@ -595,15 +596,18 @@ def train(args: argparse.Namespace, overrides: dict[str, str], run_dir: Path) ->
         write_json_atomic(run_dir / "config.json", config_to_dict(config))
         save_splits(run_dir / "splits.json", splits, config.data.val_fraction, config.data.split_seed)
         counts = ", ".join(f"{name} {len(d)}" for name, d in datasets.items())
-        print(f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} | images: {counts}")
+        precision = ", ".join(f"{name} {'bf16 autocast' if r.bf16 else 'float32'}" for name, r in stage_runtimes.items())
+        print(
+            f"run {run_dir} | preset {config.preset} | device {runtime.device} x{runtime.world_size} ({precision}) | images: {counts}"
+        )
         for line in resolved:
             print(line)
     try:
         with StopRequest() as stop:
             if args.stage in ("vae", "all"):
-                train_vae(config, run_dir, datasets, runtime, args.resume, stop)
+                train_vae(config, run_dir, datasets, stage_runtimes["vae"], args.resume, stop)
             if args.stage in ("unet", "all"):
-                train_unet(config, run_dir, datasets, runtime, args.resume, stop)
+                train_unet(config, run_dir, datasets, stage_runtimes["unet"], args.resume, stop)
     except TrainingDiverged as error:
         print(f"error: {error}; the last good checkpoint in {run_dir} is intact: lower --lr or resume from it", file=sys.stderr)
         raise SystemExit(1) from None

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -223,6 +223,10 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def with_bf16(self, wanted: bool) -> Runtime:
+        """This runtime, autocasting to bf16 where `wanted` and the device computes it (`computes_bf16`)."""
+        return replace(self, bf16=wanted and computes_bf16(self.device))
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -235,13 +239,30 @@ class Runtime:
         return value
 
 
-def start_runtime(device: str = "auto", bf16: bool = True) -> Runtime:
-    """This process's Runtime on `device` (auto, cpu, cuda, ...), with bf16 autocast when asked and on
-    CUDA; under torchrun, after joining its process group (NCCL on GPUs, gloo on CPU)."""
+@functools.cache
+def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (the AVX512-BF16 or AMX instructions: Intel Xeon
+    from Cooper Lake, AMD from Zen 4), by the flags in `cpuinfo`. Without them oneDNN emulates bf16, which
+    is slower than float32."""
+    try:
+        cpu_flags = cpuinfo.read_text()
+    except OSError:  # not Linux: assume not, and stay in float32
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_flags) is not None
+
+
+def computes_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds `device` up: on CUDA, and on a CPU with bf16 in hardware, where it made
+    the demo's training steps 1.4x (UNet) and 1.7x (VAE) faster (docs/training.md, "bf16 on the CPU")."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16())
+
+
+def start_runtime(device: str = "auto") -> Runtime:
+    """This process's Runtime on `device` (auto, cpu, cuda, ...), in float32 (`Runtime.with_bf16` for a
+    stage that autocasts); under torchrun, after joining its process group (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        chosen = pick_device(device)
-        return Runtime(chosen, bf16=bf16 and chosen.type == "cuda")
+        return Runtime(pick_device(device))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device != "cpu" and torch.cuda.is_available()
     chosen = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
@@ -249,7 +270,7 @@ def start_runtime(device: str = "auto", bf16: bool = True) -> Runtime:
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Runtime(chosen, rank, world_size, bf16=bf16 and use_cuda)
+    return Runtime(chosen, rank, world_size)
 
 
 def _current_umask() -> int:

@@ -58,13 +58,13 @@ def test_overrides_parse_every_field_type() -> None:
             "3e-4",
             "--data.cache_dir",
             "none",
-            "--run.bf16",
+            "--unet_train.bf16",
             "off",
         ]
     )
     apply_overrides(config, overrides)
     assert config.unet.channels == (8, 16) and config.unet.attention_levels == (False, True)
-    assert config.vae_train.lr == 3e-4 and config.data.cache_dir is None and config.run.bf16 is False
+    assert config.vae_train.lr == 3e-4 and config.data.cache_dir is None and config.unet_train.bf16 is False
     assert "unet_train.label_dropout" in override_keys() and "preset" not in override_keys()
 
 
@@ -82,8 +82,8 @@ def test_bad_override_tokens(tokens: list[str], message: str) -> None:
 
 
 def test_an_unparsable_value_names_the_option() -> None:
-    with pytest.raises(UsageError, match="--run.bf16 maybe: expected true or false"):
-        apply_overrides(make_config("demo"), {"run.bf16": "maybe"})
+    with pytest.raises(UsageError, match="--unet_train.bf16 maybe: expected true or false"):
+        apply_overrides(make_config("demo"), {"unet_train.bf16": "maybe"})
 
 
 def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) -> None:
@@ -95,6 +95,22 @@ def test_stored_configs_ignore_the_retired_unet_latent_channels(tmp_path: Path) 
     stored["unet"]["other"] = 1
     (tmp_path / "config.json").write_text(json.dumps(stored))
     with pytest.raises(UsageError, match="unet.other is unknown"):
+        read_config(tmp_path)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_stored_run_bf16_becomes_both_stages_bf16(tmp_path: Path, bf16: bool) -> None:
+    """run.bf16 moved to each stage: a run that chose float32 before keeps float32 in both stages."""
+    stored = config_to_dict(make_config("demo"))
+    del stored["vae_train"]["bf16"], stored["unet_train"]["bf16"]
+    stored["run"]["bf16"] = bf16
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    config = read_config(tmp_path)
+    assert (config.vae_train.bf16, config.unet_train.bf16) == (bf16, bf16)
+    assert stored["run"]["bf16"] is bf16, "reading a config must not change the caller's dict"
+    stored["run"]["bf16"] = "yes"
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(UsageError, match="vae_train.bf16"):
         read_config(tmp_path)
 
 

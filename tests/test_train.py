@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import train
+import utils
 from config import StageConfig, make_config, read_config
 from conftest import TINY, run_train
-from modules import Conditions, NoiseScheduler
+from modules import AutoencoderKL, Conditions, NoiseScheduler, UNet, vae_loss
 from utils import Runtime, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -683,3 +684,53 @@ def test_start_stage_shuffles_drops_the_last_partial_batch_and_seeds_the_loader(
     assert stage.trained is model and stage.settings is config.vae_train and stage.name == "vae"
     assert (stage.start_epoch, stage.step, stage.history, stage.restored) == (0, 0, [], {})
     assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(config.vae_train.lr / config.vae_train.warmup_steps)
+
+
+@pytest.mark.parametrize(
+    "flags, computes", [("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True), ("avx2 avx512f avx512bw", False)]
+)
+def test_bf16_in_hardware_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, computes: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+    assert utils.cpu_computes_bf16(cpuinfo) is computes
+    assert utils.cpu_computes_bf16(tmp_path / "no_such_file") is False
+
+
+def test_a_stage_autocasts_when_asked_and_the_device_computes_bf16(monkeypatch) -> None:
+    runtime = utils.start_runtime("cpu")
+    assert runtime.bf16 is False
+    for computes in (True, False):
+        monkeypatch.setattr(utils, "cpu_computes_bf16", lambda computes=computes: computes)
+        assert runtime.with_bf16(True).bf16 is computes
+        assert runtime.with_bf16(False).bf16 is False
+    tiny, demo = make_config("tiny"), make_config("demo")
+    assert not tiny.vae_train.bf16 and not tiny.unet_train.bf16, "the tests' preset must compute float32 on every CPU"
+    assert not demo.vae_train.bf16 and demo.unet_train.bf16
+
+
+def test_the_log_names_each_stages_precision(tiny_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(utils, "cpu_computes_bf16", lambda: True)
+    run_train(tiny_dataset, tmp_path / "run", "--stage", "vae", "--vae_train.epochs", "1", "--vae_train.bf16", "true")
+    assert "(vae bf16 autocast, unet float32)" in capsys.readouterr().out
+
+
+def test_a_cpu_bf16_training_step_computes_the_float32_losses() -> None:
+    """Autocast changes the precision, not the losses: the demo preset's VAE (Fourier and SSIM terms) and
+    UNet (attention, label tokens) at 32 px, the same weights and draws in float32 and in bf16 on the CPU."""
+    config = make_config("demo")
+    torch.manual_seed(0)
+    vae, unet = AutoencoderKL(config.vae), UNet(config.unet, config.vae.latent_channels)
+    scheduler = NoiseScheduler(config.scheduler)
+    images, conditions = torch.rand(4, 1, 32, 32) * 2 - 1, Conditions(torch.tensor([0, 1, 0, 1]))
+    losses = []
+    for bf16 in (False, True):
+        with Runtime(torch.device("cpu"), bf16=bf16).autocast():
+            recon, mean, logvar = vae(images, sample_posterior=False)
+            vae_total = vae_loss(images, recon, mean, logvar, config.vae)[0]
+            latents = mean.detach().float()
+            unet_total = scheduler.training_loss(unet, latents, conditions, generator=torch.Generator().manual_seed(1))
+        (vae_total + unet_total).backward()
+        assert recon.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        assert all(torch.isfinite(p.grad).all() for p in [*vae.parameters(), *unet.parameters()] if p.grad is not None)
+        losses.append(torch.stack([vae_total, unet_total]).detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=0.01, atol=0)
