@@ -376,11 +376,11 @@ def _type_name(hint: object) -> str:
 
 _EXAMPLES = {int: "[64, 128]", float: "[0.9, 0.999]", bool: "[false, true]"}
 
-# Fields older versions wrote that now live elsewhere: ignored when a stored config is read back.
-# unet.latent_channels is vae.latent_channels (one definition of the latent space).
-RETIRED_FIELDS = {("unet", "latent_channels"), ("run", "bf16")}
-# Retired fields whose stored value the fields that replaced them take: run.bf16 became each stage's bf16.
+# Fields older versions wrote whose stored value the fields that replaced them take: run.bf16 became each stage's.
 MOVED_FIELDS = {("run", "bf16"): (("vae_train", "bf16"), ("unet_train", "bf16"))}
+# Fields older versions wrote that now live elsewhere: ignored when a stored config is read back (after a move).
+# unet.latent_channels is vae.latent_channels (one definition of the latent space).
+RETIRED_FIELDS = {("unet", "latent_channels"), *MOVED_FIELDS}
 # Values older versions wrote for a field that now takes others: run.compile was true/false.
 RETIRED_VALUES = {("run", "compile"): {False: "none", True: "full"}}
 # Fields added later, with the value that a stored config without them meant, whatever the preset says now:

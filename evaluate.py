@@ -335,6 +335,11 @@ def anatomy_by_region(images: ImageSet) -> dict:
     return report
 
 
+def regional_effects(report: dict) -> dict[str, float]:
+    """An anatomy_of report's Cohen's d (AD − NC) in each of CSF_REGIONS."""
+    return {region: row["cohens_d_AD_minus_NC"] for region, row in report["by_region"].items()}
+
+
 def anatomy(generated: ImageSet, real_test: ImageSet, seed: int, reconstructed_test: ImageSet | None = None) -> dict:
     """The AD-vs-NC anatomy effect of generated beside real test images (and, given, their VAE
     reconstructions: what the decoder keeps of it), and whether the generated effect's sign agrees."""
@@ -1238,7 +1243,7 @@ def sweep_reference(reference: Reference, seed: int) -> dict:
     return {
         "cohens_d_AD_minus_NC": real_anatomy["cohens_d_AD_minus_NC"],
         "cohens_d_95ci": real_anatomy["cohens_d_95ci"],
-        "cohens_d_by_region": {region: row["cohens_d_AD_minus_NC"] for region, row in real_anatomy["by_region"].items()},
+        "cohens_d_by_region": regional_effects(real_anatomy),
         "real_test_accuracy": float(np.mean(real_test.predictions == real_test.labels)),
         "reconstructed_test_accuracy": float(np.mean(reconstructed.predictions == reconstructed.labels)),
         "frechet_floor": frechet_distance(floor.features, real_test.features),
@@ -1255,7 +1260,7 @@ def sweep_row(pipe: Pipeline, yardstick: SliceClassifier, reference: Reference, 
         "conditioning_accuracy": float(np.mean(generated.predictions == generated.labels)),
         "cohens_d_AD_minus_NC": generated_anatomy["cohens_d_AD_minus_NC"],
         "cohens_d_95ci": generated_anatomy["cohens_d_95ci"],
-        "cohens_d_by_region": {region: row["cohens_d_AD_minus_NC"] for region, row in generated_anatomy["by_region"].items()},
+        "cohens_d_by_region": regional_effects(generated_anatomy),
         "frechet_distance": frechet_distance(generated.features, reference.real_test.features),
         "prdc": prdc_or_nan(reference.real_test.features, generated.features),
         "spectral_energy": spectral_energy_kept(
