@@ -741,7 +741,7 @@ def sharpness_section(sharp: dict) -> list[str]:
     return [
         *lines,
         "",
-        f"The test slices' reconstructions against the slices: PSNR {number(recon['psnr'], 1)} dB, SSIM "
+        f"The test slices' reconstructions against the slices: PSNR {number(recon['psnr'], 3)} dB, SSIM "
         f"{number(recon['ssim'], 3)}, MS-SSIM {number(recon['ms_ssim'], 3)}.",
     ]
 

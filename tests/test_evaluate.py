@@ -31,7 +31,7 @@ from dataset import (
     load_splits,
     to_model_range,
 )
-from metrics import cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
+from metrics import SPECTRAL_BANDS, cohens_d_interval, distribution, frechet_distance, precision_recall_density_coverage, psnr
 from modules import ms_ssim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,16 @@ def test_sharpness_sees_blur_that_the_real_slices_do_not_have() -> None:
     assert sharp["reconstruction"]["psnr"] == pytest.approx(float(psnr(*as_model).mean()))
     assert sharp["reconstruction"]["ms_ssim"] == pytest.approx(float(ms_ssim(*as_model).mean()))
     assert sharp["reconstruction"]["ssim"] < 1.0
+
+
+def test_sharpness_section_writes_the_psnr_in_decibels_not_in_powers_of_ten() -> None:
+    """A demo VAE's 35.19 dB read "4e+01 dB" in metrics.md when the PSNR kept one significant digit."""
+    kept = {band: 1.0 for band in SPECTRAL_BANDS}
+    sharp = {
+        "spectral_energy": {name: kept for name in evaluate.SHARPNESS_SETS},
+        "reconstruction": {"psnr": 35.19094, "ssim": 0.98389, "ms_ssim": 0.99760},
+    }
+    assert evaluate.sharpness_section(sharp)[-1].endswith("PSNR 35.2 dB, SSIM 0.984, MS-SSIM 0.998.")
 
 
 def test_memorisation_finds_planted_copies_by_distance_and_by_correlation() -> None:
